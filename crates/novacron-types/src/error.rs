@@ -1,0 +1,89 @@
+//! The one error shape every NovaCron API speaks: `{"error": {"code", "message", "field"?}}`.
+//!
+//! The mapping from [`ErrorCode`] to an HTTP status lives in the server, in one place.
+
+use serde::{Deserialize, Serialize};
+
+/// What kind of failure happened, from the client's point of view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed or a field is out of range (400).
+    InvalidArgument,
+    /// No or bad credentials (401).
+    Unauthenticated,
+    /// Authenticated, but the role does not allow this (403).
+    PermissionDenied,
+    /// The named resource does not exist (404).
+    NotFound,
+    /// The resource exists but is in a state that forbids this (409), or a name is taken.
+    Conflict,
+    /// The request body is too large (413).
+    PayloadTooLarge,
+    /// The node cannot serve this right now (no leader, shutting down) (503).
+    Unavailable,
+    /// Waiting for something took too long (504).
+    Timeout,
+    /// A bug or an unexpected failure of a dependency (500).
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// An error as a client sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    /// A sentence a person can act on.
+    pub message: String,
+    /// The request field at fault, for `invalid_argument` (for example `memory_mib`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// The JSON envelope: `{"error": {...}}`.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ApiError,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), field: None }
+    }
+
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { code: ErrorCode::InvalidArgument, message: message.into(), field: Some(field.into()) }
+    }
+
+    pub fn not_found(kind: &str, key: impl std::fmt::Display) -> Self {
+        Self::new(ErrorCode::NotFound, format!("{kind} '{key}' not found"))
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Conflict, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unavailable, message)
+    }
+}

@@ -1,0 +1,356 @@
+//! Resources as stored in the replicated state and returned by the API.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{ApiError, ImageId, NodeId, OperationId, TokenId, UnixMillis, UserId, VmId};
+
+// ---------------------------------------------------------------------------------------------
+// VMs
+
+/// What a client sends to create a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVmRequest {
+    /// Unique name: lowercase letters, digits and `-`, 1 to 63 characters, starting with a letter.
+    pub name: String,
+    /// Image name or ID the boot disk is created from (as a qcow2 overlay).
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Extra blank disks.
+    #[serde(default)]
+    pub disks: Vec<DiskRequest>,
+    /// Direct kernel boot; overrides the image's kernel, initrd and command line.
+    #[serde(default)]
+    pub boot: Option<KernelBoot>,
+    /// Start the VM right after creating it.
+    #[serde(default)]
+    pub start: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRequest {
+    pub size_mib: u64,
+}
+
+/// Direct kernel boot: paths on the host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KernelBoot {
+    pub kernel: String,
+    #[serde(default)]
+    pub initrd: Option<String>,
+    #[serde(default)]
+    pub cmdline: Option<String>,
+}
+
+/// The validated, resolved specification of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmSpec {
+    pub name: String,
+    pub image: ImageId,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disks: Vec<DiskSpec>,
+    pub boot: Option<KernelBoot>,
+}
+
+/// One disk of a VM. Disk 0 is the boot disk (an overlay on the image).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiskSpec {
+    /// Stable device name inside NovaCron (`root`, `disk1`, ...).
+    pub name: String,
+    pub size_mib: u64,
+}
+
+/// What the owner of a VM wants it to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerState {
+    Stopped,
+    Running,
+    Paused,
+}
+
+/// What a VM is, as observed from QEMU (QMP status and events), never what was last asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Stopped,
+    Starting,
+    Running,
+    Paused,
+    Stopping,
+    Crashed,
+    /// The host that runs it cannot tell (not re-adopted yet, or unreachable).
+    Unknown,
+}
+
+impl VmState {
+    pub const ALL: [VmState; 7] = [
+        VmState::Stopped,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Paused,
+        VmState::Stopping,
+        VmState::Crashed,
+        VmState::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopping => "stopping",
+            VmState::Crashed => "crashed",
+            VmState::Unknown => "unknown",
+        }
+    }
+
+    /// True when a QEMU process exists for the VM.
+    pub fn has_process(self) -> bool {
+        matches!(self, VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping)
+    }
+}
+
+/// A stopped VM's disk snapshot (internal qcow2 snapshots of every disk).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmSnapshot {
+    pub name: String,
+    pub created_at: UnixMillis,
+}
+
+/// A VM as stored and as returned by `GET /api/v1/vms/{id}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    pub id: VmId,
+    pub name: String,
+    /// Observed state.
+    pub state: VmState,
+    /// Why the VM is in this state, when it is not obvious (for example why it crashed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
+    /// Desired power state.
+    pub desired: PowerState,
+    /// The host the VM is on.
+    pub node: NodeId,
+    pub spec: VmSpec,
+    #[serde(default)]
+    pub snapshots: Vec<VmSnapshot>,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Images
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageFormat {
+    Qcow2,
+    Raw,
+}
+
+impl ImageFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Raw => "raw",
+        }
+    }
+}
+
+/// A registered base image. VM boot disks are qcow2 overlays on `path`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Image {
+    pub id: ImageId,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub format: ImageFormat,
+    /// Path of the base disk on the host that stores it.
+    pub path: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Default direct-kernel boot for VMs created from this image.
+    #[serde(default)]
+    pub boot: Option<KernelBoot>,
+    pub node: NodeId,
+    pub created_at: UnixMillis,
+}
+
+/// `POST /api/v1/images`: import a local file as a named image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImportImageRequest {
+    pub name: String,
+    /// Path of a qcow2 or raw file on the host that serves the request. It is copied.
+    pub source_path: String,
+    /// `qcow2` or `raw`; detected from the file when omitted.
+    #[serde(default)]
+    pub format: Option<ImageFormat>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub boot: Option<KernelBoot>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Users and tokens
+
+/// Roles, from most to least powerful.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Read only.
+    Viewer,
+    /// Manage VMs and images.
+    Operator,
+    /// Everything, including users and tokens.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub id: UserId,
+    pub username: String,
+    /// Argon2id PHC string. Never leaves the server.
+    pub password_hash: String,
+    pub role: Role,
+    pub created_at: UnixMillis,
+}
+
+/// A user as returned by the API (no hash).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UserView {
+    pub id: UserId,
+    pub username: String,
+    pub role: Role,
+    pub created_at: UnixMillis,
+}
+
+impl From<&User> for UserView {
+    fn from(u: &User) -> Self {
+        Self { id: u.id, username: u.username.clone(), role: u.role, created_at: u.created_at }
+    }
+}
+
+/// A long-lived API token. The secret is shown once; only its SHA-256 is stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiToken {
+    pub id: TokenId,
+    pub name: String,
+    pub user: UserId,
+    pub role: Role,
+    pub secret_sha256: String,
+    pub created_at: UnixMillis,
+    #[serde(default)]
+    pub expires_at: Option<UnixMillis>,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TokenView {
+    pub id: TokenId,
+    pub name: String,
+    pub user: UserId,
+    pub role: Role,
+    pub created_at: UnixMillis,
+    pub expires_at: Option<UnixMillis>,
+    pub revoked: bool,
+}
+
+impl From<&ApiToken> for TokenView {
+    fn from(t: &ApiToken) -> Self {
+        Self {
+            id: t.id,
+            name: t.name.clone(),
+            user: t.user,
+            role: t.role,
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+            revoked: t.revoked,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationStatus {
+    Running,
+    Success,
+    Failure,
+    Cancelled,
+}
+
+impl OperationStatus {
+    pub fn is_final(self) -> bool {
+        !matches!(self, OperationStatus::Running)
+    }
+}
+
+/// A long-running action, persisted in the replicated state so it survives restarts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Operation {
+    pub id: OperationId,
+    /// What it does, for example `vm.start`.
+    pub kind: String,
+    pub status: OperationStatus,
+    /// 0 to 100.
+    pub progress: u8,
+    /// The current step in words.
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub error: Option<ApiError>,
+    /// API paths of the resources it acts on.
+    pub resources: Vec<String>,
+    /// The host that carries it out.
+    pub node: NodeId,
+    /// Who asked for it.
+    pub requestor: String,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nodes
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    pub name: String,
+    /// `http://host:port` where this node serves the API.
+    pub api_address: String,
+    pub qemu_version: String,
+    /// `kvm` or `tcg`, as resolved at start-up.
+    pub accelerator: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub registered_at: UnixMillis,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Convenience for callers that build an `ApiError` from validation.
+pub type ValidationResult<T> = Result<T, ApiError>;

@@ -1,0 +1,180 @@
+//! Input validation. Every function names the field at fault so the API can answer 400 with it.
+
+use crate::{ApiError, CreateVmRequest, KernelBoot, ValidationResult};
+
+pub const MAX_VCPUS: u32 = 128;
+pub const MIN_MEMORY_MIB: u64 = 16;
+pub const MAX_MEMORY_MIB: u64 = 4 * 1024 * 1024; // 4 TiB
+pub const MAX_DISK_MIB: u64 = 64 * 1024 * 1024; // 64 TiB
+pub const MAX_EXTRA_DISKS: usize = 16;
+pub const MAX_CMDLINE_LEN: usize = 2048;
+
+/// Resource names (VMs, images): a DNS label starting with a letter, 1 to 63 characters.
+pub fn name(field: &str, value: &str) -> ValidationResult<()> {
+    let bad = |why: &str| Err(ApiError::invalid(field, format!("{field} '{value}' is invalid: {why}")));
+    if value.is_empty() {
+        return Err(ApiError::invalid(field, format!("{field} must not be empty")));
+    }
+    if value.len() > 63 {
+        return bad("at most 63 characters");
+    }
+    let first = value.as_bytes()[0];
+    if !first.is_ascii_lowercase() {
+        return bad("must start with a lowercase letter");
+    }
+    if !value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return bad("only lowercase letters, digits and '-' are allowed");
+    }
+    if value.ends_with('-') {
+        return bad("must not end with '-'");
+    }
+    Ok(())
+}
+
+pub fn username(value: &str) -> ValidationResult<()> {
+    name("username", value)
+}
+
+pub fn password(value: &str) -> ValidationResult<()> {
+    if value.len() < 8 {
+        return Err(ApiError::invalid("password", "password must be at least 8 characters"));
+    }
+    if value.len() > 1024 {
+        return Err(ApiError::invalid("password", "password must be at most 1024 characters"));
+    }
+    Ok(())
+}
+
+pub fn kernel_boot(field: &str, boot: &KernelBoot) -> ValidationResult<()> {
+    let path = |sub: &str, v: &str| -> ValidationResult<()> {
+        if v.is_empty() || !v.starts_with('/') || v.contains('\0') || v.contains(',') {
+            return Err(ApiError::invalid(
+                format!("{field}.{sub}"),
+                format!("{field}.{sub} must be an absolute path without ',' (got '{v}')"),
+            ));
+        }
+        Ok(())
+    };
+    path("kernel", &boot.kernel)?;
+    if let Some(initrd) = &boot.initrd {
+        path("initrd", initrd)?;
+    }
+    if let Some(cmdline) = &boot.cmdline {
+        if cmdline.len() > MAX_CMDLINE_LEN || cmdline.contains(['\0', '\n', '\r']) {
+            return Err(ApiError::invalid(
+                format!("{field}.cmdline"),
+                format!("{field}.cmdline must be one line of at most {MAX_CMDLINE_LEN} bytes"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Everything about a create request that can be checked without looking at stored state.
+pub fn create_vm(req: &CreateVmRequest) -> ValidationResult<()> {
+    name("name", &req.name)?;
+    if req.image.is_empty() {
+        return Err(ApiError::invalid("image", "image must name an image (name or ID)"));
+    }
+    if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
+        return Err(ApiError::invalid(
+            "vcpus",
+            format!("vcpus must be between 1 and {MAX_VCPUS} (got {})", req.vcpus),
+        ));
+    }
+    if req.memory_mib < MIN_MEMORY_MIB || req.memory_mib > MAX_MEMORY_MIB {
+        return Err(ApiError::invalid(
+            "memory_mib",
+            format!(
+                "memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} (got {})",
+                req.memory_mib
+            ),
+        ));
+    }
+    if req.disks.len() > MAX_EXTRA_DISKS {
+        return Err(ApiError::invalid(
+            "disks",
+            format!("at most {MAX_EXTRA_DISKS} extra disks (got {})", req.disks.len()),
+        ));
+    }
+    for (i, d) in req.disks.iter().enumerate() {
+        if d.size_mib == 0 || d.size_mib > MAX_DISK_MIB {
+            return Err(ApiError::invalid(
+                format!("disks[{i}].size_mib"),
+                format!("disk size must be between 1 and {MAX_DISK_MIB} MiB (got {})", d.size_mib),
+            ));
+        }
+    }
+    if let Some(boot) = &req.boot {
+        kernel_boot("boot", boot)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DiskRequest;
+
+    fn req() -> CreateVmRequest {
+        CreateVmRequest {
+            name: "web-1".into(),
+            image: "demo".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            disks: vec![],
+            boot: None,
+            start: false,
+        }
+    }
+
+    /// One table: each case mutates a valid request and names the field the error must blame.
+    #[test]
+    fn create_vm_rejects_each_bad_field_by_name() {
+        type Case = (&'static str, fn(&mut CreateVmRequest), Option<&'static str>);
+        let cases: &[Case] = &[
+            ("valid", |_| {}, None),
+            ("empty name", |r| r.name.clear(), Some("name")),
+            ("upper case", |r| r.name = "Web".into(), Some("name")),
+            ("leading digit", |r| r.name = "1web".into(), Some("name")),
+            ("trailing dash", |r| r.name = "web-".into(), Some("name")),
+            ("too long", |r| r.name = "a".repeat(64), Some("name")),
+            ("max length ok", |r| r.name = "a".repeat(63), None),
+            ("slash", |r| r.name = "a/b".into(), Some("name")),
+            ("zero vcpus", |r| r.vcpus = 0, Some("vcpus")),
+            ("too many vcpus", |r| r.vcpus = MAX_VCPUS + 1, Some("vcpus")),
+            ("tiny memory", |r| r.memory_mib = 1, Some("memory_mib")),
+            ("huge memory", |r| r.memory_mib = u64::MAX, Some("memory_mib")),
+            ("empty image", |r| r.image.clear(), Some("image")),
+            ("zero disk", |r| r.disks = vec![DiskRequest { size_mib: 0 }], Some("disks[0].size_mib")),
+            (
+                "huge disk",
+                |r| r.disks = vec![DiskRequest { size_mib: 1 }, DiskRequest { size_mib: u64::MAX }],
+                Some("disks[1].size_mib"),
+            ),
+            ("too many disks", |r| r.disks = vec![DiskRequest { size_mib: 1 }; 17], Some("disks")),
+            (
+                "relative kernel",
+                |r| r.boot = Some(KernelBoot { kernel: "vmlinuz".into(), ..Default::default() }),
+                Some("boot.kernel"),
+            ),
+            (
+                "cmdline newline",
+                |r| {
+                    r.boot = Some(KernelBoot {
+                        kernel: "/boot/vmlinuz".into(),
+                        initrd: None,
+                        cmdline: Some("a\nb".into()),
+                    })
+                },
+                Some("boot.cmdline"),
+            ),
+        ];
+        for (what, mutate, field) in cases {
+            let mut r = req();
+            mutate(&mut r);
+            let got = create_vm(&r).err().and_then(|e| e.field);
+            assert_eq!(got.as_deref(), *field, "case {what}");
+        }
+    }
+}
