@@ -1,14 +1,19 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! The replicated state of a NovaCron cluster.
+//!
+//! - [`command`]: the versioned Raft commands, the only way desired state changes.
+//! - [`machine`]: [`ClusterState`] and its pure `apply` (no I/O, no clock).
+//! - [`store`]: openraft's log store and state machine on one redb file.
+//! - [`raft`]: the type config, the running Raft node and the handle the server uses.
+//!
+//! Invariant: nothing here knows about QEMU, HTTP handlers or users' passwords; it stores what it
+//! is given and applies commands deterministically.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod command;
+pub mod machine;
+pub mod network;
+pub mod raft;
+pub mod store;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use command::{Command, CommandResponse, CommandV1, Touched};
+pub use machine::{ClusterMeta, ClusterState};
+pub use raft::{RaftSettings, StateEvent, StateHandle, StateMetrics, TypeConfig};

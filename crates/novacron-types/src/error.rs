@@ -45,7 +45,9 @@ impl ErrorCode {
 }
 
 /// An error as a client sees it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, thiserror::Error)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, thiserror::Error,
+)]
 #[error("{message}")]
 pub struct ApiError {
     pub code: ErrorCode,
@@ -64,11 +66,19 @@ pub struct ErrorBody {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), field: None }
+        Self {
+            code,
+            message: message.into(),
+            field: None,
+        }
     }
 
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { code: ErrorCode::InvalidArgument, message: message.into(), field: Some(field.into()) }
+        Self {
+            code: ErrorCode::InvalidArgument,
+            message: message.into(),
+            field: Some(field.into()),
+        }
     }
 
     pub fn not_found(kind: &str, key: impl std::fmt::Display) -> Self {

@@ -115,7 +115,10 @@ impl VmState {
 
     /// True when a QEMU process exists for the VM.
     pub fn has_process(self) -> bool {
-        matches!(self, VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping)
+        matches!(
+            self,
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+        )
     }
 }
 
@@ -205,7 +208,9 @@ pub struct ImportImageRequest {
 // Users and tokens
 
 /// Roles, from most to least powerful.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Read only.
@@ -247,7 +252,12 @@ pub struct UserView {
 
 impl From<&User> for UserView {
     fn from(u: &User) -> Self {
-        Self { id: u.id, username: u.username.clone(), role: u.role, created_at: u.created_at }
+        Self {
+            id: u.id,
+            username: u.username.clone(),
+            role: u.role,
+            created_at: u.created_at,
+        }
     }
 }
 

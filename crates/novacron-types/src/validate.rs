@@ -11,9 +11,17 @@ pub const MAX_CMDLINE_LEN: usize = 2048;
 
 /// Resource names (VMs, images): a DNS label starting with a letter, 1 to 63 characters.
 pub fn name(field: &str, value: &str) -> ValidationResult<()> {
-    let bad = |why: &str| Err(ApiError::invalid(field, format!("{field} '{value}' is invalid: {why}")));
+    let bad = |why: &str| {
+        Err(ApiError::invalid(
+            field,
+            format!("{field} '{value}' is invalid: {why}"),
+        ))
+    };
     if value.is_empty() {
-        return Err(ApiError::invalid(field, format!("{field} must not be empty")));
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} must not be empty"),
+        ));
     }
     if value.len() > 63 {
         return bad("at most 63 characters");
@@ -22,7 +30,10 @@ pub fn name(field: &str, value: &str) -> ValidationResult<()> {
     if !first.is_ascii_lowercase() {
         return bad("must start with a lowercase letter");
     }
-    if !value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         return bad("only lowercase letters, digits and '-' are allowed");
     }
     if value.ends_with('-') {
@@ -37,10 +48,16 @@ pub fn username(value: &str) -> ValidationResult<()> {
 
 pub fn password(value: &str) -> ValidationResult<()> {
     if value.len() < 8 {
-        return Err(ApiError::invalid("password", "password must be at least 8 characters"));
+        return Err(ApiError::invalid(
+            "password",
+            "password must be at least 8 characters",
+        ));
     }
     if value.len() > 1024 {
-        return Err(ApiError::invalid("password", "password must be at most 1024 characters"));
+        return Err(ApiError::invalid(
+            "password",
+            "password must be at most 1024 characters",
+        ));
     }
     Ok(())
 }
@@ -74,12 +91,18 @@ pub fn kernel_boot(field: &str, boot: &KernelBoot) -> ValidationResult<()> {
 pub fn create_vm(req: &CreateVmRequest) -> ValidationResult<()> {
     name("name", &req.name)?;
     if req.image.is_empty() {
-        return Err(ApiError::invalid("image", "image must name an image (name or ID)"));
+        return Err(ApiError::invalid(
+            "image",
+            "image must name an image (name or ID)",
+        ));
     }
     if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
         return Err(ApiError::invalid(
             "vcpus",
-            format!("vcpus must be between 1 and {MAX_VCPUS} (got {})", req.vcpus),
+            format!(
+                "vcpus must be between 1 and {MAX_VCPUS} (got {})",
+                req.vcpus
+            ),
         ));
     }
     if req.memory_mib < MIN_MEMORY_MIB || req.memory_mib > MAX_MEMORY_MIB {
@@ -94,14 +117,20 @@ pub fn create_vm(req: &CreateVmRequest) -> ValidationResult<()> {
     if req.disks.len() > MAX_EXTRA_DISKS {
         return Err(ApiError::invalid(
             "disks",
-            format!("at most {MAX_EXTRA_DISKS} extra disks (got {})", req.disks.len()),
+            format!(
+                "at most {MAX_EXTRA_DISKS} extra disks (got {})",
+                req.disks.len()
+            ),
         ));
     }
     for (i, d) in req.disks.iter().enumerate() {
         if d.size_mib == 0 || d.size_mib > MAX_DISK_MIB {
             return Err(ApiError::invalid(
                 format!("disks[{i}].size_mib"),
-                format!("disk size must be between 1 and {MAX_DISK_MIB} MiB (got {})", d.size_mib),
+                format!(
+                    "disk size must be between 1 and {MAX_DISK_MIB} MiB (got {})",
+                    d.size_mib
+                ),
             ));
         }
     }
@@ -144,18 +173,40 @@ mod tests {
             ("zero vcpus", |r| r.vcpus = 0, Some("vcpus")),
             ("too many vcpus", |r| r.vcpus = MAX_VCPUS + 1, Some("vcpus")),
             ("tiny memory", |r| r.memory_mib = 1, Some("memory_mib")),
-            ("huge memory", |r| r.memory_mib = u64::MAX, Some("memory_mib")),
+            (
+                "huge memory",
+                |r| r.memory_mib = u64::MAX,
+                Some("memory_mib"),
+            ),
             ("empty image", |r| r.image.clear(), Some("image")),
-            ("zero disk", |r| r.disks = vec![DiskRequest { size_mib: 0 }], Some("disks[0].size_mib")),
+            (
+                "zero disk",
+                |r| r.disks = vec![DiskRequest { size_mib: 0 }],
+                Some("disks[0].size_mib"),
+            ),
             (
                 "huge disk",
-                |r| r.disks = vec![DiskRequest { size_mib: 1 }, DiskRequest { size_mib: u64::MAX }],
+                |r| {
+                    r.disks = vec![
+                        DiskRequest { size_mib: 1 },
+                        DiskRequest { size_mib: u64::MAX },
+                    ]
+                },
                 Some("disks[1].size_mib"),
             ),
-            ("too many disks", |r| r.disks = vec![DiskRequest { size_mib: 1 }; 17], Some("disks")),
+            (
+                "too many disks",
+                |r| r.disks = vec![DiskRequest { size_mib: 1 }; 17],
+                Some("disks"),
+            ),
             (
                 "relative kernel",
-                |r| r.boot = Some(KernelBoot { kernel: "vmlinuz".into(), ..Default::default() }),
+                |r| {
+                    r.boot = Some(KernelBoot {
+                        kernel: "vmlinuz".into(),
+                        ..Default::default()
+                    })
+                },
                 Some("boot.kernel"),
             ),
             (

@@ -1,0 +1,135 @@
+//! Raft commands: every change to desired state is one of these, versioned.
+//!
+//! A command carries everything `apply` needs, including timestamps and generated IDs, so that
+//! applying it is deterministic on every replica. New variants may be added; existing ones are
+//! never changed in place: a changed shape gets a new variant (or a new `Command` version).
+
+use serde::{Deserialize, Serialize};
+
+use novacron_types::{
+    ApiError, ApiToken, Image, ImageId, NodeInfo, Operation, OperationId, OperationStatus,
+    PowerState, TokenId, UnixMillis, User, UserId, Vm, VmId, VmSnapshot, VmState,
+};
+
+/// The envelope replicated through Raft.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "version")]
+pub enum Command {
+    #[serde(rename = "1")]
+    V1(CommandV1),
+}
+
+impl From<CommandV1> for Command {
+    fn from(c: CommandV1) -> Self {
+        Command::V1(c)
+    }
+}
+
+/// Version 1 of the command set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CommandV1 {
+    /// Sets cluster-wide secrets once, at bootstrap. A second call is rejected.
+    InitCluster {
+        jwt_secret: String,
+        at: UnixMillis,
+    },
+    RegisterNode {
+        node: NodeInfo,
+    },
+
+    CreateVm {
+        vm: Vm,
+    },
+    DeleteVm {
+        id: VmId,
+    },
+    SetVmDesired {
+        id: VmId,
+        desired: PowerState,
+        at: UnixMillis,
+    },
+    /// What the owning host observed from QEMU.
+    RecordVmObserved {
+        id: VmId,
+        state: VmState,
+        reason: Option<String>,
+        at: UnixMillis,
+    },
+    AddVmSnapshot {
+        id: VmId,
+        snapshot: VmSnapshot,
+    },
+    RemoveVmSnapshot {
+        id: VmId,
+        name: String,
+        at: UnixMillis,
+    },
+
+    CreateImage {
+        image: Image,
+    },
+    DeleteImage {
+        id: ImageId,
+    },
+
+    CreateUser {
+        user: User,
+    },
+    CreateToken {
+        token: ApiToken,
+    },
+    RevokeToken {
+        id: TokenId,
+    },
+
+    CreateOperation {
+        op: Operation,
+    },
+    UpdateOperation {
+        id: OperationId,
+        status: OperationStatus,
+        progress: u8,
+        message: String,
+        error: Option<ApiError>,
+        at: UnixMillis,
+    },
+    /// Drops finished operations older than `before`, to bound the state.
+    PruneOperations {
+        before: UnixMillis,
+    },
+}
+
+/// The result of applying one command.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResponse {
+    /// `None` when applied; the reason it was rejected otherwise. A rejected command changes nothing.
+    pub error: Option<ApiError>,
+}
+
+impl CommandResponse {
+    pub fn ok() -> Self {
+        Self { error: None }
+    }
+    pub fn rejected(e: ApiError) -> Self {
+        Self { error: Some(e) }
+    }
+    pub fn into_result(self) -> Result<(), ApiError> {
+        match self.error {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+}
+
+/// Which stored entity a command touched, so the store persists exactly those rows.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Touched {
+    Meta,
+    Node(u64),
+    Vm(VmId),
+    Image(ImageId),
+    User(UserId),
+    Token(TokenId),
+    Operation(OperationId),
+}

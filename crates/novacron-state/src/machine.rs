@@ -1,0 +1,477 @@
+//! The replicated state and its pure `apply`.
+//!
+//! `apply` does no I/O and reads no clock: the same commands in the same order give the same state
+//! on every replica. It returns which entities it touched; the store persists those rows.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use novacron_types::{
+    ApiError, ApiToken, Image, ImageId, NodeInfo, Operation, OperationId, TokenId, User, UserId,
+    Vm, VmId,
+};
+
+use crate::command::{Command, CommandResponse, CommandV1, Touched};
+
+/// Cluster-wide settings created once at bootstrap.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMeta {
+    /// HMAC key for session JWTs, shared so any host can check any session.
+    pub jwt_secret: String,
+    pub initialized_at: i64,
+}
+
+/// Everything replicated. Maps are ordered so snapshots are byte-for-byte reproducible.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub meta: ClusterMeta,
+    pub nodes: BTreeMap<u64, NodeInfo>,
+    pub vms: BTreeMap<VmId, Vm>,
+    pub images: BTreeMap<ImageId, Image>,
+    pub users: BTreeMap<UserId, User>,
+    pub tokens: BTreeMap<TokenId, ApiToken>,
+    pub operations: BTreeMap<OperationId, Operation>,
+}
+
+impl ClusterState {
+    pub fn vm_by_name(&self, name: &str) -> Option<&Vm> {
+        self.vms.values().find(|v| v.name == name)
+    }
+
+    pub fn image_by_name(&self, name: &str) -> Option<&Image> {
+        self.images.values().find(|i| i.name == name)
+    }
+
+    pub fn user_by_name(&self, name: &str) -> Option<&User> {
+        self.users.values().find(|u| u.username == name)
+    }
+
+    /// Applies one command. A rejected command leaves the state exactly as it was.
+    pub fn apply(&mut self, cmd: &Command) -> (CommandResponse, Vec<Touched>) {
+        match cmd {
+            Command::V1(c) => match self.apply_v1(c) {
+                Ok(touched) => (CommandResponse::ok(), touched),
+                Err(e) => (CommandResponse::rejected(e), Vec::new()),
+            },
+        }
+    }
+
+    fn apply_v1(&mut self, cmd: &CommandV1) -> Result<Vec<Touched>, ApiError> {
+        use CommandV1::*;
+        match cmd {
+            InitCluster { jwt_secret, at } => {
+                if !self.meta.jwt_secret.is_empty() {
+                    return Err(ApiError::conflict("cluster is already initialized"));
+                }
+                self.meta = ClusterMeta {
+                    jwt_secret: jwt_secret.clone(),
+                    initialized_at: *at,
+                };
+                Ok(vec![Touched::Meta])
+            }
+            RegisterNode { node } => {
+                self.nodes.insert(node.id.0, node.clone());
+                Ok(vec![Touched::Node(node.id.0)])
+            }
+            CreateVm { vm } => {
+                if self.vms.contains_key(&vm.id) {
+                    return Err(ApiError::conflict(format!(
+                        "VM ID {} already exists",
+                        vm.id
+                    )));
+                }
+                if self.vm_by_name(&vm.name).is_some() {
+                    return Err(ApiError::conflict(format!(
+                        "a VM named '{}' already exists",
+                        vm.name
+                    )));
+                }
+                if !self.images.contains_key(&vm.spec.image) {
+                    return Err(ApiError::not_found("image", vm.spec.image));
+                }
+                self.vms.insert(vm.id, vm.clone());
+                Ok(vec![Touched::Vm(vm.id)])
+            }
+            DeleteVm { id } => {
+                let vm = self
+                    .vms
+                    .get(id)
+                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                if vm.state.has_process() {
+                    return Err(ApiError::conflict(format!(
+                        "VM '{}' is {}; stop it before deleting it",
+                        vm.name,
+                        vm.state.as_str()
+                    )));
+                }
+                self.vms.remove(id);
+                Ok(vec![Touched::Vm(*id)])
+            }
+            SetVmDesired { id, desired, at } => {
+                let vm = self
+                    .vms
+                    .get_mut(id)
+                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                vm.desired = *desired;
+                vm.updated_at = *at;
+                Ok(vec![Touched::Vm(*id)])
+            }
+            RecordVmObserved {
+                id,
+                state,
+                reason,
+                at,
+            } => {
+                let vm = self
+                    .vms
+                    .get_mut(id)
+                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                vm.state = *state;
+                vm.state_reason = reason.clone();
+                vm.updated_at = *at;
+                Ok(vec![Touched::Vm(*id)])
+            }
+            AddVmSnapshot { id, snapshot } => {
+                let vm = self
+                    .vms
+                    .get_mut(id)
+                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                if vm.snapshots.iter().any(|s| s.name == snapshot.name) {
+                    return Err(ApiError::conflict(format!(
+                        "VM '{}' already has a snapshot named '{}'",
+                        vm.name, snapshot.name
+                    )));
+                }
+                vm.snapshots.push(snapshot.clone());
+                vm.updated_at = snapshot.created_at;
+                Ok(vec![Touched::Vm(*id)])
+            }
+            RemoveVmSnapshot { id, name, at } => {
+                let vm = self
+                    .vms
+                    .get_mut(id)
+                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                let before = vm.snapshots.len();
+                vm.snapshots.retain(|s| &s.name != name);
+                if vm.snapshots.len() == before {
+                    return Err(ApiError::not_found("snapshot", name));
+                }
+                vm.updated_at = *at;
+                Ok(vec![Touched::Vm(*id)])
+            }
+            CreateImage { image } => {
+                if self.images.contains_key(&image.id) {
+                    return Err(ApiError::conflict(format!(
+                        "image ID {} already exists",
+                        image.id
+                    )));
+                }
+                if self.image_by_name(&image.name).is_some() {
+                    return Err(ApiError::conflict(format!(
+                        "an image named '{}' already exists",
+                        image.name
+                    )));
+                }
+                self.images.insert(image.id, image.clone());
+                Ok(vec![Touched::Image(image.id)])
+            }
+            DeleteImage { id } => {
+                let image = self
+                    .images
+                    .get(id)
+                    .ok_or_else(|| ApiError::not_found("image", id))?;
+                if let Some(vm) = self.vms.values().find(|v| v.spec.image == *id) {
+                    return Err(ApiError::conflict(format!(
+                        "image '{}' is used by VM '{}'",
+                        image.name, vm.name
+                    )));
+                }
+                self.images.remove(id);
+                Ok(vec![Touched::Image(*id)])
+            }
+            CreateUser { user } => {
+                if self.users.contains_key(&user.id) || self.user_by_name(&user.username).is_some()
+                {
+                    return Err(ApiError::conflict(format!(
+                        "a user named '{}' already exists",
+                        user.username
+                    )));
+                }
+                self.users.insert(user.id, user.clone());
+                Ok(vec![Touched::User(user.id)])
+            }
+            CreateToken { token } => {
+                if !self.users.contains_key(&token.user) {
+                    return Err(ApiError::not_found("user", token.user));
+                }
+                if self.tokens.contains_key(&token.id) {
+                    return Err(ApiError::conflict(format!(
+                        "token ID {} already exists",
+                        token.id
+                    )));
+                }
+                self.tokens.insert(token.id, token.clone());
+                Ok(vec![Touched::Token(token.id)])
+            }
+            RevokeToken { id } => {
+                let token = self
+                    .tokens
+                    .get_mut(id)
+                    .ok_or_else(|| ApiError::not_found("token", id))?;
+                token.revoked = true;
+                Ok(vec![Touched::Token(*id)])
+            }
+            CreateOperation { op } => {
+                if self.operations.contains_key(&op.id) {
+                    return Err(ApiError::conflict(format!(
+                        "operation ID {} already exists",
+                        op.id
+                    )));
+                }
+                self.operations.insert(op.id, op.clone());
+                Ok(vec![Touched::Operation(op.id)])
+            }
+            UpdateOperation {
+                id,
+                status,
+                progress,
+                message,
+                error,
+                at,
+            } => {
+                let op = self
+                    .operations
+                    .get_mut(id)
+                    .ok_or_else(|| ApiError::not_found("operation", id))?;
+                if op.status.is_final() {
+                    return Err(ApiError::conflict(format!(
+                        "operation {id} already finished ({:?})",
+                        op.status
+                    )));
+                }
+                op.status = *status;
+                op.progress = (*progress).min(100);
+                op.message = message.clone();
+                op.error = error.clone();
+                op.updated_at = *at;
+                Ok(vec![Touched::Operation(*id)])
+            }
+            PruneOperations { before } => {
+                let old: Vec<OperationId> = self
+                    .operations
+                    .values()
+                    .filter(|o| o.status.is_final() && o.updated_at < *before)
+                    .map(|o| o.id)
+                    .collect();
+                for id in &old {
+                    self.operations.remove(id);
+                }
+                Ok(old.into_iter().map(Touched::Operation).collect())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use novacron_types::*;
+
+    fn image(name: &str) -> Image {
+        Image {
+            id: ImageId::new_random(),
+            name: name.into(),
+            description: String::new(),
+            format: ImageFormat::Qcow2,
+            path: "/x".into(),
+            virtual_size: 1,
+            boot: None,
+            node: NodeId(1),
+            created_at: 0,
+        }
+    }
+
+    fn vm(name: &str, image: ImageId) -> Vm {
+        Vm {
+            id: VmId::new_random(),
+            name: name.into(),
+            state: VmState::Stopped,
+            state_reason: None,
+            desired: PowerState::Stopped,
+            node: NodeId(1),
+            spec: VmSpec {
+                name: name.into(),
+                image,
+                vcpus: 1,
+                memory_mib: 128,
+                disks: vec![],
+                boot: None,
+            },
+            snapshots: vec![],
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    fn op() -> Operation {
+        Operation {
+            id: OperationId::new_random(),
+            kind: "vm.start".into(),
+            status: OperationStatus::Running,
+            progress: 0,
+            message: String::new(),
+            error: None,
+            resources: vec![],
+            node: NodeId(1),
+            requestor: "admin".into(),
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    fn apply(s: &mut ClusterState, c: CommandV1) -> Result<(), ApiError> {
+        s.apply(&Command::V1(c)).0.into_result()
+    }
+
+    #[test]
+    fn vm_names_are_unique_and_a_rejected_command_changes_nothing() {
+        let mut s = ClusterState::default();
+        let img = image("demo");
+        apply(&mut s, CommandV1::CreateImage { image: img.clone() }).expect("image");
+        apply(
+            &mut s,
+            CommandV1::CreateVm {
+                vm: vm("a", img.id),
+            },
+        )
+        .expect("first");
+        let before = s.clone();
+        let err = apply(
+            &mut s,
+            CommandV1::CreateVm {
+                vm: vm("a", img.id),
+            },
+        )
+        .expect_err("dup");
+        assert_eq!(err.code, ErrorCode::Conflict);
+        assert_eq!(s, before);
+        let err = apply(
+            &mut s,
+            CommandV1::CreateVm {
+                vm: vm("b", ImageId::new_random()),
+            },
+        )
+        .expect_err("img");
+        assert_eq!(err.code, ErrorCode::NotFound);
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn running_vms_and_used_images_cannot_be_deleted() {
+        let mut s = ClusterState::default();
+        let img = image("demo");
+        apply(&mut s, CommandV1::CreateImage { image: img.clone() }).expect("image");
+        let v = vm("a", img.id);
+        apply(&mut s, CommandV1::CreateVm { vm: v.clone() }).expect("vm");
+        apply(
+            &mut s,
+            CommandV1::RecordVmObserved {
+                id: v.id,
+                state: VmState::Running,
+                reason: None,
+                at: 5,
+            },
+        )
+        .expect("observed");
+        assert_eq!(s.vms[&v.id].updated_at, 5);
+        let e = apply(&mut s, CommandV1::DeleteVm { id: v.id }).expect_err("running");
+        assert_eq!(e.code, ErrorCode::Conflict);
+        let e = apply(&mut s, CommandV1::DeleteImage { id: img.id }).expect_err("in use");
+        assert_eq!(e.code, ErrorCode::Conflict);
+        apply(
+            &mut s,
+            CommandV1::RecordVmObserved {
+                id: v.id,
+                state: VmState::Crashed,
+                reason: Some("killed".into()),
+                at: 6,
+            },
+        )
+        .expect("crashed");
+        apply(&mut s, CommandV1::DeleteVm { id: v.id }).expect("delete crashed");
+        apply(&mut s, CommandV1::DeleteImage { id: img.id }).expect("image free now");
+        assert!(s.vms.is_empty() && s.images.is_empty());
+    }
+
+    #[test]
+    fn finished_operations_are_immutable_and_pruned_by_age() {
+        let mut s = ClusterState::default();
+        let o = op();
+        apply(&mut s, CommandV1::CreateOperation { op: o.clone() }).expect("create");
+        let done = |status| CommandV1::UpdateOperation {
+            id: o.id,
+            status,
+            progress: 250,
+            message: "done".into(),
+            error: None,
+            at: 10,
+        };
+        apply(&mut s, done(OperationStatus::Success)).expect("finish");
+        assert_eq!(s.operations[&o.id].progress, 100, "progress is clamped");
+        let e = apply(&mut s, done(OperationStatus::Failure)).expect_err("final");
+        assert_eq!(e.code, ErrorCode::Conflict);
+        assert_eq!(s.operations[&o.id].status, OperationStatus::Success);
+
+        let running = op();
+        apply(
+            &mut s,
+            CommandV1::CreateOperation {
+                op: running.clone(),
+            },
+        )
+        .expect("create 2");
+        let (_, touched) = s.apply(&Command::V1(CommandV1::PruneOperations { before: 11 }));
+        assert_eq!(touched, vec![Touched::Operation(o.id)]);
+        assert!(
+            s.operations.contains_key(&running.id),
+            "running operations are never pruned"
+        );
+    }
+
+    #[test]
+    fn cluster_init_happens_once() {
+        let mut s = ClusterState::default();
+        apply(
+            &mut s,
+            CommandV1::InitCluster {
+                jwt_secret: "k".into(),
+                at: 1,
+            },
+        )
+        .expect("init");
+        let e = apply(
+            &mut s,
+            CommandV1::InitCluster {
+                jwt_secret: "other".into(),
+                at: 2,
+            },
+        )
+        .expect_err("twice");
+        assert_eq!(e.code, ErrorCode::Conflict);
+        assert_eq!(s.meta.jwt_secret, "k");
+    }
+
+    #[test]
+    fn commands_are_tagged_with_their_version_on_the_wire() {
+        let c: Command = CommandV1::DeleteVm {
+            id: VmId::new_random(),
+        }
+        .into();
+        let json = serde_json::to_value(&c).expect("json");
+        assert_eq!(json["version"], "1");
+        assert_eq!(json["type"], "delete_vm");
+        let back: Command = serde_json::from_value(json).expect("back");
+        assert_eq!(back, c);
+    }
+}
