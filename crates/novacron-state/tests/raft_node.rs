@@ -65,10 +65,11 @@ async fn snapshots_purge_the_log_and_restart_recovers_state() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let m = state.metrics();
-        if let (Some(snap), Some(purged)) = (m.snapshot_index, m.purged_index) {
-            if snap >= 40 && purged + 5 >= snap {
-                break;
-            }
+        if let (Some(snap), Some(purged)) = (m.snapshot_index, m.purged_index)
+            && snap >= 40
+            && purged + 5 >= snap
+        {
+            break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,

@@ -76,13 +76,13 @@ pub fn kernel_boot(field: &str, boot: &KernelBoot) -> ValidationResult<()> {
     if let Some(initrd) = &boot.initrd {
         path("initrd", initrd)?;
     }
-    if let Some(cmdline) = &boot.cmdline {
-        if cmdline.len() > MAX_CMDLINE_LEN || cmdline.contains(['\0', '\n', '\r']) {
-            return Err(ApiError::invalid(
-                format!("{field}.cmdline"),
-                format!("{field}.cmdline must be one line of at most {MAX_CMDLINE_LEN} bytes"),
-            ));
-        }
+    if let Some(cmdline) = &boot.cmdline
+        && (cmdline.len() > MAX_CMDLINE_LEN || cmdline.contains(['\0', '\n', '\r']))
+    {
+        return Err(ApiError::invalid(
+            format!("{field}.cmdline"),
+            format!("{field}.cmdline must be one line of at most {MAX_CMDLINE_LEN} bytes"),
+        ));
     }
     Ok(())
 }

@@ -1,0 +1,116 @@
+//! Disk files through `qemu-img`: overlays, blank disks, internal snapshots, image inspection.
+
+use std::path::Path;
+
+use novacron_types::ImageFormat;
+use serde::Deserialize;
+use tokio::process::Command;
+
+use crate::HvError;
+
+async fn qemu_img(action: &'static str, args: &[&str]) -> Result<String, HvError> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| HvError::Disk {
+            action,
+            message: format!("cannot run qemu-img: {e}"),
+        })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(HvError::Disk {
+            action,
+            message: stderr.trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn p(path: &Path) -> Result<&str, HvError> {
+    path.to_str().ok_or_else(|| HvError::Disk {
+        action: "path",
+        message: format!("path {} is not UTF-8", path.display()),
+    })
+}
+
+/// A qcow2 overlay whose backing file is `base` (never written to).
+pub async fn create_overlay(
+    base: &Path,
+    format: ImageFormat,
+    overlay: &Path,
+) -> Result<(), HvError> {
+    qemu_img(
+        "create overlay",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            p(base)?,
+            "-F",
+            format.as_str(),
+            p(overlay)?,
+        ],
+    )
+    .await
+    .map(drop)
+}
+
+pub async fn create_blank(path: &Path, size_mib: u64) -> Result<(), HvError> {
+    let size = format!("{size_mib}M");
+    qemu_img(
+        "create disk",
+        &["create", "-q", "-f", "qcow2", p(path)?, &size],
+    )
+    .await
+    .map(drop)
+}
+
+pub async fn snapshot_create(disk: &Path, name: &str) -> Result<(), HvError> {
+    qemu_img("snapshot create", &["snapshot", "-c", name, p(disk)?])
+        .await
+        .map(drop)
+}
+
+pub async fn snapshot_apply(disk: &Path, name: &str) -> Result<(), HvError> {
+    qemu_img("snapshot restore", &["snapshot", "-a", name, p(disk)?])
+        .await
+        .map(drop)
+}
+
+pub async fn snapshot_delete(disk: &Path, name: &str) -> Result<(), HvError> {
+    qemu_img("snapshot delete", &["snapshot", "-d", name, p(disk)?])
+        .await
+        .map(drop)
+}
+
+/// What `qemu-img info` says about a file.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ImageInfo {
+    pub format: String,
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: u64,
+    #[serde(rename = "backing-filename", default)]
+    pub backing_filename: Option<String>,
+}
+
+pub async fn info(path: &Path) -> Result<ImageInfo, HvError> {
+    let out = qemu_img("info", &["info", "--output=json", p(path)?]).await?;
+    serde_json::from_str(&out).map_err(|e| HvError::Disk {
+        action: "info",
+        message: format!("unreadable output: {e}"),
+    })
+}
+
+/// Copies an image file into `dest` in its own format (no backing chain left behind).
+pub async fn import(src: &Path, format: ImageFormat, dest: &Path) -> Result<(), HvError> {
+    let f = format.as_str();
+    qemu_img(
+        "convert",
+        &["convert", "-q", "-f", f, "-O", f, p(src)?, p(dest)?],
+    )
+    .await
+    .map(drop)
+}

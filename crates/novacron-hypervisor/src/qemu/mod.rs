@@ -1,0 +1,411 @@
+//! The QEMU driver: one `qemu-system-x86_64` per VM, in its own process group so it outlives
+//! `novacron`, with a QMP socket, a pidfile and a console log in the VM's directory.
+
+pub mod args;
+pub mod runner;
+pub mod state_map;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::process::Command;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use novacron_types::{VmId, VmState};
+
+use crate::accel::Accel;
+use crate::{HvError, Hypervisor, HypervisorInfo, RuntimeSpec, StateChange, disks};
+use args::VmPaths;
+use runner::{QmpAction, Registry, Request, Runner, VmHandle, pid_alive, sigkill};
+
+/// Unix socket paths are limited to 107 bytes.
+const MAX_SOCKET_PATH: usize = 107;
+/// A console log larger than this is rotated (to `.1`) when the VM starts.
+const CONSOLE_ROTATE_BYTES: u64 = 8 * 1024 * 1024;
+
+pub struct QemuConfig {
+    /// Directory holding one sub-directory per VM.
+    pub vms_root: PathBuf,
+    pub qemu_binary: String,
+    pub accel: Accel,
+    /// How long `start` waits for QMP to answer.
+    pub start_timeout: Duration,
+}
+
+pub struct QemuHypervisor {
+    cfg: QemuConfig,
+    version: String,
+    registry: Registry,
+    generation: AtomicU64,
+    bus: broadcast::Sender<StateChange>,
+}
+
+impl QemuHypervisor {
+    pub async fn new(cfg: QemuConfig) -> Result<Self, HvError> {
+        std::fs::create_dir_all(&cfg.vms_root)?;
+        let out = Command::new(&cfg.qemu_binary)
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|e| {
+                HvError::StartFailed(format!(
+                    "cannot run {}: {e} (is qemu-system-x86 installed?)",
+                    cfg.qemu_binary
+                ))
+            })?;
+        let version = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .and_then(|l| l.split("version ").nth(1))
+            .map(|v| v.split_whitespace().next().unwrap_or(v).to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let (bus, _) = broadcast::channel(1024);
+        Ok(Self {
+            cfg,
+            version,
+            registry: Arc::new(Mutex::new(HashMap::new())),
+            generation: AtomicU64::new(1),
+            bus,
+        })
+    }
+
+    fn paths(&self, id: VmId) -> VmPaths {
+        VmPaths::new(&self.cfg.vms_root, id)
+    }
+
+    fn handle(&self, id: VmId) -> Option<VmHandle> {
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    fn running(&self, id: VmId) -> Result<VmHandle, HvError> {
+        self.handle(id).ok_or(HvError::NotRunning(id))
+    }
+
+    /// The PID in the VM's pidfile, if that process is alive and really is this VM's QEMU.
+    fn live_pid(&self, id: VmId) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.paths(id).pidfile())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let needle = id.to_string();
+        let ours = cmdline
+            .split(|b| *b == 0)
+            .any(|arg| arg == needle.as_bytes());
+        (ours && pid_alive(pid)).then_some(pid)
+    }
+
+    /// Connects to a QEMU that is up and starts its runner.
+    async fn attach(
+        &self,
+        id: VmId,
+        pid: i32,
+        child: Option<tokio::process::Child>,
+        connect_timeout: Duration,
+    ) -> Result<VmState, HvError> {
+        let paths = self.paths(id);
+        let socket = paths.qmp_socket();
+        let deadline = tokio::time::Instant::now() + connect_timeout;
+        let mut child = child;
+        let (qmp, events) = loop {
+            match runner::connect(&socket).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    if let Some(c) = &mut child {
+                        if let Ok(Some(status)) = c.try_wait() {
+                            return Err(HvError::StartFailed(format!(
+                                "QEMU exited ({status}) before QMP was ready: {}",
+                                last_lines(&paths.qemu_log(), 5)
+                            )));
+                        }
+                    } else if !pid_alive(pid) {
+                        return Err(HvError::NotRunning(id));
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        if let Some(c) = &mut child {
+                            let _ = c.kill().await;
+                        }
+                        return Err(HvError::Timeout {
+                            what: "connecting to QMP",
+                            after: connect_timeout,
+                        })
+                        .map_err(|t| HvError::StartFailed(format!("{t}: {e}")));
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        let (state, _reason) = runner::query_state(&qmp).await?;
+        let (state_tx, state_rx) = watch::channel(state);
+        let (tx, rx) = mpsc::channel(16);
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let handle = VmHandle {
+            generation,
+            pid,
+            tx,
+            state: state_rx,
+        };
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, handle);
+        let runner = Runner {
+            id,
+            generation,
+            pid,
+            child,
+            qmp,
+            events,
+            socket,
+            qemu_log: paths.qemu_log(),
+            pidfile: paths.pidfile(),
+            state_tx,
+            bus: self.bus.clone(),
+            registry: self.registry.clone(),
+            stop_requested: false,
+            guest_shutdown: false,
+        };
+        let _ = self.bus.send(StateChange {
+            id,
+            state,
+            reason: None,
+        });
+        tokio::spawn(runner.run(rx));
+        Ok(state)
+    }
+}
+
+fn last_lines(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for QemuHypervisor {
+    fn info(&self) -> HypervisorInfo {
+        HypervisorInfo {
+            qemu_version: self.version.clone(),
+            accelerator: self.cfg.accel.as_str().into(),
+        }
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<StateChange> {
+        self.bus.subscribe()
+    }
+
+    async fn define(&self, spec: &RuntimeSpec) -> Result<(), HvError> {
+        let paths = self.paths(spec.id);
+        if paths.qmp_socket().as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(HvError::StartFailed(format!(
+                "the VM directory {} is too deep for a Unix socket; use a shorter --data-dir",
+                paths.dir.display()
+            )));
+        }
+        std::fs::create_dir_all(&paths.dir)?;
+        let result = async {
+            disks::create_overlay(&spec.base_image, spec.base_format, &paths.root_disk()).await?;
+            for (i, size) in spec.extra_disks_mib.iter().enumerate() {
+                disks::create_blank(&paths.extra_disk(i + 1), *size).await?;
+            }
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&paths.dir);
+        }
+        result
+    }
+
+    async fn undefine(&self, id: VmId) -> Result<(), HvError> {
+        if self.handle(id).is_some() || self.live_pid(id).is_some() {
+            return Err(HvError::AlreadyRunning(id));
+        }
+        match std::fs::remove_dir_all(self.paths(id).dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn start(&self, spec: &RuntimeSpec) -> Result<(), HvError> {
+        if self.handle(spec.id).is_some() || self.live_pid(spec.id).is_some() {
+            return Err(HvError::AlreadyRunning(spec.id));
+        }
+        let paths = self.paths(spec.id);
+        if !paths.root_disk().exists() {
+            return Err(HvError::StartFailed(format!(
+                "boot disk {} is missing",
+                paths.root_disk().display()
+            )));
+        }
+        let _ = std::fs::remove_file(paths.qmp_socket());
+        let _ = std::fs::remove_file(paths.pidfile());
+        let console = paths.console_log();
+        if std::fs::metadata(&console)
+            .map(|m| m.len() > CONSOLE_ROTATE_BYTES)
+            .unwrap_or(false)
+        {
+            let _ = std::fs::rename(&console, console.with_extension("log.1"));
+        }
+        let stderr = std::fs::File::create(paths.qemu_log())?;
+        let args = args::command_line(spec, &paths, self.cfg.accel);
+        tracing::debug!(vm = %spec.id, ?args, "starting QEMU");
+        let child = Command::new(&self.cfg.qemu_binary)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            // Its own process group: Ctrl-C on `novacron` must not reach the guests.
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| {
+                HvError::StartFailed(format!("cannot run {}: {e}", self.cfg.qemu_binary))
+            })?;
+        let pid = child.id().map(|p| p as i32).unwrap_or(-1);
+        let state = self
+            .attach(spec.id, pid, Some(child), self.cfg.start_timeout)
+            .await?;
+        tracing::info!(vm = %spec.id, pid, state = state.as_str(), "QEMU started");
+        Ok(())
+    }
+
+    async fn shutdown(&self, id: VmId, timeout: Duration) -> Result<(), HvError> {
+        let h = self.running(id)?;
+        h.qmp(QmpAction::Powerdown).await?;
+        if h.wait_gone(timeout).await {
+            return Ok(());
+        }
+        tracing::info!(vm = %id, ?timeout, "guest ignored ACPI power-down; forcing");
+        self.force_stop(id).await
+    }
+
+    async fn force_stop(&self, id: VmId) -> Result<(), HvError> {
+        let h = self.running(id)?;
+        if h.qmp(QmpAction::Quit).await.is_ok() && h.wait_gone(Duration::from_secs(5)).await {
+            return Ok(());
+        }
+        sigkill(h.pid);
+        if h.wait_gone(Duration::from_secs(5)).await {
+            Ok(())
+        } else {
+            Err(HvError::Timeout {
+                what: "killing QEMU",
+                after: Duration::from_secs(10),
+            })
+        }
+    }
+
+    async fn reboot(&self, id: VmId) -> Result<(), HvError> {
+        self.running(id)?.qmp(QmpAction::Reset).await
+    }
+
+    async fn pause(&self, id: VmId) -> Result<(), HvError> {
+        self.running(id)?.qmp(QmpAction::Stop).await
+    }
+
+    async fn resume(&self, id: VmId) -> Result<(), HvError> {
+        self.running(id)?.qmp(QmpAction::Cont).await
+    }
+
+    async fn observe(&self, id: VmId) -> VmState {
+        match self.handle(id) {
+            Some(h) => *h.state.borrow(),
+            None if self.live_pid(id).is_some() => VmState::Unknown,
+            None => VmState::Stopped,
+        }
+    }
+
+    async fn adopt(&self, spec: &RuntimeSpec) -> Result<VmState, HvError> {
+        if let Some(h) = self.handle(spec.id) {
+            return Ok(*h.state.borrow());
+        }
+        let Some(pid) = self.live_pid(spec.id) else {
+            let paths = self.paths(spec.id);
+            let _ = std::fs::remove_file(paths.qmp_socket());
+            let _ = std::fs::remove_file(paths.pidfile());
+            return Ok(VmState::Stopped);
+        };
+        let state = self
+            .attach(spec.id, pid, None, Duration::from_secs(5))
+            .await?;
+        tracing::info!(vm = %spec.id, pid, state = state.as_str(), "re-adopted running QEMU");
+        Ok(state)
+    }
+
+    async fn snapshot_disks(&self, id: VmId, name: &str) -> Result<(), HvError> {
+        self.for_each_disk(id, |disk| {
+            let name = name.to_string();
+            async move { disks::snapshot_create(&disk, &name).await }
+        })
+        .await
+    }
+
+    async fn restore_disks(&self, id: VmId, name: &str) -> Result<(), HvError> {
+        self.for_each_disk(id, |disk| {
+            let name = name.to_string();
+            async move { disks::snapshot_apply(&disk, &name).await }
+        })
+        .await
+    }
+
+    async fn delete_disk_snapshot(&self, id: VmId, name: &str) -> Result<(), HvError> {
+        self.for_each_disk(id, |disk| {
+            let name = name.to_string();
+            async move { disks::snapshot_delete(&disk, &name).await }
+        })
+        .await
+    }
+
+    fn console_path(&self, id: VmId) -> PathBuf {
+        self.paths(id).console_log()
+    }
+
+    async fn detach_all(&self) {
+        let handles: Vec<VmHandle> = self
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for h in handles {
+            let _ = h.tx.send(Request::Detach).await;
+        }
+    }
+}
+
+impl QemuHypervisor {
+    /// Runs `f` on every qcow2 disk of a VM that has no QEMU process.
+    async fn for_each_disk<F, Fut>(&self, id: VmId, f: F) -> Result<(), HvError>
+    where
+        F: Fn(PathBuf) -> Fut,
+        Fut: std::future::Future<Output = Result<(), HvError>>,
+    {
+        if self.handle(id).is_some() || self.live_pid(id).is_some() {
+            return Err(HvError::WrongState {
+                op: "disk snapshots",
+                state: "running",
+            });
+        }
+        let dir = self.paths(id).dir;
+        let mut disks: Vec<PathBuf> = std::fs::read_dir(&dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "qcow2"))
+            .collect();
+        disks.sort();
+        for d in disks {
+            f(d).await?;
+        }
+        Ok(())
+    }
+}

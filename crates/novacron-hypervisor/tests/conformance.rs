@@ -1,0 +1,273 @@
+//! The same lifecycle checks run against the fake and against real QEMU with the demo guest.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use novacron_hypervisor::accel::Accel;
+use novacron_hypervisor::fake::FakeHypervisor;
+use novacron_hypervisor::qemu::{QemuConfig, QemuHypervisor};
+use novacron_hypervisor::{HvError, Hypervisor, RuntimeSpec};
+use novacron_types::{ImageFormat, KernelBoot, VmId, VmState};
+
+/// The demo image built by `scripts/build-demo-image.sh` (see `scripts/test.sh`).
+fn demo_dir() -> PathBuf {
+    std::env::var_os("NOVACRON_DEMO_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.novacron/demo-image")
+        })
+}
+
+fn demo_spec() -> RuntimeSpec {
+    let dir = demo_dir();
+    assert!(
+        dir.join("image.json").exists(),
+        "demo image missing at {}: run scripts/build-demo-image.sh (scripts/test.sh does)",
+        dir.display()
+    );
+    let s = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    RuntimeSpec {
+        id: VmId::new_random(),
+        name: "conformance".into(),
+        vcpus: 1,
+        memory_mib: 128,
+        base_image: dir.join("disk.qcow2"),
+        base_format: ImageFormat::Qcow2,
+        extra_disks_mib: vec![8],
+        boot: Some(KernelBoot {
+            kernel: s("vmlinuz"),
+            initrd: Some(s("initrd.img")),
+            cmdline: Some("console=ttyS0 quiet panic=-1".into()),
+        }),
+    }
+}
+
+/// State rules every hypervisor must follow.
+async fn lifecycle(hv: &dyn Hypervisor, spec: &RuntimeSpec) {
+    hv.define(spec).await.expect("define");
+    assert_eq!(hv.observe(spec.id).await, VmState::Stopped);
+    assert!(matches!(
+        hv.pause(spec.id).await,
+        Err(HvError::NotRunning(_))
+    ));
+
+    hv.start(spec).await.expect("start");
+    assert_eq!(hv.observe(spec.id).await, VmState::Running);
+    assert!(matches!(
+        hv.start(spec).await,
+        Err(HvError::AlreadyRunning(_))
+    ));
+    assert!(
+        hv.undefine(spec.id).await.is_err(),
+        "undefine of a running VM must fail"
+    );
+    assert!(
+        hv.snapshot_disks(spec.id, "s").await.is_err(),
+        "disk snapshot while running"
+    );
+
+    hv.pause(spec.id).await.expect("pause");
+    assert_eq!(hv.observe(spec.id).await, VmState::Paused);
+    hv.resume(spec.id).await.expect("resume");
+    assert_eq!(hv.observe(spec.id).await, VmState::Running);
+    hv.reboot(spec.id).await.expect("reboot");
+
+    hv.force_stop(spec.id).await.expect("force stop");
+    assert_eq!(hv.observe(spec.id).await, VmState::Stopped);
+
+    hv.snapshot_disks(spec.id, "clean").await.expect("snapshot");
+    hv.restore_disks(spec.id, "clean").await.expect("restore");
+    assert!(hv.restore_disks(spec.id, "nope").await.is_err());
+    hv.delete_disk_snapshot(spec.id, "clean")
+        .await
+        .expect("delete snapshot");
+    hv.undefine(spec.id).await.expect("undefine");
+}
+
+#[tokio::test]
+async fn fake_follows_the_lifecycle_rules() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let hv = FakeHypervisor::new(dir.path().to_path_buf());
+    lifecycle(&hv, &demo_spec_for_fake()).await;
+}
+
+fn demo_spec_for_fake() -> RuntimeSpec {
+    RuntimeSpec {
+        id: VmId::new_random(),
+        name: "fake".into(),
+        vcpus: 1,
+        memory_mib: 128,
+        base_image: "/nonexistent".into(),
+        base_format: ImageFormat::Qcow2,
+        extra_disks_mib: vec![],
+        boot: None,
+    }
+}
+
+/// A temporary VM root whose QEMU processes are killed when the test ends, pass or fail
+/// (they run in their own process group and would otherwise outlive the test).
+struct VmRoot(tempfile::TempDir);
+
+impl VmRoot {
+    fn new() -> Self {
+        Self(tempfile::tempdir().expect("tmp"))
+    }
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+impl Drop for VmRoot {
+    fn drop(&mut self) {
+        for entry in std::fs::read_dir(self.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let pidfile = entry.path().join("qemu.pid");
+            if let Some(pid) = std::fs::read_to_string(pidfile)
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+async fn qemu(root: &std::path::Path) -> QemuHypervisor {
+    QemuHypervisor::new(QemuConfig {
+        vms_root: root.to_path_buf(),
+        qemu_binary: "qemu-system-x86_64".into(),
+        accel: Accel::Tcg,
+        start_timeout: Duration::from_secs(20),
+    })
+    .await
+    .expect("qemu driver")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_follows_the_lifecycle_rules() {
+    let dir = VmRoot::new();
+    let hv = qemu(dir.path()).await;
+    lifecycle(&hv, &demo_spec()).await;
+}
+
+/// Waits for `needle` in the console output written after byte `from`.
+async fn wait_console_from(
+    hv: &dyn Hypervisor,
+    id: VmId,
+    from: usize,
+    needle: &str,
+    timeout: Duration,
+) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let all = std::fs::read(hv.console_path(id)).unwrap_or_default();
+        let text = String::from_utf8_lossy(&all[from.min(all.len())..]).into_owned();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} on the console after {timeout:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_console(hv: &dyn Hypervisor, id: VmId, needle: &str, timeout: Duration) -> String {
+    wait_console_from(hv, id, 0, needle, timeout).await
+}
+
+fn console_len(hv: &dyn Hypervisor, id: VmId) -> usize {
+    std::fs::metadata(hv.console_path(id))
+        .map(|m| m.len() as usize)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_guest_boots_powers_off_on_acpi_and_a_killed_qemu_is_a_crash() {
+    let dir = VmRoot::new();
+    let hv = qemu(dir.path()).await;
+    let spec = demo_spec();
+    let mut changes = hv.subscribe();
+    hv.define(&spec).await.expect("define");
+    hv.start(&spec).await.expect("start");
+    wait_console(
+        &hv,
+        spec.id,
+        "NOVACRON-DEMO-GUEST READY",
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_console(&hv, spec.id, "tick 2", Duration::from_secs(10)).await;
+
+    // ACPI power-down: the guest's acpid powers off; QEMU exits; observed state is stopped.
+    hv.shutdown(spec.id, Duration::from_secs(30))
+        .await
+        .expect("graceful shutdown");
+    assert_eq!(hv.observe(spec.id).await, VmState::Stopped);
+
+    // kill -9 of QEMU is noticed within a second and reported as a crash with the reason.
+    let offset = console_len(&hv, spec.id);
+    hv.start(&spec).await.expect("restart");
+    wait_console_from(&hv, spec.id, offset, "tick 1", Duration::from_secs(30)).await;
+    let pid: i32 = std::fs::read_to_string(dir.path().join(spec.id.to_string()).join("qemu.pid"))
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("pid");
+    while changes.try_recv().is_ok() {}
+    let killed_at = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    let change = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            let c = changes.recv().await.expect("bus");
+            if c.id == spec.id && c.state == VmState::Crashed {
+                return c;
+            }
+        }
+    })
+    .await
+    .expect("crash not noticed within 1 s");
+    let reason = change.reason.expect("crash reason");
+    assert!(reason.contains("signal 9"), "reason: {reason}");
+    eprintln!("crash noticed after {:?}: {reason}", killed_at.elapsed());
+    hv.undefine(spec.id).await.expect("undefine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_outlives_the_driver_and_is_re_adopted() {
+    let dir = VmRoot::new();
+    let spec = demo_spec();
+    {
+        let hv = qemu(dir.path()).await;
+        hv.define(&spec).await.expect("define");
+        hv.start(&spec).await.expect("start");
+        wait_console(&hv, spec.id, "tick 1", Duration::from_secs(30)).await;
+        hv.detach_all().await;
+    }
+    // A new driver (as after a restart of `novacron`) finds and adopts the same process.
+    let hv = qemu(dir.path()).await;
+    assert!(
+        matches!(hv.start(&spec).await, Err(HvError::AlreadyRunning(_))),
+        "no second QEMU"
+    );
+    assert_eq!(hv.adopt(&spec).await.expect("adopt"), VmState::Running);
+    hv.pause(spec.id).await.expect("pause after adoption");
+    assert_eq!(hv.observe(spec.id).await, VmState::Paused);
+    hv.force_stop(spec.id).await.expect("stop");
+    assert_eq!(hv.observe(spec.id).await, VmState::Stopped);
+    assert_eq!(
+        hv.adopt(&spec).await.expect("adopt nothing"),
+        VmState::Stopped
+    );
+}
