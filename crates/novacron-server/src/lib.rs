@@ -1,14 +1,11 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! The NovaCron node: the service layer ([`service`]), the REST API on top of it ([`api`]),
+//! authentication ([`auth`]), metrics ([`metrics`]) and start-up ([`node`]).
+//!
+//! Invariants: handlers hold no business logic; the service layer never speaks QMP (it uses the
+//! `Hypervisor` trait) and never writes state except through Raft commands.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub mod api;
+pub mod auth;
+pub mod metrics;
+pub mod node;
+pub mod service;

@@ -9,7 +9,7 @@ pub mod ids;
 pub mod resources;
 pub mod validate;
 
-pub use error::{ApiError, ErrorCode};
+pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use ids::{ImageId, NodeId, OperationId, TokenId, UserId, VmId};
 pub use resources::*;
 

@@ -26,9 +26,6 @@ pub struct CreateVmRequest {
     /// Direct kernel boot; overrides the image's kernel, initrd and command line.
     #[serde(default)]
     pub boot: Option<KernelBoot>,
-    /// Start the VM right after creating it.
-    #[serde(default)]
-    pub start: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -153,7 +153,6 @@ mod tests {
             memory_mib: 128,
             disks: vec![],
             boot: None,
-            start: false,
         }
     }
 

@@ -1,3 +1,26 @@
-fn main() {
-    println!("Hello, world!");
+//! `novacron`: `serve` runs a node; every other subcommand talks to a node's REST API.
+
+mod cli;
+mod config;
+mod output;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = cli::Args::parse();
+    let result = match args.command {
+        cli::Command::Serve(s) => serve::run(s).await,
+        command => cli::run(args.global, command).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -100,8 +100,21 @@ impl VmHandle {
     }
 }
 
+/// Whether `pid` is a live process. A zombie (exited, not yet reaped by its parent) is dead:
+/// re-adopted QEMUs are not our children, and their new parent may reap them late.
 pub fn pid_alive(pid: i32) -> bool {
-    pid > 0 && kill(Pid::from_raw(pid), None).is_ok()
+    if pid <= 0 || kill(Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself contain ')'.
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next()),
+            Some('Z' | 'X')
+        ),
+        Err(_) => false,
+    }
 }
 
 pub fn sigkill(pid: i32) {

@@ -1,0 +1,531 @@
+//! Handlers: parse, call the service, format. No rules live here.
+
+use std::time::Duration;
+
+use axum::Extension;
+use axum::Json;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use novacron_types::error::ErrorBody;
+use novacron_types::{
+    ApiError, CreateVmRequest, ErrorCode, Image, ImportImageRequest, NodeInfo, Operation, Role,
+    TokenView, UserView, Vm, VmSnapshot,
+};
+
+use super::AppState;
+use super::error::ApiResult;
+use super::extract::{JsonBody, Query};
+use crate::auth::Principal;
+use crate::service::VmAction;
+
+/// Console reads return at most this much per request.
+const CONSOLE_READ_LIMIT: u64 = 1024 * 1024;
+/// `wait?timeout=` is capped so a request cannot hang forever.
+const MAX_WAIT_SECONDS: u64 = 3600;
+
+// ---------------------------------------------------------------------------------------------
+// System
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub node: u64,
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "system", responses((status = 200, body = Health)))]
+pub async fn healthz(State(st): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        node: st.service.node_id().0,
+    })
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "system",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics(State(st): State<AppState>) -> Response {
+    let svc = &st.service;
+    svc.refresh_gauges();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        svc.metrics().encode(),
+    )
+        .into_response()
+}
+
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "system",
+    responses((status = 200, description = "This document")))]
+pub async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        super::openapi::document(),
+    )
+        .into_response()
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct NodeStatus {
+    #[serde(flatten)]
+    pub info: NodeInfo,
+    /// `online` for this node; other members' health arrives with clustering.
+    pub status: String,
+    pub raft: RaftStatus,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RaftStatus {
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+}
+
+#[utoipa::path(get, path = "/api/v1/nodes", tag = "nodes",
+    responses((status = 200, body = Vec<NodeStatus>)), security(("bearer" = [])))]
+pub async fn list_nodes(State(st): State<AppState>) -> ApiResult<Json<Vec<NodeStatus>>> {
+    let svc = &st.service;
+    let nodes = svc.list_nodes().await?;
+    let me = svc.node_id();
+    let m = svc.state().metrics();
+    Ok(Json(
+        nodes
+            .into_iter()
+            .map(|info| {
+                let local = info.id == me;
+                NodeStatus {
+                    status: if local { "online" } else { "unknown" }.into(),
+                    raft: RaftStatus {
+                        role: if local {
+                            m.role.clone()
+                        } else {
+                            "unknown".into()
+                        },
+                        term: m.term,
+                        leader: m.leader,
+                        last_log_index: m.last_log_index,
+                        applied_index: if local { m.applied_index } else { 0 },
+                    },
+                    info,
+                }
+            })
+            .collect(),
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Auth, users, tokens
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct LoginResponse {
+    /// Send as `Authorization: Bearer <token>`.
+    pub token: String,
+    /// Milliseconds since the epoch.
+    pub expires_at: i64,
+    pub role: Role,
+}
+
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest,
+    responses((status = 200, body = LoginResponse), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn login(State(st): State<AppState>, JsonBody(req): JsonBody<LoginRequest>) -> Response {
+    if st.login_limiter.check_key(&req.username).is_err() {
+        let e = ApiError::new(
+            ErrorCode::Unavailable,
+            "too many login attempts for this user; wait a minute",
+        );
+        return (StatusCode::TOO_MANY_REQUESTS, Json(ErrorBody { error: e })).into_response();
+    }
+    match st.service.login(&req.username, &req.password).await {
+        Ok(s) => Json(LoginResponse {
+            token: s.token,
+            expires_at: s.expires_at,
+            role: s.role,
+        })
+        .into_response(),
+        Err(e) => super::HttpError(e).into_response(),
+    }
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUserRequest {
+    pub username: String,
+    pub password: String,
+    pub role: Role,
+}
+
+#[utoipa::path(get, path = "/api/v1/users", tag = "auth",
+    responses((status = 200, body = Vec<UserView>)), security(("bearer" = [])))]
+pub async fn list_users(State(st): State<AppState>) -> ApiResult<Json<Vec<UserView>>> {
+    Ok(Json(st.service.list_users().await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/users", tag = "auth", request_body = CreateUserRequest,
+    responses((status = 201, body = UserView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_user(
+    State(st): State<AppState>,
+    JsonBody(req): JsonBody<CreateUserRequest>,
+) -> ApiResult<(StatusCode, Json<UserView>)> {
+    let user = st
+        .service
+        .create_user(&req.username, &req.password, req.role)
+        .await?;
+    Ok((StatusCode::CREATED, Json(user)))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenRequest {
+    pub name: String,
+    /// At most the caller's role; the caller's role when omitted.
+    #[serde(default)]
+    pub role: Option<Role>,
+    /// The token expires after this many days; never when omitted.
+    #[serde(default)]
+    pub expires_in_days: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct CreatedToken {
+    /// The secret, shown this once.
+    pub token: String,
+    #[serde(flatten)]
+    pub view: TokenView,
+}
+
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "auth",
+    responses((status = 200, body = Vec<TokenView>)), security(("bearer" = [])))]
+pub async fn list_tokens(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+) -> ApiResult<Json<Vec<TokenView>>> {
+    Ok(Json(st.service.list_tokens(&who).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "auth", request_body = CreateTokenRequest,
+    responses((status = 201, body = CreatedToken), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_token(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    JsonBody(req): JsonBody<CreateTokenRequest>,
+) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
+    if req.expires_in_days == Some(0) || req.expires_in_days.is_some_and(|d| d > 3650) {
+        return Err(ApiError::invalid(
+            "expires_in_days",
+            "expires_in_days must be between 1 and 3650",
+        )
+        .into());
+    }
+    let ttl = req
+        .expires_in_days
+        .map(|d| Duration::from_secs(u64::from(d) * 86_400));
+    let (token, view) = st
+        .service
+        .create_token(&who, &req.name, req.role, ttl)
+        .await?;
+    Ok((StatusCode::CREATED, Json(CreatedToken { token, view })))
+}
+
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "auth",
+    responses((status = 204), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn revoke_token(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.service.revoke_token(&who, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// VMs
+
+fn accepted(op: Operation) -> Response {
+    let location = format!("/api/v1/operations/{}", op.id);
+    let mut resp = (StatusCode::ACCEPTED, Json(op)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+#[utoipa::path(get, path = "/api/v1/vms", tag = "vms",
+    responses((status = 200, body = Vec<Vm>)), security(("bearer" = [])))]
+pub async fn list_vms(State(st): State<AppState>) -> ApiResult<Json<Vec<Vm>>> {
+    Ok(Json(st.service.list_vms().await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms", tag = "vms", request_body = CreateVmRequest,
+    responses((status = 201, body = Vm), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_vm(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    JsonBody(req): JsonBody<CreateVmRequest>,
+) -> ApiResult<(StatusCode, Json<Vm>)> {
+    let vm = st.service.create_vm(req, &who).await?;
+    Ok((StatusCode::CREATED, Json(vm)))
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{vm}", tag = "vms", params(("vm" = String, Path, description = "ID or name")),
+    responses((status = 200, body = Vm), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn get_vm(State(st): State<AppState>, Path(vm): Path<String>) -> ApiResult<Json<Vm>> {
+    Ok(Json(st.service.get_vm(&vm).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/vms/{vm}", tag = "vms", params(("vm" = String, Path, description = "ID or name")),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete_vm(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(vm): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.service.delete_vm(&vm, &who).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{vm}/actions/{action}", tag = "vms",
+    params(("vm" = String, Path, description = "ID or name"),
+           ("action" = String, Path, description = "start | stop | force-stop | reboot | pause | resume")),
+    responses((status = 202, body = Operation), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn vm_action(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path((vm, action)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let action = VmAction::parse(&action)?;
+    Ok(accepted(st.service.vm_action(&vm, action, &who).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{vm}/console", tag = "vms",
+    params(("vm" = String, Path, description = "ID or name"),
+           ("offset" = Option<u64>, Query, description = "Start at this byte of the log"),
+           ("tail" = Option<u64>, Query, description = "Only the last N bytes")),
+    responses((status = 200, description = "The serial log; header X-Console-Next-Offset continues it",
+        content_type = "text/plain"), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn vm_console(
+    State(st): State<AppState>,
+    Path(vm): Path<String>,
+    q: Query,
+) -> ApiResult<Response> {
+    let offset = q.u64("offset", u64::MAX >> 1)?;
+    let tail = q.u64("tail", CONSOLE_READ_LIMIT)?;
+    let chunk = st
+        .service
+        .console(&vm, offset, tail, CONSOLE_READ_LIMIT)
+        .await?;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert("x-console-offset", HeaderValue::from(chunk.offset));
+    headers.insert(
+        "x-console-next-offset",
+        HeaderValue::from(chunk.next_offset),
+    );
+    Ok((headers, chunk.data).into_response())
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{vm}/console/ws", tag = "vms",
+    params(("vm" = String, Path, description = "ID or name"),
+           ("offset" = Option<u64>, Query, description = "Start at this byte (default: the end)")),
+    responses((status = 101, description = "WebSocket: binary messages carry console bytes as they are written")),
+    security(("bearer" = [])))]
+pub async fn vm_console_ws(
+    State(st): State<AppState>,
+    Path(vm): Path<String>,
+    q: Query,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let vm = st.service.get_vm(&vm).await?;
+    let offset = q.u64("offset", u64::MAX >> 1)?;
+    let path = st.service.console_path(&vm);
+    Ok(ws.on_upgrade(move |socket| stream_console(socket, path, offset)))
+}
+
+async fn stream_console(mut socket: WebSocket, path: std::path::PathBuf, offset: Option<u64>) {
+    let mut pos = match offset {
+        Some(o) => o,
+        None => std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let chunk = match crate::service::read_console(&path, Some(pos), None, 64 * 1024).await {
+                    Ok(c) => c,
+                    Err(_) => break,
+                };
+                if chunk.data.is_empty() {
+                    // The log was rotated or truncated (a restart): start over.
+                    if std::fs::metadata(&path).map(|m| m.len() < pos).unwrap_or(false) {
+                        pos = 0;
+                    }
+                    continue;
+                }
+                pos = chunk.next_offset;
+                if socket.send(Message::Binary(chunk.data.into())).await.is_err() {
+                    break;
+                }
+            }
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                _ => {}
+            }
+        }
+    }
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotRequest {
+    pub name: String,
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{vm}/snapshots", tag = "vms",
+    params(("vm" = String, Path, description = "ID or name")),
+    responses((status = 200, body = Vec<VmSnapshot>), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn list_snapshots(
+    State(st): State<AppState>,
+    Path(vm): Path<String>,
+) -> ApiResult<Json<Vec<VmSnapshot>>> {
+    Ok(Json(st.service.get_vm(&vm).await?.snapshots))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{vm}/snapshots", tag = "vms", request_body = CreateSnapshotRequest,
+    params(("vm" = String, Path, description = "ID or name")),
+    responses((status = 202, body = Operation), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn create_snapshot(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(vm): Path<String>,
+    JsonBody(req): JsonBody<CreateSnapshotRequest>,
+) -> ApiResult<Response> {
+    Ok(accepted(
+        st.service.snapshot_vm(&vm, &req.name, &who).await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{vm}/snapshots/{name}/restore", tag = "vms",
+    params(("vm" = String, Path, description = "ID or name"), ("name" = String, Path)),
+    responses((status = 202, body = Operation), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn restore_snapshot(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path((vm, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    Ok(accepted(st.service.restore_vm(&vm, &name, &who).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/vms/{vm}/snapshots/{name}", tag = "vms",
+    params(("vm" = String, Path, description = "ID or name"), ("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete_snapshot(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path((vm, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    st.service.delete_snapshot(&vm, &name, &who).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Images
+
+#[utoipa::path(get, path = "/api/v1/images", tag = "images",
+    responses((status = 200, body = Vec<Image>)), security(("bearer" = [])))]
+pub async fn list_images(State(st): State<AppState>) -> ApiResult<Json<Vec<Image>>> {
+    Ok(Json(st.service.list_images().await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/images/{image}", tag = "images",
+    params(("image" = String, Path, description = "ID or name")),
+    responses((status = 200, body = Image), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn get_image(
+    State(st): State<AppState>,
+    Path(image): Path<String>,
+) -> ApiResult<Json<Image>> {
+    Ok(Json(st.service.get_image(&image).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/images", tag = "images", request_body = ImportImageRequest,
+    responses((status = 202, body = Operation), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn import_image(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    JsonBody(req): JsonBody<ImportImageRequest>,
+) -> ApiResult<Response> {
+    Ok(accepted(st.service.import_image(req, &who).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/images/{image}", tag = "images",
+    params(("image" = String, Path, description = "ID or name")),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete_image(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(image): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.service.delete_image(&image, &who).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations
+
+#[utoipa::path(get, path = "/api/v1/operations", tag = "operations",
+    responses((status = 200, body = Vec<Operation>)), security(("bearer" = [])))]
+pub async fn list_operations(State(st): State<AppState>) -> ApiResult<Json<Vec<Operation>>> {
+    Ok(Json(st.service.list_operations().await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/operations/{id}", tag = "operations",
+    responses((status = 200, body = Operation), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn get_operation(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Operation>> {
+    Ok(Json(st.service.get_operation(&id).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/operations/{id}/wait", tag = "operations",
+    params(("timeout" = Option<u64>, Query, description = "Seconds to wait (default 60, at most 3600)")),
+    responses((status = 200, body = Operation, description = "Finished, or still running at the timeout"),
+        (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn wait_operation(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    q: Query,
+) -> ApiResult<Json<Operation>> {
+    let timeout = q.u64("timeout", MAX_WAIT_SECONDS)?.unwrap_or(60);
+    Ok(Json(
+        st.service
+            .wait_operation(&id, Duration::from_secs(timeout))
+            .await?,
+    ))
+}

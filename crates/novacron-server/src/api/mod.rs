@@ -1,0 +1,202 @@
+//! The REST API under `/api/v1`: thin handlers that parse, call the [`Service`], and format.
+//!
+//! Roles are attached to each route where it is declared ([`viewer`], [`operator`], [`admin`]),
+//! so no route can forget its check. Only `/healthz` and `/api/v1/auth/login` are open.
+
+mod error;
+mod extract;
+mod handlers;
+pub mod openapi;
+
+pub use error::{HttpError, status_of};
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, delete, get, post};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use novacron_types::{ApiError, ErrorCode, Role};
+
+use crate::auth::{Principal, unauthenticated};
+use crate::metrics::{RequestLabels, RouteLabels};
+use crate::service::Service;
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Service,
+    /// Login attempts per username, so a password cannot be guessed at line rate.
+    pub login_limiter: Arc<DefaultKeyedRateLimiter<String>>,
+}
+
+impl AppState {
+    pub fn new(service: Service) -> Self {
+        let quota =
+            Quota::per_minute(std::num::NonZeroU32::new(30).unwrap_or(std::num::NonZeroU32::MIN));
+        Self {
+            service,
+            login_limiter: Arc::new(RateLimiter::keyed(quota)),
+        }
+    }
+}
+
+fn authenticate(state: &AppState, req: &Request) -> Result<Principal, ApiError> {
+    let header = req.headers().get(header::AUTHORIZATION).ok_or_else(|| {
+        unauthenticated("this endpoint needs 'Authorization: Bearer <token>'; log in first")
+    })?;
+    let value = header
+        .to_str()
+        .map_err(|_| unauthenticated("the Authorization header is not valid"))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(|| unauthenticated("the Authorization header must be 'Bearer <token>'"))?;
+    state.service.authenticate(token.trim())
+}
+
+async fn require(role: Role, state: AppState, mut req: Request, next: Next) -> Response {
+    let principal = match authenticate(&state, &req) {
+        Ok(p) => p,
+        Err(e) => return HttpError(e).into_response(),
+    };
+    if let Err(e) = principal.require(role) {
+        return HttpError(e).into_response();
+    }
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+fn with_role(
+    role: Role,
+    state: &AppState,
+    route: MethodRouter<AppState>,
+) -> MethodRouter<AppState> {
+    route.route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        move |State(s): State<AppState>, r: Request, n: Next| require(role, s, r, n),
+    ))
+}
+
+pub fn viewer(state: &AppState, route: MethodRouter<AppState>) -> MethodRouter<AppState> {
+    with_role(Role::Viewer, state, route)
+}
+pub fn operator(state: &AppState, route: MethodRouter<AppState>) -> MethodRouter<AppState> {
+    with_role(Role::Operator, state, route)
+}
+pub fn admin(state: &AppState, route: MethodRouter<AppState>) -> MethodRouter<AppState> {
+    with_role(Role::Admin, state, route)
+}
+
+async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let resp = next.run(req).await;
+    let m = state.service.metrics();
+    m.http_requests
+        .get_or_create(&RequestLabels {
+            method: method.clone(),
+            route: route.clone(),
+            status: resp.status().as_u16(),
+        })
+        .inc();
+    m.http_duration
+        .get_or_create(&RouteLabels { method, route })
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+async fn not_found() -> HttpError {
+    HttpError(ApiError::new(
+        ErrorCode::NotFound,
+        "no such endpoint; see /api/v1/openapi.json",
+    ))
+}
+
+async fn method_not_allowed() -> Response {
+    let error = ApiError::new(
+        ErrorCode::InvalidArgument,
+        "this method is not allowed on this endpoint",
+    );
+    (
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        axum::Json(novacron_types::error::ErrorBody { error }),
+    )
+        .into_response()
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    use handlers::*;
+    let s = &state;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", viewer(s, get(metrics)))
+        .route("/api/v1/openapi.json", viewer(s, get(openapi_json)))
+        .route("/api/v1/auth/login", post(login))
+        .route(
+            "/api/v1/users",
+            admin(s, get(list_users)).merge(admin(s, post(create_user))),
+        )
+        .route(
+            "/api/v1/tokens",
+            viewer(s, get(list_tokens)).merge(operator(s, post(create_token))),
+        )
+        .route("/api/v1/tokens/{id}", operator(s, delete(revoke_token)))
+        .route(
+            "/api/v1/vms",
+            viewer(s, get(list_vms)).merge(operator(s, post(create_vm))),
+        )
+        .route(
+            "/api/v1/vms/{vm}",
+            viewer(s, get(get_vm)).merge(operator(s, delete(delete_vm))),
+        )
+        .route(
+            "/api/v1/vms/{vm}/actions/{action}",
+            operator(s, post(vm_action)),
+        )
+        .route("/api/v1/vms/{vm}/console", viewer(s, get(vm_console)))
+        .route("/api/v1/vms/{vm}/console/ws", viewer(s, get(vm_console_ws)))
+        .route(
+            "/api/v1/vms/{vm}/snapshots",
+            viewer(s, get(list_snapshots)).merge(operator(s, post(create_snapshot))),
+        )
+        .route(
+            "/api/v1/vms/{vm}/snapshots/{name}",
+            operator(s, delete(delete_snapshot)),
+        )
+        .route(
+            "/api/v1/vms/{vm}/snapshots/{name}/restore",
+            operator(s, post(restore_snapshot)),
+        )
+        .route(
+            "/api/v1/images",
+            viewer(s, get(list_images)).merge(operator(s, post(import_image))),
+        )
+        .route(
+            "/api/v1/images/{image}",
+            viewer(s, get(get_image)).merge(operator(s, delete(delete_image))),
+        )
+        .route("/api/v1/nodes", viewer(s, get(list_nodes)))
+        .route("/api/v1/operations", viewer(s, get(list_operations)))
+        .route("/api/v1/operations/{id}", viewer(s, get(get_operation)))
+        .route(
+            "/api/v1/operations/{id}/wait",
+            viewer(s, get(wait_operation)),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(DefaultBodyLimit::max(1024 * 1024))
+        .with_state(state)
+}

@@ -1,0 +1,127 @@
+//! Prometheus metrics. Counters and histograms are updated where things happen; gauges that
+//! mirror state (VMs by state, Raft indexes) are filled in at scrape time.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    /// The route template (`/api/v1/vms/{id}`), never the raw path, to bound cardinality.
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub method: String,
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+    pub status: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: Family<RequestLabels, Counter>,
+    pub http_duration: Family<RouteLabels, Histogram>,
+    pub vms: Family<StateLabels, Gauge>,
+    pub qemu_start_seconds: Histogram,
+    pub operations: Family<KindLabels, Counter>,
+    pub raft_term: Gauge,
+    pub raft_last_log_index: Gauge,
+    pub raft_applied_index: Gauge,
+    pub raft_is_leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("novacron");
+        let http_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "API requests by route and status",
+            http_requests.clone(),
+        );
+        let http_duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+        });
+        registry.register(
+            "http_request_duration_seconds",
+            "API request latency",
+            http_duration.clone(),
+        );
+        let vms = Family::<StateLabels, Gauge>::default();
+        registry.register("vms", "VMs by observed state (cluster-wide)", vms.clone());
+        let qemu_start_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 12));
+        registry.register(
+            "qemu_start_seconds",
+            "Time from spawning QEMU to QMP reporting the VM running",
+            qemu_start_seconds.clone(),
+        );
+        let operations = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "operations_finished",
+            "Finished operations by kind and status",
+            operations.clone(),
+        );
+        let raft_term = Gauge::default();
+        registry.register("raft_term", "Current Raft term", raft_term.clone());
+        let raft_last_log_index = Gauge::default();
+        registry.register(
+            "raft_last_log_index",
+            "Last Raft log index",
+            raft_last_log_index.clone(),
+        );
+        let raft_applied_index = Gauge::default();
+        registry.register(
+            "raft_applied_index",
+            "Last applied Raft log index",
+            raft_applied_index.clone(),
+        );
+        let raft_is_leader = Gauge::default();
+        registry.register(
+            "raft_is_leader",
+            "1 when this node is the Raft leader",
+            raft_is_leader.clone(),
+        );
+        Self {
+            registry,
+            http_requests,
+            http_duration,
+            vms,
+            qemu_start_seconds,
+            operations,
+            raft_term,
+            raft_last_log_index,
+            raft_applied_index,
+            raft_is_leader,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

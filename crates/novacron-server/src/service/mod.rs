@@ -1,0 +1,162 @@
+//! The service layer: every API (REST today; GraphQL and the CLI's future transports later) calls
+//! these functions and nothing else. Handlers parse and format; the rules live here.
+//!
+//! Invariants: every change to desired state goes through [`StateHandle::propose`]; every VM
+//! action on this host goes through the [`Hypervisor`] trait; a VM has at most one action in
+//! flight (its lock), and an action that cannot apply in the VM's current state is a 409 before
+//! anything starts.
+
+mod images;
+mod ops;
+mod users;
+mod vms;
+
+pub use ops::OpCtx;
+pub use vms::{ConsoleChunk, VmAction, read_console};
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use novacron_hypervisor::{HvError, Hypervisor};
+use novacron_state::StateHandle;
+use novacron_types::{ApiError, ErrorCode, NodeId, VmId};
+
+use crate::metrics::Metrics;
+
+/// Tunables of the service layer.
+#[derive(Clone, Debug)]
+pub struct ServiceSettings {
+    /// How long a graceful stop waits for the guest before forcing QEMU to quit.
+    pub shutdown_timeout: Duration,
+    /// Lifetime of a login session.
+    pub session_ttl: Duration,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout: Duration::from_secs(60),
+            session_ttl: Duration::from_secs(12 * 3600),
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub state: StateHandle,
+    pub hv: Arc<dyn Hypervisor>,
+    pub node: NodeId,
+    pub images_dir: PathBuf,
+    pub metrics: Arc<Metrics>,
+    pub settings: ServiceSettings,
+    vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The application. Cheap to clone.
+#[derive(Clone)]
+pub struct Service {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl Service {
+    pub fn new(
+        state: StateHandle,
+        hv: Arc<dyn Hypervisor>,
+        images_dir: PathBuf,
+        metrics: Arc<Metrics>,
+        settings: ServiceSettings,
+    ) -> Self {
+        let node = state.node_id();
+        Self {
+            inner: Arc::new(Inner {
+                state,
+                hv,
+                node,
+                images_dir,
+                metrics,
+                settings,
+                vm_locks: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn state(&self) -> &StateHandle {
+        &self.inner.state
+    }
+
+    pub fn hypervisor(&self) -> &Arc<dyn Hypervisor> {
+        &self.inner.hv
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node
+    }
+
+    /// Takes the VM's action lock, or explains that another action is running.
+    fn lock_vm(&self, id: VmId, name: &str) -> Result<tokio::sync::OwnedMutexGuard<()>, ApiError> {
+        let lock = {
+            let mut locks = self
+                .inner
+                .vm_locks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            locks.entry(id).or_default().clone()
+        };
+        lock.try_lock_owned().map_err(|_| {
+            ApiError::conflict(format!(
+                "VM '{name}' already has an action in progress; wait for it"
+            ))
+        })
+    }
+}
+
+/// Maps a driver error to what a client sees.
+pub(crate) fn hv_error(e: HvError) -> ApiError {
+    match e {
+        HvError::NotRunning(_) | HvError::AlreadyRunning(_) | HvError::WrongState { .. } => {
+            ApiError::conflict(e.to_string())
+        }
+        HvError::Timeout { .. } => ApiError::new(ErrorCode::Timeout, e.to_string()),
+        HvError::StartFailed(_) | HvError::Qmp { .. } | HvError::Disk { .. } | HvError::Io(_) => {
+            ApiError::internal(e.to_string())
+        }
+    }
+}
+
+impl Service {
+    pub async fn list_nodes(&self) -> Result<Vec<novacron_types::NodeInfo>, ApiError> {
+        self.inner
+            .state
+            .read_linearizable(|s| s.nodes.values().cloned().collect())
+            .await
+    }
+
+    /// Fills the gauges that mirror state, right before a scrape.
+    pub fn refresh_gauges(&self) {
+        let m = &self.inner.metrics;
+        let counts = self.inner.state.read(|s| {
+            let mut counts = std::collections::HashMap::new();
+            for vm in s.vms.values() {
+                *counts.entry(vm.state).or_insert(0i64) += 1;
+            }
+            counts
+        });
+        for state in novacron_types::VmState::ALL {
+            m.vms
+                .get_or_create(&crate::metrics::StateLabels {
+                    state: state.as_str().to_string(),
+                })
+                .set(counts.get(&state).copied().unwrap_or(0));
+        }
+        let r = self.inner.state.metrics();
+        m.raft_term.set(r.term as i64);
+        m.raft_last_log_index.set(r.last_log_index as i64);
+        m.raft_applied_index.set(r.applied_index as i64);
+        m.raft_is_leader.set(i64::from(r.role == "leader"));
+    }
+}

@@ -1,0 +1,577 @@
+//! VMs: create, read, delete, power actions, disk snapshots, console, and keeping the recorded
+//! observed state in line with what the hypervisor reports.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use novacron_hypervisor::{RuntimeSpec, StateChange};
+use novacron_state::CommandV1;
+use novacron_types::{
+    ApiError, CreateVmRequest, DiskSpec, Image, KernelBoot, Operation, PowerState, Vm, VmId,
+    VmSnapshot, VmSpec, VmState, now_millis, validate,
+};
+
+use super::{Service, hv_error};
+use crate::auth::Principal;
+
+/// The power actions of `POST /api/v1/vms/{id}/actions/{action}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmAction {
+    Start,
+    Stop,
+    ForceStop,
+    Reboot,
+    Pause,
+    Resume,
+}
+
+impl VmAction {
+    pub fn parse(s: &str) -> Result<Self, ApiError> {
+        Ok(match s {
+            "start" => Self::Start,
+            "stop" => Self::Stop,
+            "force-stop" => Self::ForceStop,
+            "reboot" => Self::Reboot,
+            "pause" => Self::Pause,
+            "resume" => Self::Resume,
+            other => {
+                return Err(ApiError::not_found(
+                    "action",
+                    format!("{other}' (known: start, stop, force-stop, reboot, pause, resume)"),
+                ));
+            }
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Stop => "stop",
+            Self::ForceStop => "force-stop",
+            Self::Reboot => "reboot",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+        }
+    }
+
+    /// Whether the action makes sense in `state`; the 409 message otherwise.
+    fn allowed(self, state: VmState) -> Result<(), String> {
+        use VmState::*;
+        let ok = match self {
+            Self::Start => matches!(state, Stopped | Crashed),
+            Self::Stop | Self::ForceStop => {
+                matches!(state, Starting | Running | Paused | Stopping | Unknown)
+            }
+            Self::Reboot | Self::Pause => state == Running,
+            Self::Resume => state == Paused,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "cannot {} a VM that is {}",
+                self.as_str(),
+                state.as_str()
+            ))
+        }
+    }
+}
+
+/// A piece of the serial console log.
+pub struct ConsoleChunk {
+    pub data: Vec<u8>,
+    /// Offset of the first byte of `data` in the log.
+    pub offset: u64,
+    /// Offset just past `data`: pass it back to continue.
+    pub next_offset: u64,
+}
+
+fn vm_path(id: VmId) -> String {
+    format!("/api/v1/vms/{id}")
+}
+
+impl Service {
+    /// Finds a VM by ID or name.
+    pub fn find_vm(&self, key: &str) -> Result<Vm, ApiError> {
+        let found = self.inner.state.read(|s| match key.parse::<VmId>() {
+            Ok(id) => s.vms.get(&id).cloned(),
+            Err(_) => s.vm_by_name(key).cloned(),
+        });
+        found.ok_or_else(|| ApiError::not_found("VM", key))
+    }
+
+    pub async fn get_vm(&self, key: &str) -> Result<Vm, ApiError> {
+        self.inner.state.read_linearizable(|_| ()).await?;
+        self.find_vm(key)
+    }
+
+    pub async fn list_vms(&self) -> Result<Vec<Vm>, ApiError> {
+        let mut vms = self
+            .inner
+            .state
+            .read_linearizable(|s| s.vms.values().cloned().collect::<Vec<_>>())
+            .await?;
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(vms)
+    }
+
+    fn find_image(&self, key: &str) -> Option<Image> {
+        self.inner.state.read(|s| match key.parse() {
+            Ok(id) => s.images.get(&id).cloned(),
+            Err(_) => s.image_by_name(key).cloned(),
+        })
+    }
+
+    fn runtime_spec(&self, vm: &Vm) -> Result<RuntimeSpec, ApiError> {
+        let image = self
+            .inner
+            .state
+            .read(|s| s.images.get(&vm.spec.image).cloned())
+            .ok_or_else(|| {
+                ApiError::internal(format!(
+                    "image {} of VM '{}' is gone",
+                    vm.spec.image, vm.name
+                ))
+            })?;
+        Ok(RuntimeSpec {
+            id: vm.id,
+            name: vm.name.clone(),
+            vcpus: vm.spec.vcpus,
+            memory_mib: vm.spec.memory_mib,
+            base_image: PathBuf::from(&image.path),
+            base_format: image.format,
+            extra_disks_mib: vm.spec.disks.iter().skip(1).map(|d| d.size_mib).collect(),
+            boot: vm.spec.boot.clone().or(image.boot.clone()),
+        })
+    }
+
+    pub async fn create_vm(&self, req: CreateVmRequest, _who: &Principal) -> Result<Vm, ApiError> {
+        validate::create_vm(&req)?;
+        let image = self.find_image(&req.image).ok_or_else(|| {
+            ApiError::invalid("image", format!("image '{}' not found", req.image))
+        })?;
+        if self.inner.state.read(|s| s.vm_by_name(&req.name).is_some()) {
+            return Err(ApiError::conflict(format!(
+                "a VM named '{}' already exists",
+                req.name
+            )));
+        }
+        let mut disks = vec![DiskSpec {
+            name: "root".into(),
+            size_mib: image.virtual_size.div_ceil(1 << 20),
+        }];
+        disks.extend(req.disks.iter().enumerate().map(|(i, d)| DiskSpec {
+            name: format!("disk{}", i + 1),
+            size_mib: d.size_mib,
+        }));
+        let now = now_millis();
+        let vm = Vm {
+            id: VmId::new_random(),
+            name: req.name.clone(),
+            state: VmState::Stopped,
+            state_reason: None,
+            desired: PowerState::Stopped,
+            node: self.inner.node,
+            spec: VmSpec {
+                name: req.name,
+                image: image.id,
+                vcpus: req.vcpus,
+                memory_mib: req.memory_mib,
+                disks,
+                boot: req.boot,
+            },
+            snapshots: Vec::new(),
+            created_at: now,
+            updated_at: now,
+        };
+        let spec = self.runtime_spec(&vm)?;
+        self.inner.hv.define(&spec).await.map_err(hv_error)?;
+        if let Err(e) = self
+            .inner
+            .state
+            .propose(CommandV1::CreateVm { vm: vm.clone() })
+            .await
+        {
+            // Lost a race for the name (or Raft failed): leave no disks behind.
+            let _ = self.inner.hv.undefine(vm.id).await;
+            return Err(e);
+        }
+        Ok(vm)
+    }
+
+    pub async fn delete_vm(&self, key: &str, _who: &Principal) -> Result<(), ApiError> {
+        let vm = self.get_vm(key).await?;
+        let _guard = self.lock_vm(vm.id, &vm.name)?;
+        let observed = self.inner.hv.observe(vm.id).await;
+        if observed.has_process() || vm.state.has_process() {
+            return Err(ApiError::conflict(format!(
+                "VM '{}' is {}; stop it before deleting it",
+                vm.name,
+                observed.as_str()
+            )));
+        }
+        self.inner
+            .state
+            .propose(CommandV1::DeleteVm { id: vm.id })
+            .await?;
+        if let Err(e) = self.inner.hv.undefine(vm.id).await {
+            tracing::warn!(vm = %vm.id, "VM deleted but its files remain: {e}");
+        }
+        Ok(())
+    }
+
+    /// Starts a power action as an operation.
+    pub async fn vm_action(
+        &self,
+        key: &str,
+        action: VmAction,
+        who: &Principal,
+    ) -> Result<Operation, ApiError> {
+        let vm = self.get_vm(key).await?;
+        if vm.node != self.inner.node {
+            return Err(ApiError::unavailable(format!(
+                "VM '{}' is on node {}; send the request there",
+                vm.name, vm.node
+            )));
+        }
+        action.allowed(vm.state).map_err(ApiError::conflict)?;
+        let guard = self.lock_vm(vm.id, &vm.name)?;
+        let svc = self.clone();
+        let kind = format!("vm.{}", action.as_str());
+        self.spawn_operation(&kind, vec![vm_path(vm.id)], who, move |ctx| async move {
+            let _guard = guard;
+            ctx.progress(10, format!("{} in progress", action.as_str()))
+                .await;
+            svc.run_action(&vm, action).await
+        })
+        .await
+    }
+
+    async fn run_action(&self, vm: &Vm, action: VmAction) -> Result<(), ApiError> {
+        let hv = &self.inner.hv;
+        let desired = match action {
+            VmAction::Start | VmAction::Resume | VmAction::Reboot => PowerState::Running,
+            VmAction::Stop | VmAction::ForceStop => PowerState::Stopped,
+            VmAction::Pause => PowerState::Paused,
+        };
+        self.inner
+            .state
+            .propose(CommandV1::SetVmDesired {
+                id: vm.id,
+                desired,
+                at: now_millis(),
+            })
+            .await?;
+        let result = match action {
+            VmAction::Start => {
+                let spec = self.runtime_spec(vm)?;
+                self.record_observed(vm.id, VmState::Starting, None).await;
+                let started = Instant::now();
+                let r = hv.start(&spec).await;
+                if r.is_ok() {
+                    self.inner
+                        .metrics
+                        .qemu_start_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                }
+                r
+            }
+            VmAction::Stop => {
+                self.record_observed(vm.id, VmState::Stopping, None).await;
+                hv.shutdown(vm.id, self.inner.settings.shutdown_timeout)
+                    .await
+            }
+            VmAction::ForceStop => hv.force_stop(vm.id).await,
+            VmAction::Reboot => hv.reboot(vm.id).await,
+            VmAction::Pause => hv.pause(vm.id).await,
+            VmAction::Resume => hv.resume(vm.id).await,
+        };
+        // Whatever happened, record what QEMU says now.
+        self.sync_observed(vm.id, None).await;
+        result.map_err(hv_error)
+    }
+
+    /// Records an observed state if it differs from the stored one.
+    async fn record_observed(&self, id: VmId, state: VmState, reason: Option<String>) {
+        let stored = self
+            .inner
+            .state
+            .read(|s| s.vms.get(&id).map(|v| (v.state, v.state_reason.clone())));
+        match stored {
+            None => {}
+            Some((s, r)) if s == state && r == reason => {}
+            Some(_) => {
+                let cmd = CommandV1::RecordVmObserved {
+                    id,
+                    state,
+                    reason,
+                    at: now_millis(),
+                };
+                if let Err(e) = self.inner.state.propose(cmd).await {
+                    tracing::warn!(vm = %id, "recording observed state: {e}");
+                }
+            }
+        }
+    }
+
+    /// Records what the hypervisor reports now.
+    async fn sync_observed(&self, id: VmId, reason: Option<String>) {
+        let state = self.inner.hv.observe(id).await;
+        let stored = self
+            .inner
+            .state
+            .read(|s| s.vms.get(&id).map(|v| (v.state, v.state_reason.clone())));
+        // A process that ended leaves no trace in the driver: keep a recorded crash (and its
+        // reason) rather than overwrite it with a plain "stopped".
+        if let Some((VmState::Crashed, _)) = stored {
+            if state == VmState::Stopped {
+                return;
+            }
+        }
+        self.record_observed(id, state, reason).await;
+    }
+
+    /// Applies one change reported by the hypervisor (run by the observer task).
+    pub async fn on_state_change(&self, change: StateChange) {
+        let ours = self
+            .inner
+            .state
+            .read(|s| s.vms.get(&change.id).map(|v| v.node == self.inner.node));
+        if ours != Some(true) {
+            return;
+        }
+        match change.state {
+            // Terminal states come from the process ending: the driver has no process to ask.
+            VmState::Stopped | VmState::Crashed => {
+                self.record_observed(change.id, change.state, change.reason)
+                    .await
+            }
+            _ => self.sync_observed(change.id, change.reason).await,
+        }
+    }
+
+    /// After a restart: re-adopt every VM of this host whose QEMU still runs, and record the
+    /// ones whose QEMU disappeared while `novacron` was down.
+    pub async fn readopt_vms(&self) {
+        let vms: Vec<Vm> = self.inner.state.read(|s| {
+            s.vms
+                .values()
+                .filter(|v| v.node == self.inner.node)
+                .cloned()
+                .collect()
+        });
+        for vm in vms {
+            let spec = match self.runtime_spec(&vm) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(vm = %vm.id, "cannot re-adopt: {e}");
+                    continue;
+                }
+            };
+            match self.inner.hv.adopt(&spec).await {
+                Ok(VmState::Stopped) if vm.state.has_process() => {
+                    self.record_observed(
+                        vm.id,
+                        VmState::Crashed,
+                        Some("QEMU exited while novacron was not running".into()),
+                    )
+                    .await
+                }
+                Ok(VmState::Stopped) => {}
+                Ok(state) => self.record_observed(vm.id, state, None).await,
+                Err(e) => {
+                    self.record_observed(
+                        vm.id,
+                        VmState::Unknown,
+                        Some(format!("re-adoption failed: {e}")),
+                    )
+                    .await
+                }
+            }
+        }
+    }
+
+    pub async fn snapshot_vm(
+        &self,
+        key: &str,
+        name: &str,
+        who: &Principal,
+    ) -> Result<Operation, ApiError> {
+        validate::name("name", name)?;
+        let vm = self.get_vm(key).await?;
+        if vm.snapshots.iter().any(|s| s.name == name) {
+            return Err(ApiError::conflict(format!(
+                "VM '{}' already has a snapshot named '{name}'",
+                vm.name
+            )));
+        }
+        self.require_stopped(&vm, "snapshot")?;
+        let guard = self.lock_vm(vm.id, &vm.name)?;
+        let svc = self.clone();
+        let name = name.to_string();
+        self.spawn_operation(
+            "vm.snapshot",
+            vec![vm_path(vm.id)],
+            who,
+            move |_ctx| async move {
+                let _guard = guard;
+                svc.inner
+                    .hv
+                    .snapshot_disks(vm.id, &name)
+                    .await
+                    .map_err(hv_error)?;
+                let snapshot = VmSnapshot {
+                    name: name.clone(),
+                    created_at: now_millis(),
+                };
+                if let Err(e) = svc
+                    .inner
+                    .state
+                    .propose(CommandV1::AddVmSnapshot {
+                        id: vm.id,
+                        snapshot,
+                    })
+                    .await
+                {
+                    let _ = svc.inner.hv.delete_disk_snapshot(vm.id, &name).await;
+                    return Err(e);
+                }
+                Ok(())
+            },
+        )
+        .await
+    }
+
+    pub async fn restore_vm(
+        &self,
+        key: &str,
+        name: &str,
+        who: &Principal,
+    ) -> Result<Operation, ApiError> {
+        let vm = self.get_vm(key).await?;
+        if !vm.snapshots.iter().any(|s| s.name == name) {
+            return Err(ApiError::not_found("snapshot", name));
+        }
+        self.require_stopped(&vm, "restore")?;
+        let guard = self.lock_vm(vm.id, &vm.name)?;
+        let svc = self.clone();
+        let name = name.to_string();
+        self.spawn_operation(
+            "vm.restore",
+            vec![vm_path(vm.id)],
+            who,
+            move |_ctx| async move {
+                let _guard = guard;
+                svc.inner
+                    .hv
+                    .restore_disks(vm.id, &name)
+                    .await
+                    .map_err(hv_error)
+            },
+        )
+        .await
+    }
+
+    pub async fn delete_snapshot(
+        &self,
+        key: &str,
+        name: &str,
+        _who: &Principal,
+    ) -> Result<(), ApiError> {
+        let vm = self.get_vm(key).await?;
+        if !vm.snapshots.iter().any(|s| s.name == name) {
+            return Err(ApiError::not_found("snapshot", name));
+        }
+        self.require_stopped(&vm, "delete a snapshot of")?;
+        let _guard = self.lock_vm(vm.id, &vm.name)?;
+        self.inner
+            .hv
+            .delete_disk_snapshot(vm.id, name)
+            .await
+            .map_err(hv_error)?;
+        self.inner
+            .state
+            .propose(CommandV1::RemoveVmSnapshot {
+                id: vm.id,
+                name: name.to_string(),
+                at: now_millis(),
+            })
+            .await
+    }
+
+    fn require_stopped(&self, vm: &Vm, what: &str) -> Result<(), ApiError> {
+        if vm.state.has_process() {
+            return Err(ApiError::conflict(format!(
+                "cannot {what} VM '{}' while it is {}; stop it first",
+                vm.name,
+                vm.state.as_str()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads the console log from `offset` (or the last `tail` bytes), at most `limit` bytes.
+    pub async fn console(
+        &self,
+        key: &str,
+        offset: Option<u64>,
+        tail: Option<u64>,
+        limit: u64,
+    ) -> Result<ConsoleChunk, ApiError> {
+        let vm = self.get_vm(key).await?;
+        let path = self.inner.hv.console_path(vm.id);
+        read_console(&path, offset, tail, limit).await
+    }
+
+    pub fn console_path(&self, vm: &Vm) -> PathBuf {
+        self.inner.hv.console_path(vm.id)
+    }
+
+    /// The image a VM would boot with (for tests and `vm show`).
+    pub fn effective_boot(&self, vm: &Vm) -> Option<KernelBoot> {
+        self.runtime_spec(vm).ok().and_then(|s| s.boot)
+    }
+}
+
+pub async fn read_console(
+    path: &std::path::Path,
+    offset: Option<u64>,
+    tail: Option<u64>,
+    limit: u64,
+) -> Result<ConsoleChunk, ApiError> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut file = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(ConsoleChunk {
+                data: Vec::new(),
+                offset: 0,
+                next_offset: 0,
+            });
+        }
+        Err(e) => return Err(ApiError::internal(format!("reading console: {e}"))),
+    };
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .len();
+    let start = match (offset, tail) {
+        (Some(o), _) => o.min(len),
+        (None, Some(t)) => len.saturating_sub(t),
+        (None, None) => 0,
+    };
+    let want = (len - start).min(limit);
+    file.seek(std::io::SeekFrom::Start(start))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut data = vec![0u8; want as usize];
+    file.read_exact(&mut data)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(ConsoleChunk {
+        data,
+        offset: start,
+        next_offset: start + want,
+    })
+}

@@ -1,0 +1,767 @@
+//! The client subcommands. Each parses its arguments, calls the API through `novacron-client`,
+//! and prints a table (or JSON with `-o json`). Errors exit non-zero with the server's message.
+
+use std::io::{IsTerminal, Read, Write};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use novacron_client::{Client, encode};
+use novacron_types::{
+    CreateVmRequest, DiskRequest, Image, ImageFormat, ImportImageRequest, KernelBoot, Operation,
+    OperationStatus, Vm,
+};
+
+use crate::config;
+use crate::output::{self, Format};
+use crate::serve::ServeArgs;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "novacron",
+    version,
+    about = "NovaCron: run and manage QEMU virtual machines on a cluster of hosts"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Parser, Debug, Clone)]
+pub struct Global {
+    /// API address, for example http://127.0.0.1:8080.
+    #[arg(long, global = true, env = "NOVACRON_SERVER")]
+    pub server: Option<String>,
+    /// Bearer token (session or API token).
+    #[arg(long, global = true, env = "NOVACRON_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    pub output: Format,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a node.
+    Serve(ServeArgs),
+    /// Log in and remember the server and session in the client config file.
+    Login {
+        #[arg(long, default_value = "admin")]
+        username: String,
+        /// Read the password from standard input instead of NOVACRON_PASSWORD or a prompt.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Operations.
+    #[command(subcommand, name = "op")]
+    Op(OpCommand),
+    /// API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Users (admin only).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Cluster hosts.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Create a VM (its disks are created; it is not started unless --start).
+    Create {
+        name: String,
+        #[arg(long, default_value = "demo")]
+        image: String,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 128)]
+        memory: u64,
+        /// An extra blank disk of this many MiB (repeatable).
+        #[arg(long = "disk")]
+        disks: Vec<u64>,
+        /// Direct kernel boot: kernel path on the host.
+        #[arg(long)]
+        kernel: Option<String>,
+        #[arg(long, requires = "kernel")]
+        initrd: Option<String>,
+        #[arg(long, requires = "kernel")]
+        cmdline: Option<String>,
+        /// Start it right away and wait until it runs.
+        #[arg(long)]
+        start: bool,
+    },
+    List,
+    Show {
+        vm: String,
+    },
+    Start(ActionArgs),
+    Stop(ActionArgs),
+    #[command(name = "force-stop")]
+    ForceStop(ActionArgs),
+    Reboot(ActionArgs),
+    Pause(ActionArgs),
+    Resume(ActionArgs),
+    Delete {
+        vm: String,
+    },
+    /// Print the serial console (and keep following it with --follow).
+    Console {
+        vm: String,
+        /// Only the last N bytes.
+        #[arg(long)]
+        tail: Option<u64>,
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Snapshot the disks of a stopped VM.
+    Snapshot {
+        vm: String,
+        name: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Restore a stopped VM's disks to a snapshot.
+    Restore {
+        vm: String,
+        name: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+#[derive(Parser, Debug)]
+pub struct ActionArgs {
+    pub vm: String,
+    /// Return the operation at once instead of waiting for it.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    List,
+    /// Import a qcow2 or raw file (a path on the server's host) as a named image.
+    Import {
+        name: String,
+        path: String,
+        #[arg(long)]
+        format: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    Delete {
+        image: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OpCommand {
+    List,
+    Show {
+        id: String,
+    },
+    Wait {
+        id: String,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    Create {
+        name: String,
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCommand {
+    Create {
+        username: String,
+        #[arg(long, default_value = "viewer")]
+        role: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    List,
+}
+
+fn client(g: &Global) -> anyhow::Result<Client> {
+    let file = config::load()?;
+    let server = g.server.clone().or(file.server).context(
+        "no server: pass --server, set NOVACRON_SERVER, or run `novacron login --server URL`",
+    )?;
+    Ok(Client::new(&server, g.token.clone().or(file.token)))
+}
+
+fn read_password(prompt: &str, from_stdin: bool) -> anyhow::Result<String> {
+    if !from_stdin {
+        if let Ok(p) = std::env::var("NOVACRON_PASSWORD") {
+            return Ok(p);
+        }
+    }
+    if !from_stdin && std::io::stdin().is_terminal() {
+        eprint!("{prompt}");
+        std::io::stderr().flush().ok();
+    }
+    let mut s = String::new();
+    if from_stdin {
+        std::io::stdin().read_to_string(&mut s)?;
+    } else {
+        std::io::stdin().read_line(&mut s)?;
+    }
+    let p = s.trim_end_matches(['\r', '\n']).to_string();
+    if p.is_empty() {
+        bail!("no password given");
+    }
+    Ok(p)
+}
+
+pub async fn run(g: Global, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(_) => unreachable!("handled in main"),
+        Command::Login {
+            username,
+            password_stdin,
+        } => {
+            let file = config::load()?;
+            let server = g
+                .server
+                .clone()
+                .or(file.server)
+                .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+            let password = read_password(&format!("Password for {username}: "), password_stdin)?;
+            let token = Client::new(&server, None)
+                .login(&username, &password)
+                .await?;
+            let path = config::save(&config::ClientFile {
+                server: Some(server.clone()),
+                token: Some(token),
+            })?;
+            eprintln!(
+                "Logged in to {server} as {username} (saved to {})",
+                path.display()
+            );
+            Ok(())
+        }
+        Command::Vm(c) => vm(&g, c).await,
+        Command::Image(c) => image(&g, c).await,
+        Command::Op(c) => op(&g, c).await,
+        Command::Token(c) => token(&g, c).await,
+        Command::User(c) => user(&g, c).await,
+        Command::Node(NodeCommand::List) => {
+            let c = client(&g)?;
+            let nodes: Vec<serde_json::Value> = c.get("/api/v1/nodes").await?;
+            if g.output == Format::Json {
+                return output::json(&nodes);
+            }
+            let s = |v: &serde_json::Value, k: &str| {
+                v.get(k)
+                    .map(|x| x.to_string().trim_matches('"').to_string())
+                    .unwrap_or_default()
+            };
+            let rows = nodes
+                .iter()
+                .map(|n| {
+                    vec![
+                        s(n, "id"),
+                        s(n, "name"),
+                        s(n, "status"),
+                        n["raft"]["role"].as_str().unwrap_or("").into(),
+                        s(n, "api_address"),
+                        s(n, "accelerator"),
+                        s(n, "qemu_version"),
+                    ]
+                })
+                .collect();
+            output::table(
+                &["ID", "NAME", "STATUS", "RAFT", "API", "ACCEL", "QEMU"],
+                rows,
+            );
+            Ok(())
+        }
+    }
+}
+
+fn vm_rows(vms: &[Vm]) -> Vec<Vec<String>> {
+    vms.iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.state.as_str().to_string(),
+                v.spec.vcpus.to_string(),
+                format!("{} MiB", v.spec.memory_mib),
+                v.node.to_string(),
+                v.id.to_string(),
+                v.state_reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect()
+}
+
+/// Waits for an operation with a spinner on a terminal; fails if the operation failed.
+async fn follow(
+    c: &Client,
+    op: Operation,
+    timeout: Duration,
+    g: &Global,
+) -> anyhow::Result<Operation> {
+    let bar = if std::io::stderr().is_terminal() && g.output == Format::Table {
+        let b = ProgressBar::new(100);
+        b.set_style(
+            ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}%")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b.enable_steady_tick(Duration::from_millis(120));
+        Some(b)
+    } else {
+        None
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let id = op.id.to_string();
+    let mut current = op;
+    while !current.status.is_final() {
+        if let Some(b) = &bar {
+            b.set_position(u64::from(current.progress));
+            b.set_message(format!("{} {}", current.kind, current.message));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            if let Some(b) = &bar {
+                b.abandon();
+            }
+            bail!(
+                "operation {id} is still running after {}s (novacron op wait {id})",
+                timeout.as_secs()
+            );
+        }
+        current = c.wait_operation(&id, 2).await?;
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    match current.status {
+        OperationStatus::Success => Ok(current),
+        _ => {
+            let msg = current
+                .error
+                .as_ref()
+                .map(|e| e.message.clone())
+                .unwrap_or_else(|| current.message.clone());
+            bail!("{} {:?}: {msg}", current.kind, current.status)
+        }
+    }
+}
+
+fn print_op(op: &Operation, g: &Global) -> anyhow::Result<()> {
+    if g.output == Format::Json {
+        return output::json(op);
+    }
+    output::table(
+        &["ID", "KIND", "STATUS", "PROGRESS", "MESSAGE"],
+        vec![vec![
+            op.id.to_string(),
+            op.kind.clone(),
+            format!("{:?}", op.status).to_lowercase(),
+            format!("{}%", op.progress),
+            op.error
+                .as_ref()
+                .map(|e| e.message.clone())
+                .unwrap_or_else(|| op.message.clone()),
+        ]],
+    );
+    Ok(())
+}
+
+async fn action(g: &Global, name: &str, a: ActionArgs) -> anyhow::Result<()> {
+    let c = client(g)?;
+    let op = c.vm_action(&a.vm, name).await?;
+    if a.no_wait {
+        return print_op(&op, g);
+    }
+    let op = follow(&c, op, Duration::from_secs(a.timeout), g).await?;
+    let vm = c.get_vm(&a.vm).await?;
+    if g.output == Format::Json {
+        return output::json(&vm);
+    }
+    eprintln!(
+        "{} {}: done ({}), VM is {}",
+        name,
+        vm.name,
+        op.id,
+        vm.state.as_str()
+    );
+    Ok(())
+}
+
+async fn vm(g: &Global, cmd: VmCommand) -> anyhow::Result<()> {
+    match cmd {
+        VmCommand::Create {
+            name,
+            image,
+            vcpus,
+            memory,
+            disks,
+            kernel,
+            initrd,
+            cmdline,
+            start,
+        } => {
+            let c = client(g)?;
+            let req = CreateVmRequest {
+                name,
+                image,
+                vcpus,
+                memory_mib: memory,
+                disks: disks
+                    .into_iter()
+                    .map(|size_mib| DiskRequest { size_mib })
+                    .collect(),
+                boot: kernel.map(|kernel| KernelBoot {
+                    kernel,
+                    initrd,
+                    cmdline,
+                }),
+            };
+            let vm = c.create_vm(&req).await?;
+            if start {
+                let op = c.vm_action(&vm.id.to_string(), "start").await?;
+                follow(&c, op, Duration::from_secs(600), g).await?;
+            }
+            let vm = c.get_vm(&vm.id.to_string()).await?;
+            if g.output == Format::Json {
+                return output::json(&vm);
+            }
+            output::table(
+                &["NAME", "STATE", "VCPUS", "MEMORY", "NODE", "ID", "REASON"],
+                vm_rows(&[vm]),
+            );
+            Ok(())
+        }
+        VmCommand::List => {
+            let vms = client(g)?.list_vms().await?;
+            if g.output == Format::Json {
+                return output::json(&vms);
+            }
+            output::table(
+                &["NAME", "STATE", "VCPUS", "MEMORY", "NODE", "ID", "REASON"],
+                vm_rows(&vms),
+            );
+            Ok(())
+        }
+        VmCommand::Show { vm } => {
+            let vm = client(g)?.get_vm(&vm).await?;
+            if g.output == Format::Json {
+                return output::json(&vm);
+            }
+            let disks: Vec<String> = vm
+                .spec
+                .disks
+                .iter()
+                .map(|d| format!("{} ({} MiB)", d.name, d.size_mib))
+                .collect();
+            let snaps: Vec<String> = vm.snapshots.iter().map(|s| s.name.clone()).collect();
+            let rows = vec![
+                vec!["name".into(), vm.name.clone()],
+                vec!["id".into(), vm.id.to_string()],
+                vec!["state".into(), vm.state.as_str().into()],
+                vec!["reason".into(), vm.state_reason.clone().unwrap_or_default()],
+                vec!["desired".into(), format!("{:?}", vm.desired).to_lowercase()],
+                vec!["node".into(), vm.node.to_string()],
+                vec!["vcpus".into(), vm.spec.vcpus.to_string()],
+                vec!["memory".into(), format!("{} MiB", vm.spec.memory_mib)],
+                vec!["image".into(), vm.spec.image.to_string()],
+                vec!["disks".into(), disks.join(", ")],
+                vec!["snapshots".into(), snaps.join(", ")],
+                vec!["created".into(), output::millis(vm.created_at)],
+            ];
+            output::table(&["FIELD", "VALUE"], rows);
+            Ok(())
+        }
+        VmCommand::Start(a) => action(g, "start", a).await,
+        VmCommand::Stop(a) => action(g, "stop", a).await,
+        VmCommand::ForceStop(a) => action(g, "force-stop", a).await,
+        VmCommand::Reboot(a) => action(g, "reboot", a).await,
+        VmCommand::Pause(a) => action(g, "pause", a).await,
+        VmCommand::Resume(a) => action(g, "resume", a).await,
+        VmCommand::Delete { vm } => {
+            client(g)?.delete_vm(&vm).await?;
+            eprintln!("deleted VM {vm}");
+            Ok(())
+        }
+        VmCommand::Console { vm, tail, follow } => {
+            let c = client(g)?;
+            let (data, next) = c.console(&vm, None, tail).await?;
+            std::io::stdout().write_all(&data)?;
+            std::io::stdout().flush()?;
+            if follow {
+                follow_console(&c, &vm, next).await?;
+            }
+            Ok(())
+        }
+        VmCommand::Snapshot { vm, name, no_wait } => {
+            let c = client(g)?;
+            let op = c.snapshot_vm(&vm, &name).await?;
+            if no_wait {
+                return print_op(&op, g);
+            }
+            follow(&c, op, Duration::from_secs(600), g).await?;
+            eprintln!("snapshot {name} of {vm} created");
+            Ok(())
+        }
+        VmCommand::Restore { vm, name, no_wait } => {
+            let c = client(g)?;
+            let op = c.restore_vm(&vm, &name).await?;
+            if no_wait {
+                return print_op(&op, g);
+            }
+            follow(&c, op, Duration::from_secs(600), g).await?;
+            eprintln!("{vm} restored to snapshot {name}");
+            Ok(())
+        }
+    }
+}
+
+/// Streams the console over the WebSocket endpoint until Ctrl-C or the server closes it.
+async fn follow_console(c: &Client, vm: &str, offset: u64) -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let ws_base = c.base().replacen("http", "ws", 1);
+    let url = format!(
+        "{ws_base}/api/v1/vms/{}/console/ws?offset={offset}",
+        encode(vm)
+    );
+    let mut req = url.as_str().into_client_request()?;
+    if let Some(t) = c.token() {
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {t}").parse()?);
+    }
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .context("opening the console stream")?;
+    let mut out = std::io::stdout();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Binary(b))) => { out.write_all(&b)?; out.flush()?; }
+                Some(Ok(Message::Text(t))) => { out.write_all(t.as_bytes())?; out.flush()?; }
+                Some(Ok(Message::Close(_))) | None => return Ok(()),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+fn image_rows(images: &[Image]) -> Vec<Vec<String>> {
+    images
+        .iter()
+        .map(|i| {
+            vec![
+                i.name.clone(),
+                i.format.as_str().into(),
+                format!("{} MiB", i.virtual_size / (1 << 20)),
+                if i.boot.is_some() {
+                    "kernel".into()
+                } else {
+                    "disk".into()
+                },
+                i.id.to_string(),
+                i.description.clone(),
+            ]
+        })
+        .collect()
+}
+
+async fn image(g: &Global, cmd: ImageCommand) -> anyhow::Result<()> {
+    let c = client(g)?;
+    match cmd {
+        ImageCommand::List => {
+            let images = c.list_images().await?;
+            if g.output == Format::Json {
+                return output::json(&images);
+            }
+            output::table(
+                &["NAME", "FORMAT", "SIZE", "BOOT", "ID", "DESCRIPTION"],
+                image_rows(&images),
+            );
+            Ok(())
+        }
+        ImageCommand::Import {
+            name,
+            path,
+            format,
+            description,
+            no_wait,
+        } => {
+            let format = match format.as_deref() {
+                None => None,
+                Some("qcow2") => Some(ImageFormat::Qcow2),
+                Some("raw") => Some(ImageFormat::Raw),
+                Some(other) => bail!("--format must be qcow2 or raw (got '{other}')"),
+            };
+            let path = std::path::absolute(&path)
+                .map(|p| p.display().to_string())
+                .unwrap_or(path);
+            let req = ImportImageRequest {
+                name: name.clone(),
+                source_path: path,
+                format,
+                description,
+                boot: None,
+            };
+            let op = c.import_image(&req).await?;
+            if no_wait {
+                return print_op(&op, g);
+            }
+            follow(&c, op, Duration::from_secs(3600), g).await?;
+            eprintln!("imported image {name}");
+            Ok(())
+        }
+        ImageCommand::Delete { image } => {
+            c.delete(&format!("/api/v1/images/{}", encode(&image)))
+                .await?;
+            eprintln!("deleted image {image}");
+            Ok(())
+        }
+    }
+}
+
+async fn op(g: &Global, cmd: OpCommand) -> anyhow::Result<()> {
+    let c = client(g)?;
+    match cmd {
+        OpCommand::List => {
+            let ops: Vec<Operation> = c.get("/api/v1/operations").await?;
+            if g.output == Format::Json {
+                return output::json(&ops);
+            }
+            let rows = ops
+                .iter()
+                .map(|o| {
+                    vec![
+                        o.id.to_string(),
+                        o.kind.clone(),
+                        format!("{:?}", o.status).to_lowercase(),
+                        output::millis(o.created_at),
+                        o.error
+                            .as_ref()
+                            .map(|e| e.message.clone())
+                            .unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            output::table(&["ID", "KIND", "STATUS", "CREATED", "ERROR"], rows);
+            Ok(())
+        }
+        OpCommand::Show { id } => print_op(&c.get_operation(&id).await?, g),
+        OpCommand::Wait { id, timeout } => {
+            let op = c.get_operation(&id).await?;
+            let op = follow(&c, op, Duration::from_secs(timeout), g).await?;
+            print_op(&op, g)
+        }
+    }
+}
+
+async fn token(g: &Global, cmd: TokenCommand) -> anyhow::Result<()> {
+    let c = client(g)?;
+    match cmd {
+        TokenCommand::Create {
+            name,
+            role,
+            expires_in_days,
+        } => {
+            let body =
+                serde_json::json!({"name": name, "role": role, "expires_in_days": expires_in_days});
+            let created: serde_json::Value = c.post("/api/v1/tokens", &body).await?;
+            if g.output == Format::Json {
+                return output::json(&created);
+            }
+            println!("{}", created["token"].as_str().unwrap_or_default());
+            eprintln!("(the token is shown once; store it now)");
+            Ok(())
+        }
+        TokenCommand::List => {
+            let tokens: Vec<serde_json::Value> = c.get("/api/v1/tokens").await?;
+            if g.output == Format::Json {
+                return output::json(&tokens);
+            }
+            let s = |v: &serde_json::Value| v.to_string().trim_matches('"').to_string();
+            let rows = tokens
+                .iter()
+                .map(|t| vec![s(&t["id"]), s(&t["name"]), s(&t["role"]), s(&t["revoked"])])
+                .collect();
+            output::table(&["ID", "NAME", "ROLE", "REVOKED"], rows);
+            Ok(())
+        }
+        TokenCommand::Revoke { id } => {
+            c.delete(&format!("/api/v1/tokens/{}", encode(&id))).await?;
+            eprintln!("revoked token {id}");
+            Ok(())
+        }
+    }
+}
+
+async fn user(g: &Global, cmd: UserCommand) -> anyhow::Result<()> {
+    let c = client(g)?;
+    match cmd {
+        UserCommand::Create {
+            username,
+            role,
+            password_stdin,
+        } => {
+            let password = read_password(&format!("Password for {username}: "), password_stdin)?;
+            let body =
+                serde_json::json!({"username": username, "password": password, "role": role});
+            let user: serde_json::Value = c.post("/api/v1/users", &body).await?;
+            if g.output == Format::Json {
+                return output::json(&user);
+            }
+            eprintln!("created user {username} ({role})");
+            Ok(())
+        }
+        UserCommand::List => {
+            let users: Vec<serde_json::Value> = c.get("/api/v1/users").await?;
+            if g.output == Format::Json {
+                return output::json(&users);
+            }
+            let s = |v: &serde_json::Value| v.to_string().trim_matches('"').to_string();
+            let rows = users
+                .iter()
+                .map(|u| vec![s(&u["username"]), s(&u["role"]), s(&u["id"])])
+                .collect();
+            output::table(&["USERNAME", "ROLE", "ID"], rows);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! `novacron serve`: flags, environment and an optional TOML file, merged in that order of
+//! precedence, into a node configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use serde::Deserialize;
+
+use novacron_hypervisor::accel::AccelSetting;
+use novacron_server::node::{self, NodeConfig};
+use novacron_server::service::ServiceSettings;
+use novacron_state::RaftSettings;
+use novacron_types::NodeId;
+
+#[derive(Parser, Debug, Clone)]
+pub struct ServeArgs {
+    /// Where the node keeps its state, VM disks and images.
+    #[arg(long, env = "NOVACRON_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the API (port 0 picks a free port; the chosen one is printed).
+    #[arg(long, env = "NOVACRON_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// A TOML file with the same settings (flags and environment win).
+    #[arg(long, env = "NOVACRON_CONFIG_FILE")]
+    pub config: Option<PathBuf>,
+    /// kvm, tcg or auto (auto boots a probe guest under KVM before trusting it).
+    #[arg(long, env = "NOVACRON_ACCEL")]
+    pub accel: Option<String>,
+    #[arg(long, env = "NOVACRON_QEMU")]
+    pub qemu: Option<String>,
+    /// Directory of the demo image (built by scripts/build-demo-image.sh).
+    #[arg(long, env = "NOVACRON_DEMO_IMAGE")]
+    pub demo_image: Option<PathBuf>,
+    #[arg(long, env = "NOVACRON_NODE_ID")]
+    pub node_id: Option<u64>,
+    #[arg(long, env = "NOVACRON_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Seconds a graceful stop waits for the guest before forcing it off.
+    #[arg(long, env = "NOVACRON_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<u64>,
+    /// Raft: build a snapshot after this many log entries.
+    #[arg(long, env = "NOVACRON_SNAPSHOT_EVERY")]
+    pub snapshot_every: Option<u64>,
+    /// Log filter (tracing's EnvFilter syntax); RUST_LOG also works.
+    #[arg(long, env = "NOVACRON_LOG", default_value = "info")]
+    pub log: String,
+    /// Logs as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct ServeFile {
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    accel: Option<String>,
+    qemu: Option<String>,
+    demo_image: Option<PathBuf>,
+    node_id: Option<u64>,
+    node_name: Option<String>,
+    shutdown_timeout: Option<u64>,
+    snapshot_every: Option<u64>,
+}
+
+fn config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
+    let file: ServeFile = match &args.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => ServeFile::default(),
+    };
+    let accel: AccelSetting = args
+        .accel
+        .or(file.accel)
+        .unwrap_or_else(|| "auto".into())
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let node_id = args.node_id.or(file.node_id).unwrap_or(1);
+    if node_id == 0 {
+        anyhow::bail!("--node-id must be at least 1");
+    }
+    let mut raft = RaftSettings::default();
+    if let Some(n) = args.snapshot_every.or(file.snapshot_every) {
+        if n == 0 {
+            anyhow::bail!("--snapshot-every must be at least 1");
+        }
+        raft.snapshot_every = n;
+    }
+    let mut service = ServiceSettings::default();
+    if let Some(s) = args.shutdown_timeout.or(file.shutdown_timeout) {
+        service.shutdown_timeout = Duration::from_secs(s);
+    }
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from(".novacron/data"));
+    let data_dir = std::path::absolute(&data_dir).unwrap_or(data_dir);
+    Ok(NodeConfig {
+        data_dir,
+        listen: args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+        node_id: NodeId(node_id),
+        node_name: args
+            .node_name
+            .or(file.node_name)
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+            })
+            .unwrap_or_else(|| format!("node-{node_id}")),
+        accel,
+        qemu_binary: args
+            .qemu
+            .or(file.qemu)
+            .unwrap_or_else(|| "qemu-system-x86_64".into()),
+        demo_image: args.demo_image.or(file.demo_image),
+        admin_password: std::env::var("NOVACRON_ADMIN_PASSWORD")
+            .ok()
+            .filter(|p| !p.is_empty()),
+        raft,
+        service,
+    })
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log))
+        .context("bad --log filter")?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let cfg = config(args)?;
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down; VMs keep running and are re-adopted on the next start");
+    };
+    node::run(cfg, shutdown).await?;
+    Ok(())
+}

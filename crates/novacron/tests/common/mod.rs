@@ -1,0 +1,233 @@
+//! Test harness: real `novacron serve` processes on free loopback ports with temporary data dirs.
+//! Dropping a [`Node`] kills the process and every QEMU it started (they run in their own process
+//! groups and would otherwise outlive the test).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use novacron_client::Client;
+use novacron_types::{CreateVmRequest, Vm, VmState};
+
+pub const ADMIN_PASSWORD: &str = "test-admin-password";
+
+pub fn demo_dir() -> PathBuf {
+    std::env::var_os("NOVACRON_DEMO_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.novacron/demo-image")
+        })
+}
+
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    child: Option<Child>,
+    pub stdout_lines: Vec<String>,
+}
+
+impl Node {
+    pub fn start() -> Node {
+        let dir = tempfile::Builder::new()
+            .prefix("nc")
+            .tempdir()
+            .expect("tempdir");
+        Self::start_in(dir, "127.0.0.1:0")
+    }
+
+    fn start_in(dir: tempfile::TempDir, listen: &str) -> Node {
+        let demo = demo_dir();
+        assert!(
+            demo.join("image.json").exists(),
+            "demo image missing at {}: run scripts/build-demo-image.sh (scripts/test.sh does)",
+            demo.display()
+        );
+        let mut child = Command::new(env!("CARGO_BIN_EXE_novacron"))
+            .args([
+                "serve",
+                "--accel",
+                "tcg",
+                "--listen",
+                listen,
+                "--shutdown-timeout",
+                "20",
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--demo-image")
+            .arg(&demo)
+            .env("NOVACRON_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env("NOVACRON_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn novacron");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut lines = Vec::new();
+        let url = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("novacron did not report its address; output: {lines:?}")
+            });
+            lines.push(line.clone());
+            if let Some(rest) = line.split(" listening on ").nth(1) {
+                break rest.split_whitespace().next().expect("url").to_string();
+            }
+        };
+        Node {
+            dir,
+            url,
+            child: Some(child),
+            stdout_lines: lines,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Kills `novacron` (SIGKILL, like a crash) and starts it again on the same data dir and port.
+    pub fn restart(mut self) -> Node {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+        let listen = self.url.trim_start_matches("http://").to_string();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("placeholder"));
+        // `self` drops here with a placeholder dir and no child: nothing of the real node is killed.
+        Self::start_in(dir, &listen)
+    }
+
+    pub async fn admin(&self) -> Client {
+        let c = Client::new(&self.url, None);
+        let token = c.login("admin", ADMIN_PASSWORD).await.expect("login");
+        c.with_token(token)
+    }
+
+    /// PIDs of QEMU processes this node started (from pidfiles).
+    pub fn qemu_pids(&self) -> Vec<i32> {
+        qemu_pids(&self.data_dir().join("vms"))
+    }
+}
+
+pub fn qemu_pids(vms: &Path) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir(vms).into_iter().flatten().flatten() {
+        if let Some(pid) = std::fs::read_to_string(entry.path().join("qemu.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pid in qemu_pids(&self.data_dir().join("vms")) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+pub fn demo_vm(name: &str) -> CreateVmRequest {
+    CreateVmRequest {
+        name: name.into(),
+        image: "demo".into(),
+        vcpus: 1,
+        memory_mib: 128,
+        disks: vec![],
+        boot: None,
+    }
+}
+
+/// Polls the VM until `pred` holds, or panics after `timeout`.
+pub async fn wait_vm(
+    c: &Client,
+    vm: &str,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&Vm) -> bool,
+) -> Vm {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = c.get_vm(vm).await.expect("get vm");
+        if pred(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM {vm} not {what} after {timeout:?}: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub async fn wait_state(c: &Client, vm: &str, state: VmState, timeout: Duration) -> Vm {
+    wait_vm(c, vm, timeout, state.as_str(), |v| v.state == state).await
+}
+
+pub async fn console_text(c: &Client, vm: &str) -> String {
+    let (bytes, _) = c.console(vm, Some(0), None).await.expect("console");
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Waits until the console contains `needle` `count` times.
+pub async fn wait_console(
+    c: &Client,
+    vm: &str,
+    needle: &str,
+    count: usize,
+    timeout: Duration,
+) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = console_text(c, vm).await;
+        if text.matches(needle).count() >= count {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "console of {vm} lacks {count}x {needle:?} after {timeout:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The highest `tick N` on the console since the last READY line (the current boot).
+pub fn last_tick(text: &str) -> u64 {
+    let boot = text
+        .rsplit("NOVACRON-DEMO-GUEST READY")
+        .next()
+        .unwrap_or("");
+    boot.lines()
+        .filter_map(|l| l.trim().strip_prefix("tick "))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
