@@ -63,30 +63,20 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let msg = inner.to_string();
-        // For a missing or unknown field serde reports the parent's path; name the field itself.
-        let named = msg
-            .split('`')
-            .nth(1)
-            .filter(|_| msg.starts_with("missing field") || msg.starts_with("unknown field"))
-            .map(|f| {
-                if path == "." {
-                    f.to_string()
-                } else {
-                    format!("{path}.{f}")
-                }
-            });
-        let field = named.unwrap_or_else(|| {
-            if path == "." {
-                "body".to_string()
-            } else {
-                path
-            }
-        });
-        let msg = if inner.is_syntax() || inner.is_eof() {
-            format!("the body is not valid JSON: {msg}")
-        } else {
-            format!("{field}: {msg}")
+        let syntax = inner.is_syntax() || inner.is_eof();
+        // For a missing field serde reports the parent's path; name the field itself. (For an
+        // unknown field the path already ends with it.)
+        let missing = msg
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next())
+            .map(|f| if path == "." { f.to_string() } else { format!("{path}.{f}") });
+        let field = match missing {
+            _ if syntax || path == "?" => "body".to_string(),
+            Some(f) => f,
+            None if path == "." => "body".to_string(),
+            None => path,
         };
+        let msg = if syntax { format!("the body is not valid JSON: {msg}") } else { format!("{field}: {msg}") };
         ApiError::invalid(field, msg)
     })
 }
