@@ -226,10 +226,8 @@ fn client(g: &Global) -> anyhow::Result<Client> {
 }
 
 fn read_password(prompt: &str, from_stdin: bool) -> anyhow::Result<String> {
-    if !from_stdin {
-        if let Ok(p) = std::env::var("NOVACRON_PASSWORD") {
-            return Ok(p);
-        }
+    if !from_stdin && let Ok(p) = std::env::var("NOVACRON_PASSWORD") {
+        return Ok(p);
     }
     if !from_stdin && std::io::stdin().is_terminal() {
         eprint!("{prompt}");

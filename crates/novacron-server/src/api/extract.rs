@@ -69,14 +69,24 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let missing = msg
             .strip_prefix("missing field `")
             .and_then(|rest| rest.split('`').next())
-            .map(|f| if path == "." { f.to_string() } else { format!("{path}.{f}") });
+            .map(|f| {
+                if path == "." {
+                    f.to_string()
+                } else {
+                    format!("{path}.{f}")
+                }
+            });
         let field = match missing {
             _ if syntax || path == "?" => "body".to_string(),
             Some(f) => f,
             None if path == "." => "body".to_string(),
             None => path,
         };
-        let msg = if syntax { format!("the body is not valid JSON: {msg}") } else { format!("{field}: {msg}") };
+        let msg = if syntax {
+            format!("the body is not valid JSON: {msg}")
+        } else {
+            format!("{field}: {msg}")
+        };
         ApiError::invalid(field, msg)
     })
 }

@@ -116,17 +116,17 @@ impl Service {
                 "the image has a backing file; import a standalone image (qemu-img convert it first)",
             ));
         }
-        if let Some(f) = req.format {
-            if f != detected {
-                return Err(ApiError::invalid(
-                    "format",
-                    format!(
-                        "format is '{}' but the file is '{}'",
-                        f.as_str(),
-                        detected.as_str()
-                    ),
-                ));
-            }
+        if let Some(f) = req.format
+            && f != detected
+        {
+            return Err(ApiError::invalid(
+                "format",
+                format!(
+                    "format is '{}' but the file is '{}'",
+                    f.as_str(),
+                    detected.as_str()
+                ),
+            ));
         }
         let id = ImageId::new_random();
         let dest = self

@@ -323,10 +323,10 @@ impl Service {
             .read(|s| s.vms.get(&id).map(|v| (v.state, v.state_reason.clone())));
         // A process that ended leaves no trace in the driver: keep a recorded crash (and its
         // reason) rather than overwrite it with a plain "stopped".
-        if let Some((VmState::Crashed, _)) = stored {
-            if state == VmState::Stopped {
-                return;
-            }
+        if let Some((VmState::Crashed, _)) = stored
+            && state == VmState::Stopped
+        {
+            return;
         }
         self.record_observed(id, state, reason).await;
     }
