@@ -225,6 +225,40 @@ impl StateHandle {
         }
     }
 
+    /// Replicates several commands as one batch (one log append, one fsync) and returns each
+    /// one's result, in order. Each command applies or is rejected on its own.
+    pub async fn propose_many(
+        &self,
+        cmds: Vec<CommandV1>,
+    ) -> Result<Vec<Result<(), ApiError>>, ApiError> {
+        use futures::StreamExt;
+        let n = cmds.len();
+        let mut results = self
+            .raft
+            .client_write_many(cmds.into_iter().map(Command::V1))
+            .await
+            .map_err(|e| ApiError::unavailable(format!("replicating the change failed: {e}")))?;
+        let mut out = Vec::with_capacity(n);
+        while let Some(r) = results.next().await {
+            out.push(match r {
+                Ok(Ok(w)) => w.response.into_result(),
+                Ok(Err(ClientWriteError::ForwardToLeader(f))) => Err(ApiError::unavailable(
+                    format!("this node is not the leader (leader: {:?})", f.leader_id),
+                )),
+                Ok(Err(e)) => Err(ApiError::unavailable(format!(
+                    "replicating the change failed: {e}"
+                ))),
+                Err(fatal) => Err(ApiError::unavailable(format!("Raft stopped: {fatal}"))),
+            });
+        }
+        if out.len() != n {
+            return Err(ApiError::unavailable(
+                "Raft stopped before answering every command",
+            ));
+        }
+        Ok(out)
+    }
+
     /// Reads the locally applied state (may be stale on a follower).
     pub fn read<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> T {
         self.sm.read(|a| f(&a.state))

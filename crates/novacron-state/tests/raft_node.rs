@@ -81,9 +81,18 @@ async fn snapshots_purge_the_log_and_restart_recovers_state() {
     state.shutdown().await;
     drop(state);
 
-    let state = StateHandle::open(dir.path(), node, addr, &settings())
-        .await
-        .expect("reopen");
+    // Raft's tasks release the database shortly after shutdown returns.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let state = loop {
+        match StateHandle::open(dir.path(), node, addr.clone(), &settings()).await {
+            Ok(s) => break s,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("reopen: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    };
     state
         .wait_ready(Duration::from_secs(10))
         .await

@@ -122,7 +122,14 @@ fn config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
             .qemu
             .or(file.qemu)
             .unwrap_or_else(|| "qemu-system-x86_64".into()),
-        demo_image: args.demo_image.or(file.demo_image),
+        // Set-up builds the demo image here; a node started from the checkout registers it.
+        demo_image: args.demo_image.or(file.demo_image).or_else(|| {
+            let default = PathBuf::from(".novacron/demo-image");
+            default
+                .join("image.json")
+                .exists()
+                .then(|| std::path::absolute(&default).unwrap_or(default))
+        }),
         admin_password: std::env::var("NOVACRON_ADMIN_PASSWORD")
             .ok()
             .filter(|p| !p.is_empty()),

@@ -146,24 +146,30 @@ impl Service {
         };
         let svc = self.clone();
         let resources = vec![format!("/api/v1/images/{id}")];
-        self.spawn_operation("image.import", resources, who, move |ctx| async move {
-            ctx.progress(5, format!("copying {}", src.display())).await;
-            std::fs::create_dir_all(&svc.inner.images_dir)
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-            disks::import(&src, detected, &dest)
-                .await
-                .map_err(hv_error)?;
-            if let Err(e) = svc
-                .inner
-                .state
-                .propose(CommandV1::CreateImage { image })
-                .await
-            {
-                let _ = std::fs::remove_file(&dest);
-                return Err(e);
-            }
-            Ok(())
-        })
+        self.spawn_operation(
+            "image.import",
+            resources,
+            who,
+            vec![],
+            move |ctx| async move {
+                ctx.progress(5, format!("copying {}", src.display())).await;
+                std::fs::create_dir_all(&svc.inner.images_dir)
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                disks::import(&src, detected, &dest)
+                    .await
+                    .map_err(hv_error)?;
+                if let Err(e) = svc
+                    .inner
+                    .state
+                    .propose(CommandV1::CreateImage { image })
+                    .await
+                {
+                    let _ = std::fs::remove_file(&dest);
+                    return Err(e);
+                }
+                Ok(())
+            },
+        )
         .await
     }
 

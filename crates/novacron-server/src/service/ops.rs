@@ -38,12 +38,15 @@ impl OpCtx {
 
 impl Service {
     /// Records a new operation and runs `work` in the background; returns the operation as
-    /// created (status `running`).
+    /// created (status `running`). `first` are commands replicated in the same batch as the
+    /// operation record (for example the new desired state); if one is rejected, the operation is
+    /// recorded as failed and `work` does not run.
     pub async fn spawn_operation<F, Fut>(
         &self,
         kind: &str,
         resources: Vec<String>,
         who: &Principal,
+        first: Vec<CommandV1>,
         work: F,
     ) -> Result<Operation, ApiError>
     where
@@ -64,10 +67,24 @@ impl Service {
             created_at: now,
             updated_at: now,
         };
-        self.inner
-            .state
-            .propose(CommandV1::CreateOperation { op: op.clone() })
-            .await?;
+        let mut batch = first;
+        batch.push(CommandV1::CreateOperation { op: op.clone() });
+        let mut results = self.inner.state.propose_many(batch).await?;
+        results
+            .pop()
+            .unwrap_or_else(|| Err(ApiError::internal("no result for the operation")))?;
+        if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+            let fail = CommandV1::UpdateOperation {
+                id: op.id,
+                status: OperationStatus::Failure,
+                progress: 100,
+                message: e.message.clone(),
+                error: Some(e.clone()),
+                at: now_millis(),
+            };
+            let _ = self.inner.state.propose(fail).await;
+            return Err(e);
+        }
         let ctx = OpCtx {
             service: self.clone(),
             id: op.id,

@@ -238,34 +238,49 @@ impl Service {
         let guard = self.lock_vm(vm.id, &vm.name)?;
         let svc = self.clone();
         let kind = format!("vm.{}", action.as_str());
-        self.spawn_operation(&kind, vec![vm_path(vm.id)], who, move |ctx| async move {
-            let _guard = guard;
-            ctx.progress(10, format!("{} in progress", action.as_str()))
-                .await;
-            svc.run_action(&vm, action).await
-        })
-        .await
-    }
-
-    async fn run_action(&self, vm: &Vm, action: VmAction) -> Result<(), ApiError> {
-        let hv = &self.inner.hv;
+        let now = now_millis();
         let desired = match action {
             VmAction::Start | VmAction::Resume | VmAction::Reboot => PowerState::Running,
             VmAction::Stop | VmAction::ForceStop => PowerState::Stopped,
             VmAction::Pause => PowerState::Paused,
         };
-        self.inner
-            .state
-            .propose(CommandV1::SetVmDesired {
+        // The new desired state and the transitional state go in the operation's own batch.
+        let mut first = vec![CommandV1::SetVmDesired {
+            id: vm.id,
+            desired,
+            at: now,
+        }];
+        let transitional = match action {
+            VmAction::Start => Some(VmState::Starting),
+            VmAction::Stop => Some(VmState::Stopping),
+            _ => None,
+        };
+        if let Some(state) = transitional {
+            first.push(CommandV1::RecordVmObserved {
                 id: vm.id,
-                desired,
-                at: now_millis(),
-            })
-            .await?;
+                state,
+                reason: None,
+                at: now,
+            });
+        }
+        self.spawn_operation(
+            &kind,
+            vec![vm_path(vm.id)],
+            who,
+            first,
+            move |_ctx| async move {
+                let _guard = guard;
+                svc.run_action(&vm, action).await
+            },
+        )
+        .await
+    }
+
+    async fn run_action(&self, vm: &Vm, action: VmAction) -> Result<(), ApiError> {
+        let hv = &self.inner.hv;
         let result = match action {
             VmAction::Start => {
                 let spec = self.runtime_spec(vm)?;
-                self.record_observed(vm.id, VmState::Starting, None).await;
                 let started = Instant::now();
                 let r = hv.start(&spec).await;
                 if r.is_ok() {
@@ -277,7 +292,6 @@ impl Service {
                 r
             }
             VmAction::Stop => {
-                self.record_observed(vm.id, VmState::Stopping, None).await;
                 hv.shutdown(vm.id, self.inner.settings.shutdown_timeout)
                     .await
             }
@@ -413,6 +427,7 @@ impl Service {
             "vm.snapshot",
             vec![vm_path(vm.id)],
             who,
+            vec![],
             move |_ctx| async move {
                 let _guard = guard;
                 svc.inner
@@ -460,6 +475,7 @@ impl Service {
             "vm.restore",
             vec![vm_path(vm.id)],
             who,
+            vec![],
             move |_ctx| async move {
                 let _guard = guard;
                 svc.inner

@@ -1,0 +1,158 @@
+//! The CLI against a real node: login writes the config file, commands print tables or JSON,
+//! errors exit non-zero with the server's message.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use common::*;
+
+struct Cli {
+    server: String,
+    config: std::path::PathBuf,
+}
+
+impl Cli {
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_novacron"))
+            .args(args)
+            .env("NOVACRON_SERVER", &self.server)
+            .env("NOVACRON_CONFIG", &self.config)
+            .env_remove("NOVACRON_TOKEN")
+            .env_remove("NOVACRON_PASSWORD")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cli");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("write");
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output().expect("cli");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.run(args, None);
+        assert_eq!(code, 0, "novacron {args:?} failed: {err}");
+        out
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_logs_in_manages_vms_and_fails_clearly() {
+    let node = Node::start();
+    let cli = Cli {
+        server: node.url.clone(),
+        config: node.dir.path().join("client.toml"),
+    };
+
+    // Without a session every command is refused with the server's reason.
+    let (code, _, err) = cli.run(&["vm", "list"], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("unauthenticated"), "{err}");
+
+    let (code, _, err) = cli.run(&["login", "--password-stdin"], Some("wrong-password\n"));
+    assert_ne!(code, 0);
+    assert!(err.contains("invalid username or password"), "{err}");
+    let (code, _, err) = cli.run(
+        &["login", "--password-stdin"],
+        Some(&format!("{ADMIN_PASSWORD}\n")),
+    );
+    assert_eq!(code, 0, "{err}");
+    let saved = std::fs::read_to_string(&cli.config).expect("config written");
+    assert!(saved.contains("token"), "{saved}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&cli.config)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    let table = cli.ok(&["image", "list"]);
+    assert!(
+        table.lines().next().is_some_and(|h| h.starts_with("NAME")),
+        "{table}"
+    );
+    assert!(table.contains("demo"));
+
+    cli.ok(&[
+        "vm", "create", "cli-vm", "--image", "demo", "--vcpus", "1", "--memory", "96", "--disk",
+        "16",
+    ]);
+    let listed: Value = serde_json::from_str(&cli.ok(&["vm", "list", "-o", "json"])).expect("json");
+    assert_eq!(listed[0]["name"], "cli-vm");
+    assert_eq!(listed[0]["state"], "stopped");
+    assert_eq!(listed[0]["spec"]["memory_mib"], 96);
+    assert_eq!(listed[0]["spec"]["disks"].as_array().map(Vec::len), Some(2));
+
+    // Errors: a non-zero exit and the server's message.
+    let (code, _, err) = cli.run(&["vm", "create", "cli-vm"], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("already exists"), "{err}");
+    let (code, _, err) = cli.run(&["vm", "stop", "cli-vm"], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot stop a VM that is stopped"), "{err}");
+    let (code, _, err) = cli.run(&["vm", "show", "ghost"], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("not found"), "{err}");
+    let (code, _, err) = cli.run(&["vm", "create", "x", "--memory", "lots"], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("invalid value"), "{err}");
+
+    // Start waits for the operation; the op is then visible to `op show`.
+    cli.ok(&["vm", "start", "cli-vm"]);
+    let vm: Value =
+        serde_json::from_str(&cli.ok(&["vm", "show", "cli-vm", "-o", "json"])).expect("json");
+    assert_eq!(vm["state"], "running");
+    let ops: Value = serde_json::from_str(&cli.ok(&["op", "list", "-o", "json"])).expect("json");
+    let id = ops[0]["id"].as_str().expect("op id");
+    let op: Value = serde_json::from_str(&cli.ok(&["op", "show", id, "-o", "json"])).expect("json");
+    assert_eq!(op["status"], "success");
+    cli.ok(&["vm", "force-stop", "cli-vm"]);
+    cli.ok(&["vm", "delete", "cli-vm"]);
+    assert!(cli.ok(&["vm", "list", "-o", "json"]).trim() == "[]");
+
+    // Importing a user's own image from a local file.
+    let raw = node.dir.path().join("mine.raw");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(&raw)
+        .arg("8M")
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+    cli.ok(&["image", "import", "mine", raw.to_str().expect("utf8")]);
+    let images: Value =
+        serde_json::from_str(&cli.ok(&["image", "list", "-o", "json"])).expect("json");
+    let mine = images
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|i| i["name"] == "mine")
+        .expect("imported");
+    assert_eq!(mine["format"], "raw");
+    assert_eq!(mine["virtual_size"], 8 * 1024 * 1024);
+    let stored = std::path::PathBuf::from(mine["path"].as_str().expect("path"));
+    assert!(
+        stored.starts_with(node.data_dir()),
+        "copied into the image store: {stored:?}"
+    );
+    cli.ok(&["vm", "create", "from-mine", "--image", "mine"]);
+}
