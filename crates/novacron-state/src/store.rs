@@ -384,6 +384,18 @@ impl StateMachineStore {
     }
 
     fn persist(&self, applied: &Applied, touched: &[Touched], durable: bool) -> io::Result<()> {
+        self.write_rows(applied, touched, durable, false)
+    }
+
+    /// Writes the touched rows (after clearing all rows, if `replace`) and the applied state, in
+    /// one transaction.
+    fn write_rows(
+        &self,
+        applied: &Applied,
+        touched: &[Touched],
+        durable: bool,
+        replace: bool,
+    ) -> io::Result<()> {
         let mut txn = self.db.begin_write().map_err(io_err)?;
         if !durable {
             txn.set_durability(Durability::None)
@@ -391,6 +403,9 @@ impl StateMachineStore {
         }
         {
             let mut rows = txn.open_table(SM_ROWS).map_err(io_err)?;
+            if replace {
+                rows.retain(|_, _| false).map_err(io_err)?;
+            }
             for t in touched {
                 let key = row_key(t);
                 match row_value(&applied.state, t)? {
@@ -411,13 +426,8 @@ impl StateMachineStore {
         txn.commit().map_err(io_err)
     }
 
+    /// Replaces every row with `applied`'s, in one durable transaction.
     fn persist_all(&self, applied: &Applied) -> io::Result<()> {
-        let txn = self.db.begin_write().map_err(io_err)?;
-        {
-            let mut rows = txn.open_table(SM_ROWS).map_err(io_err)?;
-            rows.retain(|_, _| false).map_err(io_err)?;
-        }
-        txn.commit().map_err(io_err)?;
         let s = &applied.state;
         let mut all = vec![Touched::Meta];
         all.extend(s.nodes.keys().map(|k| Touched::Node(*k)));
@@ -426,7 +436,7 @@ impl StateMachineStore {
         all.extend(s.users.keys().map(|k| Touched::User(*k)));
         all.extend(s.tokens.keys().map(|k| Touched::Token(*k)));
         all.extend(s.operations.keys().map(|k| Touched::Operation(*k)));
-        self.persist(applied, &all, true)
+        self.write_rows(applied, &all, true, true)
     }
 
     fn save_snapshot(&self, snap: &StoredSnapshot) -> io::Result<()> {

@@ -630,6 +630,34 @@ async fn bad_requests_get_the_right_error_and_change_nothing() {
             "conflict",
             None,
         ),
+        case(
+            Operator,
+            M::POST,
+            "/api/v1/images",
+            Some(r#"{"name":"x","source_path":"/etc/hostname"}"#),
+            403,
+            "permission_denied",
+            None,
+        ),
+        // Rejections axum produces itself still use the JSON shape.
+        case(
+            Viewer,
+            M::GET,
+            "/api/v1/vms/%FF",
+            None,
+            400,
+            "invalid_argument",
+            None,
+        ),
+        case(
+            Viewer,
+            M::GET,
+            "/api/v1/vms/idle/console/ws",
+            None,
+            400,
+            "invalid_argument",
+            None,
+        ),
         // Query parameters and other bodies.
         case(
             Viewer,
@@ -677,7 +705,7 @@ async fn bad_requests_get_the_right_error_and_change_nothing() {
             None,
         ),
         case(
-            Operator,
+            Admin,
             M::POST,
             "/api/v1/images",
             Some(r#"{"name":"x"}"#),
@@ -686,7 +714,7 @@ async fn bad_requests_get_the_right_error_and_change_nothing() {
             Some("source_path"),
         ),
         case(
-            Operator,
+            Admin,
             M::POST,
             "/api/v1/images",
             Some(r#"{"name":"x","source_path":"relative.qcow2"}"#),
@@ -695,7 +723,7 @@ async fn bad_requests_get_the_right_error_and_change_nothing() {
             Some("source_path"),
         ),
         case(
-            Operator,
+            Admin,
             M::POST,
             "/api/v1/images",
             Some(r#"{"name":"x","source_path":"/does/not/exist.qcow2"}"#),
@@ -704,7 +732,7 @@ async fn bad_requests_get_the_right_error_and_change_nothing() {
             Some("source_path"),
         ),
         case(
-            Operator,
+            Admin,
             M::POST,
             "/api/v1/images",
             Some(&format!(r#"{{"name":"x","source_path":"{tmp}"}}"#)),
@@ -713,7 +741,7 @@ async fn bad_requests_get_the_right_error_and_change_nothing() {
             Some("source_path"),
         ),
         case(
-            Operator,
+            Admin,
             M::POST,
             "/api/v1/images",
             Some(r#"{"name":"X Y","source_path":"/etc/hostname"}"#),
@@ -722,7 +750,7 @@ async fn bad_requests_get_the_right_error_and_change_nothing() {
             Some("name"),
         ),
         case(
-            Operator,
+            Admin,
             M::POST,
             "/api/v1/images",
             Some(r#"{"name":"demo","source_path":"/etc/hostname"}"#),
@@ -878,6 +906,11 @@ async fn health_metrics_openapi_and_tokens() {
         .get::<Value>("/api/v1/users")
         .await
         .expect_err("operator cannot list users");
+    assert_eq!(e.status(), Some(403));
+    let e = ci
+        .post::<_, Value>("/api/v1/tokens", &serde_json::json!({"name": "child"}))
+        .await
+        .expect_err("a token cannot mint tokens");
     assert_eq!(e.status(), Some(403));
     let listed: Vec<Value> = admin.get("/api/v1/tokens").await.expect("list");
     assert!(

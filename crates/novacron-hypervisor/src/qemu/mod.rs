@@ -23,6 +23,8 @@ use runner::{QmpAction, Registry, Request, Runner, VmHandle, pid_alive, sigkill}
 
 /// Unix socket paths are limited to 107 bytes.
 const MAX_SOCKET_PATH: usize = 107;
+/// How long a single QMP command may take before the driver stops waiting for it.
+const QMP_DEADLINE: Duration = Duration::from_secs(10);
 /// A console log larger than this is rotated (to `.1`) when the VM starts.
 const CONSOLE_ROTATE_BYTES: u64 = 8 * 1024 * 1024;
 
@@ -143,7 +145,16 @@ impl QemuHypervisor {
                 }
             }
         };
-        let (state, _reason) = runner::query_state(&qmp).await?;
+        let (state, _reason) = match runner::query_state(&qmp).await {
+            Ok(s) => s,
+            Err(e) => {
+                // A QEMU we just spawned and cannot manage must not be left behind.
+                if let Some(c) = &mut child {
+                    let _ = c.kill().await;
+                }
+                return Err(e);
+            }
+        };
         let (state_tx, state_rx) = watch::channel(state);
         let (tx, rx) = mpsc::channel(16);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
@@ -172,6 +183,7 @@ impl QemuHypervisor {
             registry: self.registry.clone(),
             stop_requested: false,
             guest_shutdown: false,
+            qmp_lost: false,
         };
         let _ = self.bus.send(StateChange {
             id,
@@ -281,17 +293,39 @@ impl Hypervisor for QemuHypervisor {
 
     async fn shutdown(&self, id: VmId, timeout: Duration) -> Result<(), HvError> {
         let h = self.running(id)?;
-        h.qmp(QmpAction::Powerdown).await?;
-        if h.wait_gone(timeout).await {
-            return Ok(());
+        // A QMP command has no deadline of its own; a hung QEMU must not hang the stop. Dropping
+        // the reply is safe: the runner owns the command and finishes it.
+        match tokio::time::timeout(QMP_DEADLINE, h.qmp(QmpAction::Powerdown)).await {
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(())) if h.wait_gone(timeout).await => return Ok(()),
+            _ => {}
         }
-        tracing::info!(vm = %id, ?timeout, "guest ignored ACPI power-down; forcing");
+        tracing::info!(vm = %id, ?timeout, "guest did not power off; forcing");
         self.force_stop(id).await
     }
 
     async fn force_stop(&self, id: VmId) -> Result<(), HvError> {
-        let h = self.running(id)?;
-        if h.qmp(QmpAction::Quit).await.is_ok() && h.wait_gone(Duration::from_secs(5)).await {
+        let Some(h) = self.handle(id) else {
+            // A verified QEMU nobody manages (re-adoption failed): end it by signal.
+            let pid = self.live_pid(id).ok_or(HvError::NotRunning(id))?;
+            sigkill(pid);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while pid_alive(pid) {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(HvError::Timeout {
+                        what: "killing QEMU",
+                        after: Duration::from_secs(5),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let paths = self.paths(id);
+            let _ = std::fs::remove_file(paths.pidfile());
+            let _ = std::fs::remove_file(paths.qmp_socket());
+            return Ok(());
+        };
+        let quit = tokio::time::timeout(QMP_DEADLINE, h.qmp(QmpAction::Quit)).await;
+        if matches!(quit, Ok(Ok(()))) && h.wait_gone(Duration::from_secs(5)).await {
             return Ok(());
         }
         sigkill(h.pid);
@@ -379,7 +413,7 @@ impl Hypervisor for QemuHypervisor {
             .cloned()
             .collect();
         for h in handles {
-            let _ = h.tx.send(Request::Detach).await;
+            let _ = h.tx.try_send(Request::Detach);
         }
     }
 }

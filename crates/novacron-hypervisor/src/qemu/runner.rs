@@ -127,7 +127,9 @@ pub fn sigkill(pid: i32) {
 ///
 /// The reader ends (closing the socket, so QEMU accepts the next client) when the stream ends
 /// or when the receiver is dropped.
-pub async fn connect(socket: &PathBuf) -> Result<(Arc<Qmp>, mpsc::Receiver<qmp::Event>), HvError> {
+pub async fn connect(
+    socket: &PathBuf,
+) -> Result<(Arc<Qmp>, mpsc::UnboundedReceiver<qmp::Event>), HvError> {
     // Nothing is in flight on the connection yet, so dropping it on timeout is safe.
     let handshake = async {
         let neg = QmpStreamTokio::open_uds(socket).await?;
@@ -140,13 +142,15 @@ pub async fn connect(socket: &PathBuf) -> Result<(Arc<Qmp>, mpsc::Receiver<qmp::
             after: Duration::from_secs(5),
         })??;
     let (qmp, mut events) = stream.into_parts();
-    let (tx, rx) = mpsc::channel(256);
+    // Unbounded: the reader must never block, because command replies arrive on the same stream
+    // and the runner drains events only between commands.
+    let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 item = events.next() => match item {
                     Some(Ok(ev)) => {
-                        if tx.send(ev).await.is_err() {
+                        if tx.send(ev).is_err() {
                             break;
                         }
                     }
@@ -187,7 +191,9 @@ pub struct Runner {
     pub pid: i32,
     pub child: Option<Child>,
     pub qmp: Arc<Qmp>,
-    pub events: mpsc::Receiver<qmp::Event>,
+    pub events: mpsc::UnboundedReceiver<qmp::Event>,
+    /// QMP is lost while QEMU lives: the runner polls the PID and keeps trying to reconnect.
+    pub qmp_lost: bool,
     pub socket: PathBuf,
     pub qemu_log: PathBuf,
     pub pidfile: PathBuf,
@@ -247,7 +253,8 @@ impl Runner {
                 self.set_state(VmState::Stopping, None);
             }
             qmp::Event::GUEST_PANICKED { .. } => {
-                self.set_state(VmState::Crashed, Some("the guest kernel panicked".into()));
+                // QEMU lives on with the guest halted; see `state_map`.
+                self.set_state(VmState::Paused, Some("the guest kernel panicked".into()));
             }
             qmp::Event::STOP { .. }
             | qmp::Event::RESUME { .. }
@@ -273,7 +280,11 @@ impl Runner {
                         if matches!(action, QmpAction::Quit | QmpAction::Powerdown) {
                             self.stop_requested = true;
                         }
-                        let r = self.exec(action).await;
+                        let r = if self.qmp_lost {
+                            self.without_qmp(action)
+                        } else {
+                            self.exec(action).await
+                        };
                         if r.is_err() && matches!(action, QmpAction::Powerdown) {
                             self.stop_requested = false;
                         }
@@ -287,14 +298,18 @@ impl Runner {
                         return;
                     }
                 },
-                ev = self.events.recv() => match ev {
+                ev = self.events.recv(), if !self.qmp_lost => match ev {
                     Some(ev) => self.on_event(ev).await,
                     None => {
-                        if pid_alive(self.pid) && self.child_running() && self.reconnect().await {
-                            continue;
+                        if !(pid_alive(self.pid) && self.child_running()) {
+                            self.finish().await;
+                            return;
                         }
-                        self.finish().await;
-                        return;
+                        if !self.reconnect(3).await {
+                            // Never declare a live QEMU finished: keep watching its PID.
+                            tracing::warn!(vm = %self.id, pid = self.pid, "QMP lost while QEMU runs; retrying");
+                            self.qmp_lost = true;
+                        }
                     }
                 },
                 status = wait_child(&mut self.child) => {
@@ -306,8 +321,25 @@ impl Runner {
                         self.finish().await;
                         return;
                     }
+                    if self.qmp_lost && self.reconnect(1).await {
+                        self.qmp_lost = false;
+                    }
                 }
             }
+        }
+    }
+
+    /// Requests while QMP is lost: only ending QEMU is possible (by signal).
+    fn without_qmp(&mut self, action: QmpAction) -> Result<(), HvError> {
+        match action {
+            QmpAction::Quit => {
+                sigkill(self.pid);
+                Ok(())
+            }
+            _ => Err(HvError::Qmp {
+                command: action.name(),
+                message: "the QMP connection to QEMU is lost; force-stop ends the VM".into(),
+            }),
         }
     }
 
@@ -319,8 +351,11 @@ impl Runner {
     }
 
     /// The QMP stream ended but QEMU lives (for example an event this `qapi` does not know).
-    async fn reconnect(&mut self) -> bool {
-        for _ in 0..20 {
+    async fn reconnect(&mut self, attempts: u32) -> bool {
+        for _ in 0..attempts {
+            if !pid_alive(self.pid) {
+                return false;
+            }
             match connect(&self.socket).await {
                 Ok((qmp, events)) => {
                     tracing::warn!(vm = %self.id, "QMP stream ended while QEMU runs; reconnected");
@@ -330,9 +365,6 @@ impl Runner {
                     return true;
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-            if !pid_alive(self.pid) {
-                return false;
             }
         }
         false

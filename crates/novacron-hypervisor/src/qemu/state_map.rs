@@ -17,15 +17,17 @@ pub fn vm_state_from_run_state(status: RunState) -> VmState {
         }
         // The guest powered off (with -no-shutdown QEMU stays up).
         RunState::shutdown => VmState::Stopping,
+        // The guest is halted but QEMU lives: it holds memory and disk locks and must still be
+        // stopped, so it is not "crashed" (that means the process is gone). The reason says why.
         RunState::internal_error
         | RunState::io_error
         | RunState::guest_panicked
         | RunState::watchdog
-        | RunState::debug => VmState::Crashed,
+        | RunState::debug => VmState::Paused,
     }
 }
 
-/// A human reason for crash-like run states.
+/// Why the guest is halted, for run states where QEMU stopped it on its own.
 pub fn crash_reason(status: RunState) -> Option<&'static str> {
     match status {
         RunState::internal_error => Some("QEMU reported an internal error"),
@@ -42,12 +44,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_run_state_maps_and_crashes_have_reasons() {
+    fn every_run_state_maps_and_halts_have_reasons() {
         let all = [
-            (RunState::debug, VmState::Crashed),
+            (RunState::debug, VmState::Paused),
             (RunState::inmigrate, VmState::Starting),
-            (RunState::internal_error, VmState::Crashed),
-            (RunState::io_error, VmState::Crashed),
+            (RunState::internal_error, VmState::Paused),
+            (RunState::io_error, VmState::Paused),
             (RunState::paused, VmState::Paused),
             (RunState::postmigrate, VmState::Paused),
             (RunState::prelaunch, VmState::Starting),
@@ -57,17 +59,22 @@ mod tests {
             (RunState::save_vm, VmState::Paused),
             (RunState::shutdown, VmState::Stopping),
             (RunState::suspended, VmState::Paused),
-            (RunState::watchdog, VmState::Crashed),
-            (RunState::guest_panicked, VmState::Crashed),
+            (RunState::watchdog, VmState::Paused),
+            (RunState::guest_panicked, VmState::Paused),
             (RunState::colo, VmState::Paused),
+        ];
+        let halted = [
+            RunState::internal_error,
+            RunState::io_error,
+            RunState::guest_panicked,
+            RunState::watchdog,
+            RunState::debug,
         ];
         for (rs, want) in all {
             assert_eq!(vm_state_from_run_state(rs), want, "{rs:?}");
-            assert_eq!(
-                crash_reason(rs).is_some(),
-                want == VmState::Crashed,
-                "{rs:?}"
-            );
+            assert_eq!(crash_reason(rs).is_some(), halted.contains(&rs), "{rs:?}");
+            // A live QEMU is never reported as a state without a process.
+            assert!(want.has_process(), "{rs:?} maps to {want:?}");
         }
     }
 }

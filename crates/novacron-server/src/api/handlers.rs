@@ -142,6 +142,17 @@ pub struct LoginResponse {
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = LoginResponse), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn login(State(st): State<AppState>, JsonBody(req): JsonBody<LoginRequest>) -> Response {
+    // Usernames are short; anything longer is not a user and must not become a limiter key.
+    if req.username.is_empty() || req.username.len() > 63 {
+        return super::HttpError(ApiError::new(
+            ErrorCode::Unauthenticated,
+            "invalid username or password",
+        ))
+        .into_response();
+    }
+    if st.login_limiter.len() > 10_000 {
+        st.login_limiter.retain_recent();
+    }
     if st.login_limiter.check_key(&req.username).is_err() {
         let e = ApiError::new(
             ErrorCode::Unavailable,

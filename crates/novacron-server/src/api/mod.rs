@@ -116,6 +116,47 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
     resp
 }
 
+/// Rejections produced by axum itself (a path that is not valid UTF-8, a WebSocket route hit
+/// without an upgrade, ...) come as plain text; clients get the one JSON error shape instead.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let code = match status.as_u16() {
+        401 => ErrorCode::Unauthenticated,
+        403 => ErrorCode::PermissionDenied,
+        404 => ErrorCode::NotFound,
+        409 => ErrorCode::Conflict,
+        413 => ErrorCode::PayloadTooLarge,
+        503 => ErrorCode::Unavailable,
+        s if s >= 500 => ErrorCode::Internal,
+        _ => ErrorCode::InvalidArgument,
+    };
+    let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_string();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    (
+        status,
+        axum::Json(novacron_types::ErrorBody {
+            error: ApiError::new(code, message),
+        }),
+    )
+        .into_response()
+}
+
 async fn not_found() -> HttpError {
     HttpError(ApiError::new(
         ErrorCode::NotFound,
@@ -179,9 +220,10 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/vms/{vm}/snapshots/{name}/restore",
             operator(s, post(restore_snapshot)),
         )
+        // Importing reads a path on the host: admin only (it could read any file novacron can).
         .route(
             "/api/v1/images",
-            viewer(s, get(list_images)).merge(operator(s, post(import_image))),
+            viewer(s, get(list_images)).merge(admin(s, post(import_image))),
         )
         .route(
             "/api/v1/images/{image}",
@@ -196,6 +238,7 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(DefaultBodyLimit::max(1024 * 1024))
         .with_state(state)

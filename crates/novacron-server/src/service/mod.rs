@@ -51,6 +51,8 @@ pub(crate) struct Inner {
     pub metrics: Arc<Metrics>,
     pub settings: ServiceSettings,
     vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Password checks in flight.
+    login_permits: tokio::sync::Semaphore,
 }
 
 /// The application. Cheap to clone.
@@ -77,6 +79,7 @@ impl Service {
                 metrics,
                 settings,
                 vm_locks: Mutex::new(HashMap::new()),
+                login_permits: tokio::sync::Semaphore::new(4),
             }),
         }
     }

@@ -67,6 +67,27 @@ impl Service {
             created_at: now,
             updated_at: now,
         };
+        // The records and the work start in one task, so a client that disconnects while the
+        // records are being replicated cannot leave an operation that never runs.
+        let service = self.clone();
+        let created = op.clone();
+        tokio::spawn(async move { service.start_operation(created, first, work).await })
+            .await
+            .map_err(|e| ApiError::internal(format!("starting the operation: {e}")))??;
+        Ok(op)
+    }
+
+    async fn start_operation<F, Fut>(
+        &self,
+        op: Operation,
+        first: Vec<CommandV1>,
+        work: F,
+    ) -> Result<(), ApiError>
+    where
+        F: FnOnce(OpCtx) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), ApiError>> + Send + 'static,
+    {
+        let kind = op.kind.clone();
         let mut batch = first;
         batch.push(CommandV1::CreateOperation { op: op.clone() });
         let mut results = self.inner.state.propose_many(batch).await?;
@@ -90,7 +111,6 @@ impl Service {
             id: op.id,
         };
         let service = self.clone();
-        let kind = kind.to_string();
         tokio::spawn(async move {
             let result = work(ctx).await;
             let (status, error, message) = match result {
@@ -121,7 +141,7 @@ impl Service {
                 tracing::error!(op = %op.id, "recording the end of the operation: {e}");
             }
         });
-        Ok(op)
+        Ok(())
     }
 
     pub async fn get_operation(&self, id: &str) -> Result<Operation, ApiError> {

@@ -30,6 +30,13 @@ impl Service {
         let user = self.inner.state.read(|s| s.user_by_name(username).cloned());
         let hash = user.as_ref().map(|u| u.password_hash.clone());
         let password = password.to_string();
+        // Argon2 takes ~19 MiB and tens of milliseconds per attempt: bound how many run at once.
+        let _permit = self
+            .inner
+            .login_permits
+            .acquire()
+            .await
+            .map_err(|_| ApiError::unavailable("shutting down"))?;
         // Hash even for unknown users so timing does not reveal which names exist.
         let ok = tokio::task::spawn_blocking(move || match hash {
             Some(h) => auth::verify_password(&password, &h),
@@ -158,6 +165,13 @@ impl Service {
         expires_in: Option<Duration>,
     ) -> Result<(String, TokenView), ApiError> {
         validate::name("name", name)?;
+        if who.token.is_some() {
+            // Otherwise a short-lived or narrow token could mint a longer-lived one.
+            return Err(ApiError::new(
+                novacron_types::ErrorCode::PermissionDenied,
+                "API tokens cannot create API tokens; log in with a password",
+            ));
+        }
         let role = role.unwrap_or(who.role);
         if role > who.role {
             return Err(ApiError::new(

@@ -202,22 +202,23 @@ impl Service {
     pub async fn delete_vm(&self, key: &str, _who: &Principal) -> Result<(), ApiError> {
         let vm = self.get_vm(key).await?;
         let _guard = self.lock_vm(vm.id, &vm.name)?;
+        // Re-read under the lock: another action may have changed the VM meanwhile.
+        let vm = self.find_vm(&vm.id.to_string())?;
         let observed = self.inner.hv.observe(vm.id).await;
-        if observed.has_process() || vm.state.has_process() {
+        if observed.has_process() || observed == VmState::Unknown || vm.state.has_process() {
             return Err(ApiError::conflict(format!(
                 "VM '{}' is {}; stop it before deleting it",
                 vm.name,
                 observed.as_str()
             )));
         }
+        // Files first: the driver refuses while any QEMU of this VM lives, so a delete can never
+        // orphan a process.
+        self.inner.hv.undefine(vm.id).await.map_err(hv_error)?;
         self.inner
             .state
             .propose(CommandV1::DeleteVm { id: vm.id })
-            .await?;
-        if let Err(e) = self.inner.hv.undefine(vm.id).await {
-            tracing::warn!(vm = %vm.id, "VM deleted but its files remain: {e}");
-        }
-        Ok(())
+            .await
     }
 
     /// Starts a power action as an operation.
@@ -236,6 +237,9 @@ impl Service {
         }
         action.allowed(vm.state).map_err(ApiError::conflict)?;
         let guard = self.lock_vm(vm.id, &vm.name)?;
+        // Re-check under the lock: the action before this one may have changed the state.
+        let vm = self.find_vm(&vm.id.to_string())?;
+        action.allowed(vm.state).map_err(ApiError::conflict)?;
         let svc = self.clone();
         let kind = format!("vm.{}", action.as_str());
         let now = now_millis();
@@ -413,6 +417,8 @@ impl Service {
     ) -> Result<Operation, ApiError> {
         validate::name("name", name)?;
         let vm = self.get_vm(key).await?;
+        let guard = self.lock_vm(vm.id, &vm.name)?;
+        let vm = self.find_vm(&vm.id.to_string())?;
         if vm.snapshots.iter().any(|s| s.name == name) {
             return Err(ApiError::conflict(format!(
                 "VM '{}' already has a snapshot named '{name}'",
@@ -420,7 +426,6 @@ impl Service {
             )));
         }
         self.require_stopped(&vm, "snapshot")?;
-        let guard = self.lock_vm(vm.id, &vm.name)?;
         let svc = self.clone();
         let name = name.to_string();
         self.spawn_operation(
@@ -464,11 +469,13 @@ impl Service {
         who: &Principal,
     ) -> Result<Operation, ApiError> {
         let vm = self.get_vm(key).await?;
+        let guard = self.lock_vm(vm.id, &vm.name)?;
+        let vm = self.find_vm(&vm.id.to_string())?;
         if !vm.snapshots.iter().any(|s| s.name == name) {
             return Err(ApiError::not_found("snapshot", name));
         }
         self.require_stopped(&vm, "restore")?;
-        let guard = self.lock_vm(vm.id, &vm.name)?;
+
         let svc = self.clone();
         let name = name.to_string();
         self.spawn_operation(
@@ -495,24 +502,31 @@ impl Service {
         _who: &Principal,
     ) -> Result<(), ApiError> {
         let vm = self.get_vm(key).await?;
+        let guard = self.lock_vm(vm.id, &vm.name)?;
+        let vm = self.find_vm(&vm.id.to_string())?;
         if !vm.snapshots.iter().any(|s| s.name == name) {
             return Err(ApiError::not_found("snapshot", name));
         }
         self.require_stopped(&vm, "delete a snapshot of")?;
-        let _guard = self.lock_vm(vm.id, &vm.name)?;
-        self.inner
-            .hv
-            .delete_disk_snapshot(vm.id, name)
-            .await
-            .map_err(hv_error)?;
-        self.inner
-            .state
-            .propose(CommandV1::RemoveVmSnapshot {
+        // In its own task: a client that goes away must not leave the disks half done.
+        let svc = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let _guard = guard;
+            svc.inner
+                .hv
+                .delete_disk_snapshot(vm.id, &name)
+                .await
+                .map_err(hv_error)?;
+            let cmd = CommandV1::RemoveVmSnapshot {
                 id: vm.id,
-                name: name.to_string(),
+                name,
                 at: now_millis(),
-            })
-            .await
+            };
+            svc.inner.state.propose(cmd).await
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("deleting the snapshot: {e}")))?
     }
 
     fn require_stopped(&self, vm: &Vm, what: &str) -> Result<(), ApiError> {
