@@ -24,9 +24,15 @@ need_apt=()
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu)
 command -v qemu-img >/dev/null || need_apt+=(qemu)
 command -v cpio >/dev/null || need_apt+=(cpio)
-if ! command -v busybox >/dev/null || ! busybox --help 2>&1 | head -1 | grep -q BusyBox || ldd "$(command -v busybox)" >/dev/null 2>&1; then
-  need_apt+=(busybox-static)
+# The demo initramfs needs a static busybox (ldd fails on a static binary).
+busybox_ok=""
+if command -v busybox >/dev/null; then
+  banner=$(busybox 2>&1 || true)
+  if [[ $banner == *BusyBox* ]] && ! ldd "$(command -v busybox)" >/dev/null 2>&1; then
+    busybox_ok=1
+  fi
 fi
+[[ -n "$busybox_ok" ]] || need_apt+=(busybox-static)
 if [[ ${#need_apt[@]} -gt 0 ]]; then
   apt_update
   pkgs=()

@@ -271,3 +271,37 @@ async fn qemu_outlives_the_driver_and_is_re_adopted() {
         VmState::Stopped
     );
 }
+
+/// `auto` must pick an accelerator that really boots guests, also where `/dev/kvm` exists but
+/// cannot run them (nested virtualization, as on the machines this project is built on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_accelerator_boots_the_demo_guest() {
+    use novacron_hypervisor::accel::{AccelSetting, resolve};
+    let kernel = demo_dir().join("vmlinuz");
+    let accel = resolve(AccelSetting::Auto, "qemu-system-x86_64", Some(&kernel)).await;
+    eprintln!(
+        "/dev/kvm present: {}; auto chose {accel:?}",
+        std::path::Path::new("/dev/kvm").exists()
+    );
+    let dir = VmRoot::new();
+    let hv = QemuHypervisor::new(QemuConfig {
+        vms_root: dir.path().to_path_buf(),
+        qemu_binary: "qemu-system-x86_64".into(),
+        accel,
+        start_timeout: Duration::from_secs(20),
+    })
+    .await
+    .expect("driver");
+    assert_eq!(hv.info().accelerator, accel.as_str());
+    let spec = demo_spec();
+    hv.define(&spec).await.expect("define");
+    hv.start(&spec).await.expect("start");
+    wait_console(
+        &hv,
+        spec.id,
+        "NOVACRON-DEMO-GUEST READY",
+        Duration::from_secs(30),
+    )
+    .await;
+    hv.force_stop(spec.id).await.expect("stop");
+}

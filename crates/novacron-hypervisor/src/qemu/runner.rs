@@ -305,11 +305,14 @@ impl Runner {
                             self.finish().await;
                             return;
                         }
-                        if !self.reconnect(3).await {
+                        // After `quit` or a guest poweroff QEMU closes QMP and exits: wait for
+                        // the exit (child or PID poll) instead of reconnecting.
+                        let exiting = self.stop_requested || self.guest_shutdown;
+                        if !exiting && !self.reconnect(3).await {
                             // Never declare a live QEMU finished: keep watching its PID.
                             tracing::warn!(vm = %self.id, pid = self.pid, "QMP lost while QEMU runs; retrying");
-                            self.qmp_lost = true;
                         }
+                        self.qmp_lost = exiting || self.qmp_lost_after_reconnect();
                     }
                 },
                 status = wait_child(&mut self.child) => {
@@ -321,12 +324,18 @@ impl Runner {
                         self.finish().await;
                         return;
                     }
-                    if self.qmp_lost && self.reconnect(1).await {
+                    let exiting = self.stop_requested || self.guest_shutdown;
+                    if self.qmp_lost && !exiting && self.reconnect(1).await {
                         self.qmp_lost = false;
                     }
                 }
             }
         }
+    }
+
+    /// True when the last reconnect attempt left the runner without a QMP stream.
+    fn qmp_lost_after_reconnect(&self) -> bool {
+        self.events.is_closed() && self.events.is_empty()
     }
 
     /// Requests while QMP is lost: only ending QEMU is possible (by signal).
