@@ -139,10 +139,14 @@ impl Drop for VmRoot {
 }
 
 async fn qemu(root: &std::path::Path) -> QemuHypervisor {
+    qemu_with(root, Accel::Tcg).await
+}
+
+async fn qemu_with(root: &std::path::Path, accel: Accel) -> QemuHypervisor {
     QemuHypervisor::new(QemuConfig {
         vms_root: root.to_path_buf(),
         qemu_binary: "qemu-system-x86_64".into(),
-        accel: Accel::Tcg,
+        accel,
         start_timeout: Duration::from_secs(20),
     })
     .await
@@ -284,14 +288,7 @@ async fn auto_accelerator_boots_the_demo_guest() {
         std::path::Path::new("/dev/kvm").exists()
     );
     let dir = VmRoot::new();
-    let hv = QemuHypervisor::new(QemuConfig {
-        vms_root: dir.path().to_path_buf(),
-        qemu_binary: "qemu-system-x86_64".into(),
-        accel,
-        start_timeout: Duration::from_secs(20),
-    })
-    .await
-    .expect("driver");
+    let hv = qemu_with(dir.path(), accel).await;
     assert_eq!(hv.info().accelerator, accel.as_str());
     let spec = demo_spec();
     hv.define(&spec).await.expect("define");

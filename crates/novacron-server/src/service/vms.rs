@@ -100,6 +100,17 @@ impl Service {
         found.ok_or_else(|| ApiError::not_found("VM", key))
     }
 
+    /// Looks the VM up, takes its action lock, and reads it again under the lock, so checks
+    /// made on the result cannot be overtaken by the action that held the lock before.
+    async fn lock_current_vm(
+        &self,
+        key: &str,
+    ) -> Result<(Vm, tokio::sync::OwnedMutexGuard<()>), ApiError> {
+        let vm = self.get_vm(key).await?;
+        let guard = self.lock_vm(vm.id, &vm.name)?;
+        Ok((self.find_vm(&vm.id.to_string())?, guard))
+    }
+
     pub async fn get_vm(&self, key: &str) -> Result<Vm, ApiError> {
         self.inner.state.read_linearizable(|_| ()).await?;
         self.find_vm(key)
@@ -200,10 +211,7 @@ impl Service {
     }
 
     pub async fn delete_vm(&self, key: &str, _who: &Principal) -> Result<(), ApiError> {
-        let vm = self.get_vm(key).await?;
-        let _guard = self.lock_vm(vm.id, &vm.name)?;
-        // Re-read under the lock: another action may have changed the VM meanwhile.
-        let vm = self.find_vm(&vm.id.to_string())?;
+        let (vm, _guard) = self.lock_current_vm(key).await?;
         let observed = self.inner.hv.observe(vm.id).await;
         if observed.has_process() || observed == VmState::Unknown || vm.state.has_process() {
             return Err(ApiError::conflict(format!(
@@ -235,10 +243,8 @@ impl Service {
                 vm.name, vm.node
             )));
         }
-        action.allowed(vm.state).map_err(ApiError::conflict)?;
-        let guard = self.lock_vm(vm.id, &vm.name)?;
-        // Re-check under the lock: the action before this one may have changed the state.
-        let vm = self.find_vm(&vm.id.to_string())?;
+        // Checked under the lock: the action before this one may have changed the state.
+        let (vm, guard) = self.lock_current_vm(&vm.id.to_string()).await?;
         action.allowed(vm.state).map_err(ApiError::conflict)?;
         let svc = self.clone();
         let kind = format!("vm.{}", action.as_str());
@@ -416,9 +422,7 @@ impl Service {
         who: &Principal,
     ) -> Result<Operation, ApiError> {
         validate::name("name", name)?;
-        let vm = self.get_vm(key).await?;
-        let guard = self.lock_vm(vm.id, &vm.name)?;
-        let vm = self.find_vm(&vm.id.to_string())?;
+        let (vm, guard) = self.lock_current_vm(key).await?;
         if vm.snapshots.iter().any(|s| s.name == name) {
             return Err(ApiError::conflict(format!(
                 "VM '{}' already has a snapshot named '{name}'",
@@ -468,9 +472,7 @@ impl Service {
         name: &str,
         who: &Principal,
     ) -> Result<Operation, ApiError> {
-        let vm = self.get_vm(key).await?;
-        let guard = self.lock_vm(vm.id, &vm.name)?;
-        let vm = self.find_vm(&vm.id.to_string())?;
+        let (vm, guard) = self.lock_current_vm(key).await?;
         if !vm.snapshots.iter().any(|s| s.name == name) {
             return Err(ApiError::not_found("snapshot", name));
         }
@@ -501,9 +503,7 @@ impl Service {
         name: &str,
         _who: &Principal,
     ) -> Result<(), ApiError> {
-        let vm = self.get_vm(key).await?;
-        let guard = self.lock_vm(vm.id, &vm.name)?;
-        let vm = self.find_vm(&vm.id.to_string())?;
+        let (vm, guard) = self.lock_current_vm(key).await?;
         if !vm.snapshots.iter().any(|s| s.name == name) {
             return Err(ApiError::not_found("snapshot", name));
         }
