@@ -161,6 +161,17 @@ pub async fn run(
         }
     }
     service.fail_interrupted_operations().await;
+    // Finished operations are kept for a week, then pruned, so the state stays bounded.
+    let pruner = service.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            every.tick().await;
+            pruner
+                .prune_operations(Duration::from_secs(7 * 24 * 3600))
+                .await;
+        }
+    });
     service.readopt_vms().await;
 
     println!(

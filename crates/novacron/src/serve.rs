@@ -166,3 +166,55 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     node::run(cfg, shutdown).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        let mut argv = vec!["serve"];
+        argv.extend_from_slice(extra);
+        ServeArgs::try_parse_from(argv).expect("args")
+    }
+
+    #[test]
+    fn flags_win_over_the_config_file_which_wins_over_defaults() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("novacron.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9999\"\naccel = \"tcg\"\nshutdown_timeout = 7\n",
+        )
+        .expect("write");
+        let f = file.to_str().expect("utf8");
+        let cfg = config(args(&["--config", f, "--data-dir", "/tmp/x"])).expect("config");
+        assert_eq!(cfg.listen.to_string(), "127.0.0.1:9999");
+        assert_eq!(cfg.accel, AccelSetting::Tcg);
+        assert_eq!(cfg.service.shutdown_timeout, Duration::from_secs(7));
+        assert_eq!(cfg.data_dir, PathBuf::from("/tmp/x"));
+        let cfg = config(args(&[
+            "--config",
+            f,
+            "--listen",
+            "127.0.0.1:1",
+            "--accel",
+            "kvm",
+        ]))
+        .expect("config");
+        assert_eq!(cfg.listen.to_string(), "127.0.0.1:1");
+        assert_eq!(cfg.accel, AccelSetting::Kvm);
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_a_reason() {
+        let e = config(args(&["--accel", "warp"])).expect_err("accel");
+        assert!(e.to_string().contains("kvm, tcg or auto"), "{e}");
+        let e = config(args(&["--node-id", "0"])).expect_err("node id");
+        assert!(e.to_string().contains("node-id"), "{e}");
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "colour = \"red\"\n").expect("write");
+        let e = config(args(&["--config", file.to_str().expect("utf8")])).expect_err("unknown key");
+        assert!(format!("{e:#}").contains("colour"), "{e:#}");
+    }
+}

@@ -190,6 +190,25 @@ impl Service {
         }
     }
 
+    /// Drops finished operations last updated more than `age` ago.
+    pub async fn prune_operations(&self, age: Duration) {
+        let before = now_millis() - age.as_millis() as i64;
+        let any = self.inner.state.read(|s| {
+            s.operations
+                .values()
+                .any(|o| o.status.is_final() && o.updated_at < before)
+        });
+        if any
+            && let Err(e) = self
+                .inner
+                .state
+                .propose(CommandV1::PruneOperations { before })
+                .await
+        {
+            tracing::warn!("pruning operations: {e}");
+        }
+    }
+
     /// After a restart: operations this host was running were interrupted.
     pub async fn fail_interrupted_operations(&self) {
         let node = self.inner.node;
