@@ -230,8 +230,11 @@ fn read_password(prompt: &str, from_stdin: bool) -> anyhow::Result<String> {
         return Ok(p);
     }
     if !from_stdin && std::io::stdin().is_terminal() {
-        eprint!("{prompt}");
-        std::io::stderr().flush().ok();
+        let p = rpassword::prompt_password(prompt).context("reading the password")?;
+        if p.is_empty() {
+            bail!("no password given");
+        }
+        return Ok(p);
     }
     let mut s = String::new();
     if from_stdin {

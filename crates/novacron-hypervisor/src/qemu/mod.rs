@@ -25,6 +25,8 @@ use runner::{QmpAction, Registry, Request, Runner, VmHandle, pid_alive, sigkill}
 const MAX_SOCKET_PATH: usize = 107;
 /// How long a single QMP command may take before the driver stops waiting for it.
 const QMP_DEADLINE: Duration = Duration::from_secs(10);
+/// How often a graceful stop presses the ACPI power button again.
+const POWERDOWN_REPEAT: Duration = Duration::from_secs(3);
 /// A console log larger than this is rotated (to `.1`) when the VM starts.
 const CONSOLE_ROTATE_BYTES: u64 = 8 * 1024 * 1024;
 
@@ -293,12 +295,31 @@ impl Hypervisor for QemuHypervisor {
 
     async fn shutdown(&self, id: VmId, timeout: Duration) -> Result<(), HvError> {
         let h = self.running(id)?;
-        // A QMP command has no deadline of its own; a hung QEMU must not hang the stop. Dropping
-        // the reply is safe: the runner owns the command and finishes it.
-        match tokio::time::timeout(QMP_DEADLINE, h.qmp(QmpAction::Powerdown)).await {
-            Ok(Err(e)) => return Err(e),
-            Ok(Ok(())) if h.wait_gone(timeout).await => return Ok(()),
-            _ => {}
+        let deadline = tokio::time::Instant::now() + timeout;
+        // The ACPI power button is an event, not a state: a guest still booting (no handler yet)
+        // loses it. Press it again every few seconds until the guest goes or time runs out.
+        loop {
+            // A QMP command has no deadline of its own; a hung QEMU must not hang the stop.
+            // Dropping the reply is safe: the runner owns the command and finishes it.
+            match tokio::time::timeout(QMP_DEADLINE, h.qmp(QmpAction::Powerdown)).await {
+                // QEMU may have exited between two presses: that is the success we wait for.
+                Ok(Err(e)) => {
+                    return if h.wait_gone(Duration::from_secs(2)).await {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    };
+                }
+                Ok(Ok(())) => {}
+                Err(_) => break,
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if h.wait_gone(left.min(POWERDOWN_REPEAT)).await {
+                return Ok(());
+            }
         }
         tracing::info!(vm = %id, ?timeout, "guest did not power off; forcing");
         self.force_stop(id).await

@@ -11,7 +11,7 @@ use novacron_types::{
     VmSnapshot, VmSpec, VmState, now_millis, validate,
 };
 
-use super::{Service, hv_error};
+use super::{OpCtx, Service, hv_error};
 use crate::auth::Principal;
 
 /// The power actions of `POST /api/v1/vms/{id}/actions/{action}`.
@@ -278,15 +278,15 @@ impl Service {
             vec![vm_path(vm.id)],
             who,
             first,
-            move |_ctx| async move {
+            move |ctx| async move {
                 let _guard = guard;
-                svc.run_action(&vm, action).await
+                svc.run_action(&vm, action, &ctx).await
             },
         )
         .await
     }
 
-    async fn run_action(&self, vm: &Vm, action: VmAction) -> Result<(), ApiError> {
+    async fn run_action(&self, vm: &Vm, action: VmAction, ctx: &OpCtx) -> Result<(), ApiError> {
         let hv = &self.inner.hv;
         let result = match action {
             VmAction::Start => {
@@ -302,8 +302,13 @@ impl Service {
                 r
             }
             VmAction::Stop => {
-                hv.shutdown(vm.id, self.inner.settings.shutdown_timeout)
-                    .await
+                let timeout = self.inner.settings.shutdown_timeout;
+                let msg = format!(
+                    "ACPI power-down sent; forced off after {}s",
+                    timeout.as_secs()
+                );
+                ctx.progress(10, msg).await;
+                hv.shutdown(vm.id, timeout).await
             }
             VmAction::ForceStop => hv.force_stop(vm.id).await,
             VmAction::Reboot => hv.reboot(vm.id).await,
