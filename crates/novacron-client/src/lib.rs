@@ -17,7 +17,7 @@ pub enum ClientError {
     /// The server answered with an error body.
     #[error("{} ({status}): {}", .error.code.as_str(), .error.message)]
     Api { status: u16, error: ApiError },
-    #[error("cannot reach {url}: {source}")]
+    #[error("cannot reach {url}")]
     Transport { url: String, source: reqwest::Error },
     #[error("unexpected answer from the server ({status}): {body}")]
     Unexpected { status: u16, body: String },

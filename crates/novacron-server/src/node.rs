@@ -35,12 +35,12 @@ pub struct NodeConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("cannot use data dir {path}: {source}")]
+    #[error("cannot use data dir {path}")]
     DataDir {
         path: String,
         source: std::io::Error,
     },
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,
@@ -167,9 +167,12 @@ pub async fn run(
         let mut every = tokio::time::interval(Duration::from_secs(3600));
         loop {
             every.tick().await;
-            pruner
-                .prune_operations(Duration::from_secs(7 * 24 * 3600))
-                .await;
+            // One host prunes: the leader (others would only be told they are not).
+            if pruner.state().metrics().role == "leader" {
+                pruner
+                    .prune_operations(Duration::from_secs(7 * 24 * 3600))
+                    .await;
+            }
         }
     });
     service.readopt_vms().await;
@@ -181,9 +184,12 @@ pub async fn run(
     );
     tracing::info!(%api_address, "serving");
     let app = router(AppState::new(service.clone()));
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
     hv.detach_all().await;
     state.shutdown().await;
     served.map_err(|e| NodeError::Startup(format!("HTTP server: {e}")))

@@ -111,7 +111,7 @@ impl RaftSettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("opening the state store at {path}: {source}")]
+    #[error("opening the state store at {path}")]
     Open {
         path: String,
         source: std::io::Error,

@@ -14,7 +14,10 @@
 //! (fsync before returning). The committed index and the state machine's rows commit with
 //! `Durability::None`: after a crash redb rolls back to the last durable commit, which is a
 //! consistent older state, and openraft re-applies the durable log from `last_applied`. That saves
-//! two fsyncs per write without weakening what Raft relies on.
+//! two fsyncs per write without weakening what Raft relies on. It holds because the log and the
+//! state machine share one redb database, and redb makes every earlier non-durable commit durable
+//! at the next durable one: the state machine can never roll back behind a purged or
+//! snapshotted index. Never move the log into a different file without revisiting this.
 
 use std::fmt::Debug;
 use std::io;

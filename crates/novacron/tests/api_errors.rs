@@ -639,6 +639,17 @@ async fn bad_requests_get_the_right_error_and_change_nothing() {
             "permission_denied",
             None,
         ),
+        case(
+            Operator,
+            M::POST,
+            "/api/v1/vms",
+            Some(
+                r#"{"name":"new","image":"demo","vcpus":1,"memory_mib":128,"boot":{"kernel":"/etc/shadow"}}"#,
+            ),
+            403,
+            "permission_denied",
+            None,
+        ),
         // Rejections axum produces itself still use the JSON shape.
         case(
             Viewer,

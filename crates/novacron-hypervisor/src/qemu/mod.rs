@@ -184,6 +184,7 @@ impl QemuHypervisor {
             bus: self.bus.clone(),
             registry: self.registry.clone(),
             stop_requested: false,
+            quit_sent: false,
             guest_shutdown: false,
             qmp_lost: false,
         };
@@ -303,12 +304,14 @@ impl Hypervisor for QemuHypervisor {
             // Dropping the reply is safe: the runner owns the command and finishes it.
             match tokio::time::timeout(QMP_DEADLINE, h.qmp(QmpAction::Powerdown)).await {
                 // QEMU may have exited between two presses: that is the success we wait for.
+                // QEMU may have exited between two presses: that is the success we wait for.
+                // Otherwise the button cannot be pressed: force the VM off, as promised.
                 Ok(Err(e)) => {
-                    return if h.wait_gone(Duration::from_secs(2)).await {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    };
+                    if h.wait_gone(Duration::from_secs(2)).await {
+                        return Ok(());
+                    }
+                    tracing::info!(vm = %id, "ACPI power-down failed ({e}); forcing");
+                    break;
                 }
                 Ok(Ok(())) => {}
                 Err(_) => break,
@@ -361,15 +364,15 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn reboot(&self, id: VmId) -> Result<(), HvError> {
-        self.running(id)?.qmp(QmpAction::Reset).await
+        self.qmp_with_deadline(id, QmpAction::Reset).await
     }
 
     async fn pause(&self, id: VmId) -> Result<(), HvError> {
-        self.running(id)?.qmp(QmpAction::Stop).await
+        self.qmp_with_deadline(id, QmpAction::Stop).await
     }
 
     async fn resume(&self, id: VmId) -> Result<(), HvError> {
-        self.running(id)?.qmp(QmpAction::Cont).await
+        self.qmp_with_deadline(id, QmpAction::Cont).await
     }
 
     async fn observe(&self, id: VmId) -> VmState {
@@ -440,6 +443,18 @@ impl Hypervisor for QemuHypervisor {
 }
 
 impl QemuHypervisor {
+    /// Sends one QMP action and waits at most [`QMP_DEADLINE`] for it (the runner still owns the
+    /// command, so nothing is cancelled mid-flight).
+    async fn qmp_with_deadline(&self, id: VmId, action: QmpAction) -> Result<(), HvError> {
+        let h = self.running(id)?;
+        tokio::time::timeout(QMP_DEADLINE, h.qmp(action))
+            .await
+            .map_err(|_| HvError::Timeout {
+                what: "a QMP command",
+                after: QMP_DEADLINE,
+            })?
+    }
+
     /// Runs `f` on every qcow2 disk of a VM that has no QEMU process.
     async fn for_each_disk<F, Fut>(&self, id: VmId, f: F) -> Result<(), HvError>
     where

@@ -201,6 +201,8 @@ pub struct Runner {
     pub bus: broadcast::Sender<StateChange>,
     pub registry: Registry,
     pub stop_requested: bool,
+    /// `quit` was sent: QEMU is on its way out, so a closed QMP stream is expected.
+    pub quit_sent: bool,
     pub guest_shutdown: bool,
 }
 
@@ -280,6 +282,9 @@ impl Runner {
                         if matches!(action, QmpAction::Quit | QmpAction::Powerdown) {
                             self.stop_requested = true;
                         }
+                        if action == QmpAction::Quit {
+                            self.quit_sent = true;
+                        }
                         let r = if self.qmp_lost {
                             self.without_qmp(action)
                         } else {
@@ -307,7 +312,7 @@ impl Runner {
                         }
                         // After `quit` or a guest poweroff QEMU closes QMP and exits: wait for
                         // the exit (child or PID poll) instead of reconnecting.
-                        let exiting = self.stop_requested || self.guest_shutdown;
+                        let exiting = self.quit_sent || self.guest_shutdown;
                         if !exiting && !self.reconnect(3).await {
                             // Never declare a live QEMU finished: keep watching its PID.
                             tracing::warn!(vm = %self.id, pid = self.pid, "QMP lost while QEMU runs; retrying");
@@ -324,7 +329,7 @@ impl Runner {
                         self.finish().await;
                         return;
                     }
-                    let exiting = self.stop_requested || self.guest_shutdown;
+                    let exiting = self.quit_sent || self.guest_shutdown;
                     if self.qmp_lost && !exiting && self.reconnect(1).await {
                         self.qmp_lost = false;
                     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use axum::Extension;
 use axum::Json;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -141,7 +141,11 @@ pub struct LoginResponse {
 
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = LoginResponse), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
-pub async fn login(State(st): State<AppState>, JsonBody(req): JsonBody<LoginRequest>) -> Response {
+pub async fn login(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    JsonBody(req): JsonBody<LoginRequest>,
+) -> Response {
     // Usernames are short; anything longer is not a user and must not become a limiter key.
     if req.username.is_empty() || req.username.len() > 63 {
         return super::HttpError(ApiError::new(
@@ -150,10 +154,11 @@ pub async fn login(State(st): State<AppState>, JsonBody(req): JsonBody<LoginRequ
         ))
         .into_response();
     }
-    if st.login_limiter.len() > 10_000 {
-        st.login_limiter.retain_recent();
-    }
-    if st.login_limiter.check_key(&req.username).is_err() {
+    if st
+        .login_limiter
+        .check_key(&(peer.ip(), req.username.clone()))
+        .is_err()
+    {
         let e = ApiError::new(
             ErrorCode::Unavailable,
             "too many login attempts for this user; wait a minute",

@@ -31,17 +31,31 @@ use crate::service::Service;
 #[derive(Clone)]
 pub struct AppState {
     pub service: Service,
-    /// Login attempts per username, so a password cannot be guessed at line rate.
-    pub login_limiter: Arc<DefaultKeyedRateLimiter<String>>,
+    /// Login attempts per client address and username, so a password cannot be guessed at line
+    /// rate, and nobody elsewhere can lock a user out.
+    pub login_limiter: Arc<DefaultKeyedRateLimiter<(std::net::IpAddr, String)>>,
 }
 
 impl AppState {
     pub fn new(service: Service) -> Self {
         let quota =
             Quota::per_minute(std::num::NonZeroU32::new(30).unwrap_or(std::num::NonZeroU32::MIN));
+        let login_limiter = Arc::new(RateLimiter::keyed(quota));
+        // Forget idle keys every minute so the map stays small.
+        let weak = Arc::downgrade(&login_limiter);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                match weak.upgrade() {
+                    Some(l) => l.retain_recent(),
+                    None => break,
+                }
+            }
+        });
         Self {
             service,
-            login_limiter: Arc::new(RateLimiter::keyed(quota)),
+            login_limiter,
         }
     }
 }
@@ -133,13 +147,15 @@ async fn json_errors(req: Request, next: Next) -> Response {
         401 => ErrorCode::Unauthenticated,
         403 => ErrorCode::PermissionDenied,
         404 => ErrorCode::NotFound,
+        408 | 504 => ErrorCode::Timeout,
         409 => ErrorCode::Conflict,
         413 => ErrorCode::PayloadTooLarge,
-        503 => ErrorCode::Unavailable,
+        429 | 503 => ErrorCode::Unavailable,
         s if s >= 500 => ErrorCode::Internal,
         _ => ErrorCode::InvalidArgument,
     };
-    let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+    let (parts, body) = resp.into_parts();
+    let body = axum::body::to_bytes(body, 64 * 1024)
         .await
         .unwrap_or_default();
     let text = String::from_utf8_lossy(&body).trim().to_string();
@@ -148,13 +164,15 @@ async fn json_errors(req: Request, next: Next) -> Response {
     } else {
         text
     };
-    (
-        status,
-        axum::Json(novacron_types::ErrorBody {
-            error: ApiError::new(code, message),
-        }),
-    )
-        .into_response()
+    let error = ApiError::new(code, message);
+    let mut out = (status, axum::Json(novacron_types::ErrorBody { error })).into_response();
+    // Keep what the original said besides its body (Allow, WWW-Authenticate, Retry-After, ...).
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 async fn not_found() -> HttpError {

@@ -52,7 +52,7 @@ pub(crate) struct Inner {
     pub settings: ServiceSettings,
     vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     /// Password checks in flight.
-    login_permits: tokio::sync::Semaphore,
+    login_permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// The application. Cheap to clone.
@@ -79,7 +79,7 @@ impl Service {
                 metrics,
                 settings,
                 vm_locks: Mutex::new(HashMap::new()),
-                login_permits: tokio::sync::Semaphore::new(4),
+                login_permits: Arc::new(tokio::sync::Semaphore::new(4)),
             }),
         }
     }

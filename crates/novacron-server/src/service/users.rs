@@ -31,18 +31,24 @@ impl Service {
         let hash = user.as_ref().map(|u| u.password_hash.clone());
         let password = password.to_string();
         // Argon2 takes ~19 MiB and tens of milliseconds per attempt: bound how many run at once.
-        let _permit = self
-            .inner
-            .login_permits
-            .acquire()
-            .await
-            .map_err(|_| ApiError::unavailable("shutting down"))?;
+        // The permit moves into the blocking task, so a client that disconnects cannot free it
+        // while its hash still runs.
+        let permit = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            self.inner.login_permits.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| ApiError::unavailable("too many logins at once; retry shortly"))?
+        .map_err(|_| ApiError::unavailable("shutting down"))?;
         // Hash even for unknown users so timing does not reveal which names exist.
-        let ok = tokio::task::spawn_blocking(move || match hash {
-            Some(h) => auth::verify_password(&password, &h),
-            None => {
-                let _ = auth::hash_password(&password);
-                false
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            match hash {
+                Some(h) => auth::verify_password(&password, &h),
+                None => {
+                    let _ = auth::hash_password(&password);
+                    false
+                }
             }
         })
         .await

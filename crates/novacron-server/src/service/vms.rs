@@ -62,7 +62,9 @@ impl VmAction {
             Self::Stop | Self::ForceStop => {
                 matches!(state, Starting | Running | Paused | Stopping | Unknown)
             }
-            Self::Reboot | Self::Pause => state == Running,
+            // A guest QEMU halted on its own (panic, I/O error) shows as paused: reset helps.
+            Self::Reboot => matches!(state, Running | Paused),
+            Self::Pause => state == Running,
             Self::Resume => state == Paused,
         };
         if ok {
@@ -156,8 +158,18 @@ impl Service {
         })
     }
 
-    pub async fn create_vm(&self, req: CreateVmRequest, _who: &Principal) -> Result<Vm, ApiError> {
+    pub async fn create_vm(&self, req: CreateVmRequest, who: &Principal) -> Result<Vm, ApiError> {
         validate::create_vm(&req)?;
+        if req.boot.is_some() {
+            // Kernel and initrd are host paths QEMU loads into guest memory: choosing them is
+            // reading host files, so only admins may (everyone else boots what the image says).
+            who.require(novacron_types::Role::Admin).map_err(|e| {
+                ApiError::new(
+                    e.code,
+                    format!("{} (a per-VM boot override reads host files)", e.message),
+                )
+            })?;
+        }
         let image = self.find_image(&req.image).ok_or_else(|| {
             ApiError::invalid("image", format!("image '{}' not found", req.image))
         })?;
@@ -221,12 +233,18 @@ impl Service {
             )));
         }
         // Files first: the driver refuses while any QEMU of this VM lives, so a delete can never
-        // orphan a process.
-        self.inner.hv.undefine(vm.id).await.map_err(hv_error)?;
-        self.inner
-            .state
-            .propose(CommandV1::DeleteVm { id: vm.id })
-            .await
+        // orphan a process. In its own task, so a client that goes away cannot split it.
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let _guard = _guard;
+            svc.inner.hv.undefine(vm.id).await.map_err(hv_error)?;
+            svc.inner
+                .state
+                .propose(CommandV1::DeleteVm { id: vm.id })
+                .await
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("deleting the VM: {e}")))?
     }
 
     /// Starts a power action as an operation.
