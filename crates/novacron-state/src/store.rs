@@ -387,7 +387,7 @@ impl StateMachineStore {
     }
 
     fn persist(&self, applied: &Applied, touched: &[Touched], durable: bool) -> io::Result<()> {
-        self.write_rows(applied, touched, durable, false)
+        self.write_rows(applied, touched, durable, false, None)
     }
 
     /// Writes the touched rows (after clearing all rows, if `replace`) and the applied state, in
@@ -398,6 +398,7 @@ impl StateMachineStore {
         touched: &[Touched],
         durable: bool,
         replace: bool,
+        snapshot: Option<&StoredSnapshot>,
     ) -> io::Result<()> {
         let mut txn = self.db.begin_write().map_err(io_err)?;
         if !durable {
@@ -426,11 +427,17 @@ impl StateMachineStore {
             meta.insert("membership", to_json(&applied.membership)?.as_slice())
                 .map_err(io_err)?;
         }
+        if let Some(snap) = snapshot {
+            let mut t = txn.open_table(SNAPSHOT).map_err(io_err)?;
+            t.insert("meta", to_json(&snap.meta)?.as_slice())
+                .map_err(io_err)?;
+            t.insert("data", snap.data.as_slice()).map_err(io_err)?;
+        }
         txn.commit().map_err(io_err)
     }
 
     /// Replaces every row with `applied`'s, in one durable transaction.
-    fn persist_all(&self, applied: &Applied) -> io::Result<()> {
+    fn persist_all(&self, applied: &Applied, snapshot: Option<&StoredSnapshot>) -> io::Result<()> {
         let s = &applied.state;
         let mut all = vec![Touched::Meta];
         all.extend(s.nodes.keys().map(|k| Touched::Node(*k)));
@@ -439,7 +446,7 @@ impl StateMachineStore {
         all.extend(s.users.keys().map(|k| Touched::User(*k)));
         all.extend(s.tokens.keys().map(|k| Touched::Token(*k)));
         all.extend(s.operations.keys().map(|k| Touched::Operation(*k)));
-        self.write_rows(applied, &all, true, true)
+        self.write_rows(applied, &all, true, true, snapshot)
     }
 
     fn save_snapshot(&self, snap: &StoredSnapshot) -> io::Result<()> {
@@ -567,19 +574,19 @@ impl RaftStateMachine<C> for StateMachineStore {
                 ),
             ));
         }
-        {
-            let mut guard = self.applied.write().unwrap_or_else(|p| p.into_inner());
-            *guard = Applied {
-                state: file.state,
-                last_applied: meta.last_log_id,
-                membership: meta.last_membership.clone(),
-            };
-            self.persist_all(&guard)?;
-        }
-        self.save_snapshot(&StoredSnapshot {
+        let applied = Applied {
+            state: file.state,
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        };
+        let snap = StoredSnapshot {
             meta: meta.clone(),
             data: snapshot,
-        })?;
+        };
+        // Rows, applied index and the snapshot itself in one durable transaction; memory after.
+        self.persist_all(&applied, Some(&snap))?;
+        *self.applied.write().unwrap_or_else(|p| p.into_inner()) = applied;
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(snap);
         let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         let _ = self.events.send(StateEvent::SnapshotInstalled { index });
         Ok(())
