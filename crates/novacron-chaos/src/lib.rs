@@ -1,0 +1,10 @@
+//! Test tooling for NovaCron clusters.
+//!
+//! - [`linearizability`]: checks a recorded history of key-value reads and writes against a
+//!   sequential register per key (Wing & Gong's search with Lowe's memoization, per key thanks to
+//!   P-compositionality). The chaos tests of the cluster issue record their client histories and
+//!   hand them to it.
+//!
+//! Invariant: test-only; the `novacron` binary never depends on this crate.
+
+pub mod linearizability;
