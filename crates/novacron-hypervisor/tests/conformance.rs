@@ -183,6 +183,19 @@ async fn wait_console_from(
     }
 }
 
+/// Defines and starts `spec` and waits until the guest says it is ready.
+async fn boot_demo(hv: &dyn Hypervisor, spec: &RuntimeSpec) {
+    hv.define(spec).await.expect("define");
+    hv.start(spec).await.expect("start");
+    wait_console(
+        hv,
+        spec.id,
+        "NOVACRON-DEMO-GUEST READY",
+        Duration::from_secs(30),
+    )
+    .await;
+}
+
 async fn wait_console(hv: &dyn Hypervisor, id: VmId, needle: &str, timeout: Duration) -> String {
     wait_console_from(hv, id, 0, needle, timeout).await
 }
@@ -199,15 +212,7 @@ async fn qemu_guest_boots_powers_off_on_acpi_and_a_killed_qemu_is_a_crash() {
     let hv = qemu(dir.path()).await;
     let spec = demo_spec();
     let mut changes = hv.subscribe();
-    hv.define(&spec).await.expect("define");
-    hv.start(&spec).await.expect("start");
-    wait_console(
-        &hv,
-        spec.id,
-        "NOVACRON-DEMO-GUEST READY",
-        Duration::from_secs(30),
-    )
-    .await;
+    boot_demo(&hv, &spec).await;
     wait_console(&hv, spec.id, "tick 2", Duration::from_secs(10)).await;
 
     // ACPI power-down: the guest's acpid powers off; QEMU exits; observed state is stopped.
@@ -291,14 +296,6 @@ async fn auto_accelerator_boots_the_demo_guest() {
     let hv = qemu_with(dir.path(), accel).await;
     assert_eq!(hv.info().accelerator, accel.as_str());
     let spec = demo_spec();
-    hv.define(&spec).await.expect("define");
-    hv.start(&spec).await.expect("start");
-    wait_console(
-        &hv,
-        spec.id,
-        "NOVACRON-DEMO-GUEST READY",
-        Duration::from_secs(30),
-    )
-    .await;
+    boot_demo(&hv, &spec).await;
     hv.force_stop(spec.id).await.expect("stop");
 }
