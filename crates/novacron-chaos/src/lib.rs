@@ -5,6 +5,9 @@
 //!   P-compositionality). The chaos tests of the cluster issue record their client histories and
 //!   hand them to it.
 //!
+//! - [`seeded`]: the deterministic generator seeded tests across the workspace share.
+//!
 //! Invariant: test-only; the `novacron` binary never depends on this crate.
 
 pub mod linearizability;
+pub mod seeded;

@@ -268,24 +268,13 @@ mod tests {
         );
     }
 
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            self.0 >> 33
-        }
-    }
-
     /// Histories produced by a real register (each operation takes effect at a point inside its
     /// interval) always pass; the same histories with one read corrupted to a value nobody wrote
     /// always fail.
     #[test]
     fn random_register_histories_pass_and_corrupted_ones_fail() {
         for seed in 0..200 {
-            let mut g = Lcg(seed);
+            let mut g = crate::seeded::Seeded::new(seed);
             let mut register: BTreeMap<String, u64> = BTreeMap::new();
             let mut history = Vec::new();
             let mut next_value = 1;
@@ -293,11 +282,11 @@ mod tests {
             // operations overlap in time.
             for step in 0..40u64 {
                 let point = 100 + 10 * step;
-                let key = format!("k{}", g.next() % 3);
-                let invoked = point - g.next() % 25;
-                let completed = point + g.next() % 25;
-                let vanished = g.next().is_multiple_of(10);
-                if g.next().is_multiple_of(2) {
+                let key = format!("k{}", g.next_u64() % 3);
+                let invoked = point - g.next_u64() % 25;
+                let completed = point + g.next_u64() % 25;
+                let vanished = g.next_u64().is_multiple_of(10);
+                if g.next_u64().is_multiple_of(2) {
                     register.insert(key.clone(), next_value);
                     history.push(w(
                         &key,

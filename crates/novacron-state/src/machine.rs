@@ -481,22 +481,8 @@ mod tests {
 mod properties {
     use super::*;
     use crate::command::{Command, CommandV1};
+    use novacron_chaos::seeded::Seeded as Gen;
     use novacron_types::*;
-
-    struct Gen(u64);
-
-    impl Gen {
-        fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            self.0 >> 33
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
 
     /// A command drawn from a small pool of names and IDs, so conflicts and hits are frequent.
     fn command(g: &mut Gen, vms: &[VmId], images: &[ImageId], ops: &[OperationId]) -> Command {
@@ -584,7 +570,7 @@ mod properties {
     #[test]
     fn apply_is_deterministic_rejections_change_nothing_and_invariants_hold() {
         for seed in 0..200u64 {
-            let mut g = Gen(seed);
+            let mut g = Gen::new(seed);
             let vms: Vec<VmId> = (0..4).map(|_| VmId::new_random()).collect();
             let images: Vec<ImageId> = (0..2).map(|_| ImageId::new_random()).collect();
             let ops: Vec<OperationId> = (0..3).map(|_| OperationId::new_random()).collect();
@@ -633,7 +619,7 @@ mod properties {
     #[test]
     fn finished_operations_never_change_again() {
         for seed in 0..100u64 {
-            let mut g = Gen(seed);
+            let mut g = Gen::new(seed);
             let ops: Vec<OperationId> = (0..2).map(|_| OperationId::new_random()).collect();
             let vms = [VmId::new_random()];
             let images = [ImageId::new_random()];

@@ -9,6 +9,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::Value;
 
+use novacron_chaos::seeded::Seeded as Lcg;
 use novacron_client::Client;
 use novacron_types::VmState;
 
@@ -965,27 +966,11 @@ async fn health_metrics_openapi_and_tokens() {
     assert_eq!(nodes[0]["raft"]["role"], "leader");
 }
 
-/// A tiny deterministic generator (no dependency, reproducible from the seed).
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[(self.next() as usize) % items.len()]
-    }
-}
-
 fn random_value(g: &mut Lcg, depth: u32) -> Value {
-    match g.next() % if depth > 2 { 7 } else { 9 } {
+    match g.next_u64() % if depth > 2 { 7 } else { 9 } {
         0 => Value::Null,
-        1 => Value::Bool(g.next().is_multiple_of(2)),
-        2 => serde_json::json!(g.next() as i64 - (1 << 30)),
+        1 => Value::Bool(g.next_u64().is_multiple_of(2)),
+        2 => serde_json::json!(g.next_u64() as i64 - (1 << 30)),
         3 => serde_json::json!(*g.pick(&[u64::MAX, 0, 1, 1 << 53])),
         4 => serde_json::json!(*g.pick(&[-1.5e308, 0.5, 1e300, -0.0])),
         5 => Value::String(
@@ -1000,9 +985,9 @@ fn random_value(g: &mut Lcg, depth: u32) -> Value {
             ])
             .to_string(),
         ),
-        6 => Value::String("z".repeat((g.next() % 5000) as usize)),
+        6 => Value::String("z".repeat((g.next_u64() % 5000) as usize)),
         7 => Value::Array(
-            (0..g.next() % 4)
+            (0..g.next_u64() % 4)
                 .map(|_| random_value(g, depth + 1))
                 .collect(),
         ),
@@ -1024,7 +1009,7 @@ fn random_value(g: &mut Lcg, depth: u32) -> Value {
                 "expires_in_days",
             ];
             let mut m = serde_json::Map::new();
-            for _ in 0..g.next() % 6 {
+            for _ in 0..g.next_u64() % 6 {
                 m.insert(g.pick(&keys).to_string(), random_value(g, depth + 1));
             }
             Value::Object(m)
@@ -1044,7 +1029,7 @@ async fn random_input_never_produces_a_server_error() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5eed_u64);
-    let mut g = Lcg(seed);
+    let mut g = Lcg::new(seed);
     let segments = [
         "target",
         "ghost",
