@@ -12,6 +12,7 @@
 pub mod accel;
 pub mod disks;
 pub mod fake;
+pub mod none;
 pub mod qemu;
 
 use std::path::PathBuf;

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod metrics;
 pub mod node;
 pub mod service;

@@ -1,5 +1,6 @@
-//! Starting a node: open the replicated state, bootstrap a new cluster, start the hypervisor
-//! driver, re-adopt running VMs, and serve the API until asked to stop.
+//! Starting a node: establish its identity (bootstrap a new cluster or join one), open the
+//! replicated state, start the hypervisor driver, serve the API, re-adopt running VMs, and run
+//! the cluster's background tasks (lease keeper, membership manager) until asked to stop.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,20 +10,30 @@ use std::time::Duration;
 
 use novacron_hypervisor::Hypervisor;
 use novacron_hypervisor::accel::{self, AccelSetting};
+use novacron_hypervisor::none::NoHypervisor;
 use novacron_hypervisor::qemu::{QemuConfig, QemuHypervisor};
+use novacron_state::raft::StartMode;
 use novacron_state::{CommandV1, RaftSettings, StateHandle};
-use novacron_types::{NodeId, NodeInfo, now_millis};
+use novacron_types::{ErrorBody, HostRole, NodeId, NodeInfo, now_millis};
 
 use crate::api::{AppState, router};
+use crate::cluster::identity::{self, Identity};
+use crate::cluster::{Cluster, ClusterSettings, HttpTransport, lease, manager};
 use crate::metrics::Metrics;
-use crate::service::{Service, ServiceSettings};
+use crate::service::{JoinReply, JoinRequest, Service, ServiceSettings};
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// The URL other hosts and clients use to reach this one (default `http://LISTEN`).
+    pub advertise: Option<String>,
+    /// The ID of a host that bootstraps a new cluster (joining hosts get one from the cluster).
     pub node_id: NodeId,
     pub node_name: String,
+    pub role: HostRole,
+    /// Join an existing cluster through this host, with this token.
+    pub join: Option<JoinTarget>,
     pub accel: AccelSetting,
     pub qemu_binary: String,
     /// A directory built by `scripts/build-demo-image.sh`, registered as image `demo`.
@@ -30,7 +41,15 @@ pub struct NodeConfig {
     /// The first admin's password on a new data dir; generated and printed when absent.
     pub admin_password: Option<String>,
     pub raft: RaftSettings,
+    pub cluster: ClusterSettings,
     pub service: ServiceSettings,
+}
+
+#[derive(Clone, Debug)]
+pub struct JoinTarget {
+    /// API address of any member (`http://host:port`).
+    pub address: String,
+    pub token: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +83,7 @@ pub async fn run(
         })?;
     }
     let [raft_dir, vms_dir, images_dir] = dirs;
+    cfg.cluster.validate().map_err(NodeError::Startup)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| NodeError::Listen {
@@ -74,37 +94,85 @@ pub async fn run(
         addr: cfg.listen,
         source,
     })?;
-    let api_address = format!("http://{local}");
+    let api_address = cfg
+        .advertise
+        .clone()
+        .map(|a| a.trim_end_matches('/').to_string())
+        .unwrap_or_else(|| format!("http://{local}"));
 
-    let state = StateHandle::open(&raft_dir, cfg.node_id, api_address.clone(), &cfg.raft).await?;
-    state
-        .wait_ready(Duration::from_secs(30))
-        .await
-        .map_err(|e| NodeError::Startup(e.message))?;
+    let (identity, mode) = establish_identity(&cfg, &api_address).await?;
+    let node_id = NodeId(identity.node_id);
+    // Outgoing host-to-host connections leave from the listen address, so peers (and fault
+    // injectors in tests) can tell hosts apart.
+    let local_ip = (!local.ip().is_unspecified()).then_some(local.ip());
+    let transport = HttpTransport::new(identity.cluster_secret.clone(), local_ip);
+    let state = StateHandle::open(
+        &raft_dir,
+        node_id,
+        api_address.clone(),
+        &cfg.raft,
+        Arc::new(transport.clone()),
+        mode,
+    )
+    .await?;
 
-    let probe_kernel = cfg
-        .demo_image
-        .as_ref()
-        .map(|d| d.join("vmlinuz"))
-        .filter(|p| p.exists());
-    let accel = accel::resolve(cfg.accel, &cfg.qemu_binary, probe_kernel.as_deref()).await;
-    let hv = QemuHypervisor::new(QemuConfig {
-        vms_root: vms_dir,
-        qemu_binary: cfg.qemu_binary.clone(),
-        accel,
-        start_timeout: Duration::from_secs(30),
-    })
-    .await
-    .map_err(|e| NodeError::Startup(e.to_string()))?;
-    let hv: Arc<dyn Hypervisor> = Arc::new(hv);
+    let (hv, accel_name): (Arc<dyn Hypervisor>, &str) = match identity.role {
+        HostRole::Witness => (Arc::new(NoHypervisor::default()), "none"),
+        HostRole::Full => {
+            let probe_kernel = cfg
+                .demo_image
+                .as_ref()
+                .map(|d| d.join("vmlinuz"))
+                .filter(|p| p.exists());
+            let accel = accel::resolve(cfg.accel, &cfg.qemu_binary, probe_kernel.as_deref()).await;
+            let hv = QemuHypervisor::new(QemuConfig {
+                vms_root: vms_dir,
+                qemu_binary: cfg.qemu_binary.clone(),
+                accel,
+                start_timeout: Duration::from_secs(30),
+            })
+            .await
+            .map_err(|e| NodeError::Startup(e.to_string()))?;
+            (Arc::new(hv), accel.as_str())
+        }
+    };
+    let cluster = Arc::new(Cluster::new(
+        &identity,
+        api_address.clone(),
+        cfg.cluster.clone(),
+        transport,
+        state.clone(),
+    ));
     let metrics = Arc::new(Metrics::new());
     let service = Service::new(
         state.clone(),
+        cluster.clone(),
         hv.clone(),
+        cfg.data_dir.clone(),
         images_dir,
         metrics,
         cfg.service.clone(),
     );
+
+    // Serve before waiting for Raft: a joining host must answer the leader to catch up.
+    let app = router(AppState::new(service.clone()));
+    let server = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
+    });
+    let ready_timeout = if mode == StartMode::Join {
+        Duration::from_secs(120)
+    } else {
+        Duration::from_secs(30)
+    };
+    state
+        .wait_ready(ready_timeout)
+        .await
+        .map_err(|e| NodeError::Startup(e.message))?;
 
     // Observed state: every change the driver reports is recorded in the replicated state.
     let mut changes = hv.subscribe();
@@ -133,8 +201,11 @@ pub async fn run(
         );
     }
     let info = hv.info();
+    let registered_at = state
+        .read(|s| s.nodes.get(&node_id.0).map(|n| n.registered_at))
+        .unwrap_or_else(now_millis);
     let node = NodeInfo {
-        id: cfg.node_id,
+        id: node_id,
         name: cfg.node_name.clone(),
         api_address: api_address.clone(),
         qemu_version: info.qemu_version,
@@ -143,14 +214,19 @@ pub async fn run(
             .map(|n| n.get() as u32)
             .unwrap_or(1),
         memory_mib: host_memory_mib(),
-        registered_at: now_millis(),
+        registered_at,
         labels: Default::default(),
+        role: identity.role,
     };
     state
         .propose(CommandV1::RegisterNode { node })
         .await
         .map_err(|e| NodeError::Startup(e.message))?;
-    if let Some(dir) = &cfg.demo_image {
+    if let Some(dir) = cfg
+        .demo_image
+        .as_ref()
+        .filter(|_| identity.role == HostRole::Full)
+    {
         if dir.join("image.json").exists() {
             service
                 .register_demo_image(dir)
@@ -176,23 +252,114 @@ pub async fn run(
         }
     });
     service.readopt_vms().await;
+    tokio::spawn(lease::run(service.clone()));
+    tokio::spawn(manager::run(cluster.clone()));
 
     println!(
-        "novacron: node {} listening on {api_address} (accelerator {})",
-        cfg.node_id,
-        accel.as_str()
+        "novacron: node {node_id} listening on {api_address} (accelerator {accel_name}, role {})",
+        identity.role.as_str()
     );
     tracing::info!(%api_address, "serving");
-    let app = router(AppState::new(service.clone()));
-    let served = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await;
+    let served = server
+        .await
+        .map_err(|e| NodeError::Startup(format!("HTTP server task: {e}")))?;
     hv.detach_all().await;
     state.shutdown().await;
     served.map_err(|e| NodeError::Startup(format!("HTTP server: {e}")))
+}
+
+/// Reads this host's identity, or makes one: by bootstrapping a new cluster, or by joining one
+/// with a token.
+async fn establish_identity(
+    cfg: &NodeConfig,
+    api_address: &str,
+) -> Result<(Identity, StartMode), NodeError> {
+    let existing = Identity::load(&cfg.data_dir).map_err(NodeError::Startup)?;
+    if let Some(id) = existing {
+        if cfg.join.is_some() {
+            tracing::warn!(
+                node = id.node_id,
+                "this data dir already belongs to a cluster; ignoring --join"
+            );
+        }
+        let mode = if id.joined {
+            StartMode::Join
+        } else {
+            StartMode::Bootstrap
+        };
+        return Ok((id, mode));
+    }
+    let id = match &cfg.join {
+        Some(target) => {
+            let reply = request_join(cfg, target, api_address).await?;
+            tracing::info!(node = %reply.node_id, "joined the cluster");
+            Identity::joined(reply.node_id.0, cfg.role, reply.cluster_secret)
+        }
+        None => Identity::new(cfg.node_id.0, cfg.role, identity::new_secret()),
+    };
+    id.save(&cfg.data_dir).map_err(NodeError::Startup)?;
+    let mode = if id.joined {
+        StartMode::Join
+    } else {
+        StartMode::Bootstrap
+    };
+    Ok((id, mode))
+}
+
+async fn request_join(
+    cfg: &NodeConfig,
+    target: &JoinTarget,
+    api_address: &str,
+) -> Result<JoinReply, NodeError> {
+    let req = JoinRequest {
+        token: target.token.clone(),
+        name: cfg.node_name.clone(),
+        api_address: api_address.to_string(),
+        role: cfg.role,
+        qemu_version: String::new(),
+        accelerator: String::new(),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+        memory_mib: host_memory_mib(),
+    };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| NodeError::Startup(e.to_string()))?;
+    let url = format!(
+        "{}/api/v1/cluster/join",
+        target.address.trim_end_matches('/')
+    );
+    // The host we join through may still be starting: retry connection failures for a while.
+    let mut attempts = 0;
+    let resp = loop {
+        match client.post(&url).json(&req).send().await {
+            Ok(r) => break r,
+            Err(e) if e.is_connect() && attempts < 30 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                return Err(NodeError::Startup(format!(
+                    "cannot reach {} to join: {e}",
+                    target.address
+                )));
+            }
+        }
+    };
+    let status = resp.status();
+    let body = resp.bytes().await.unwrap_or_default();
+    if !status.is_success() {
+        let msg = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|b| b.error.message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        return Err(NodeError::Startup(format!(
+            "joining through {} failed: {msg}",
+            target.address
+        )));
+    }
+    serde_json::from_slice(&body).map_err(|e| NodeError::Startup(format!("join reply: {e}")))
 }
 
 fn host_memory_mib() -> u64 {

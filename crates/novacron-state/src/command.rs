@@ -7,8 +7,8 @@
 use serde::{Deserialize, Serialize};
 
 use novacron_types::{
-    ApiError, ApiToken, Image, ImageId, NodeInfo, Operation, OperationId, OperationStatus,
-    PowerState, TokenId, UnixMillis, User, UserId, Vm, VmId, VmSnapshot, VmState,
+    ApiError, ApiToken, Image, ImageId, JoinToken, NodeId, NodeInfo, Operation, OperationId,
+    OperationStatus, PowerState, TokenId, UnixMillis, User, UserId, Vm, VmId, VmSnapshot, VmState,
 };
 
 /// The envelope replicated through Raft.
@@ -34,8 +34,28 @@ pub enum CommandV1 {
         jwt_secret: String,
         at: UnixMillis,
     },
+    /// Adds or updates a host's record (inventory at start-up). Rejected for removed hosts.
     RegisterNode {
         node: NodeInfo,
+    },
+    CreateJoinToken {
+        token: JoinToken,
+    },
+    /// A new host presents a join token: the token is used up and the host gets `node.id`.
+    /// Rejected when the token is unknown, used, expired at `at`, or its secret does not match,
+    /// or when the ID was ever used.
+    JoinNode {
+        token_id: String,
+        secret_sha256: String,
+        node: NodeInfo,
+        at: UnixMillis,
+    },
+    /// Removes a host for good (its ID is never reused). Rejected while it owns VMs unless
+    /// `force`, which marks them `unknown` (a dead host's VMs cannot be asked).
+    RemoveNode {
+        id: NodeId,
+        force: bool,
+        at: UnixMillis,
     },
 
     CreateVm {

@@ -3,13 +3,13 @@
 //! `apply` does no I/O and reads no clock: the same commands in the same order give the same state
 //! on every replica. It returns which entities it touched; the store persists those rows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 use novacron_types::{
-    ApiError, ApiToken, Image, ImageId, NodeInfo, Operation, OperationId, TokenId, User, UserId,
-    Vm, VmId,
+    ApiError, ApiToken, Image, ImageId, JoinToken, NodeInfo, Operation, OperationId, TokenId, User,
+    UserId, Vm, VmId, VmState,
 };
 
 use crate::command::{Command, CommandResponse, CommandV1, Touched};
@@ -20,6 +20,12 @@ pub struct ClusterMeta {
     /// HMAC key for session JWTs, shared so any host can check any session.
     pub jwt_secret: String,
     pub initialized_at: i64,
+    /// Join tokens not yet used or expired (pruned when new ones are made).
+    #[serde(default)]
+    pub join_tokens: BTreeMap<String, JoinToken>,
+    /// IDs of removed hosts: never reused, and kept out of Raft membership.
+    #[serde(default)]
+    pub removed_nodes: BTreeSet<u64>,
 }
 
 /// Everything replicated. Maps are ordered so snapshots are byte-for-byte reproducible.
@@ -64,15 +70,108 @@ impl ClusterState {
                 if !self.meta.jwt_secret.is_empty() {
                     return Err(ApiError::conflict("cluster is already initialized"));
                 }
-                self.meta = ClusterMeta {
-                    jwt_secret: jwt_secret.clone(),
-                    initialized_at: *at,
-                };
+                self.meta.jwt_secret = jwt_secret.clone();
+                self.meta.initialized_at = *at;
                 Ok(vec![Touched::Meta])
             }
             RegisterNode { node } => {
+                if self.meta.removed_nodes.contains(&node.id.0) {
+                    return Err(ApiError::conflict(format!(
+                        "host {} was removed from the cluster; wipe its data dir and join again",
+                        node.id
+                    )));
+                }
                 self.nodes.insert(node.id.0, node.clone());
                 Ok(vec![Touched::Node(node.id.0)])
+            }
+            CreateJoinToken { token } => {
+                if self.meta.join_tokens.contains_key(&token.id) {
+                    return Err(ApiError::conflict("join token ID already exists"));
+                }
+                // Used and expired tokens are only history: drop them here so the set stays small.
+                self.meta
+                    .join_tokens
+                    .retain(|_, t| t.used_by.is_none() && t.expires_at > token.created_at);
+                self.meta
+                    .join_tokens
+                    .insert(token.id.clone(), token.clone());
+                Ok(vec![Touched::Meta])
+            }
+            JoinNode {
+                token_id,
+                secret_sha256,
+                node,
+                at,
+            } => {
+                let bad = || {
+                    ApiError::new(
+                        novacron_types::ErrorCode::Unauthenticated,
+                        "the join token is invalid, expired or already used; \
+                         make a new one with `novacron cluster token`",
+                    )
+                };
+                let token = self.meta.join_tokens.get(token_id).ok_or_else(bad)?;
+                if token.secret_sha256 != *secret_sha256
+                    || token.used_by.is_some()
+                    || token.expires_at <= *at
+                {
+                    return Err(bad());
+                }
+                if node.role != token.role {
+                    return Err(ApiError::invalid(
+                        "role",
+                        format!(
+                            "this token is for a {} host, not a {} host",
+                            token.role.as_str(),
+                            node.role.as_str()
+                        ),
+                    ));
+                }
+                if node.id.0 == 0
+                    || self.nodes.contains_key(&node.id.0)
+                    || self.meta.removed_nodes.contains(&node.id.0)
+                {
+                    return Err(ApiError::conflict(format!(
+                        "host ID {} is taken; retry the join",
+                        node.id
+                    )));
+                }
+                if let Some(t) = self.meta.join_tokens.get_mut(token_id) {
+                    t.used_by = Some(node.id);
+                }
+                self.nodes.insert(node.id.0, node.clone());
+                Ok(vec![Touched::Meta, Touched::Node(node.id.0)])
+            }
+            RemoveNode { id, force, at } => {
+                if !self.nodes.contains_key(&id.0) {
+                    return Err(ApiError::not_found("host", id));
+                }
+                let owned: Vec<VmId> = self
+                    .vms
+                    .values()
+                    .filter(|v| v.node == *id)
+                    .map(|v| v.id)
+                    .collect();
+                if !owned.is_empty() && !force {
+                    return Err(ApiError::conflict(format!(
+                        "host {id} still has {} VM(s); move or delete them, or remove it with \
+                         --force if it is dead",
+                        owned.len()
+                    )));
+                }
+                let mut touched = vec![Touched::Meta, Touched::Node(id.0)];
+                for vm_id in owned {
+                    if let Some(vm) = self.vms.get_mut(&vm_id) {
+                        vm.state = VmState::Unknown;
+                        vm.state_reason =
+                            Some(format!("its host {id} was removed from the cluster"));
+                        vm.updated_at = *at;
+                        touched.push(Touched::Vm(vm_id));
+                    }
+                }
+                self.nodes.remove(&id.0);
+                self.meta.removed_nodes.insert(id.0);
+                Ok(touched)
             }
             CreateVm { vm } => {
                 if self.vms.contains_key(&vm.id) {

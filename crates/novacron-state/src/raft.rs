@@ -1,14 +1,14 @@
 //! The running Raft node and the handle the server talks to.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
-use openraft::errors::{ClientWriteError, InitializeError, RaftError};
-use openraft::{Config, ReadPolicy, ServerState, SnapshotPolicy};
+use openraft::errors::{ClientWriteError, InitializeError, LinearizableReadError, RaftError};
+use openraft::{ChangeMembers, Config, ReadPolicy, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -16,7 +16,7 @@ use novacron_types::{ApiError, NodeId};
 
 use crate::command::{Command, CommandResponse, CommandV1, Touched};
 use crate::machine::ClusterState;
-use crate::network::UnreachableNetwork;
+use crate::network::{ForwardedWrite, ForwardedWriteReply, Network, Transport, TransportError};
 use crate::store::{LogStore, StateMachineStore, open_database};
 
 /// How a member is reached. Stored in Raft membership.
@@ -76,6 +76,10 @@ pub struct RaftSettings {
     pub keep_after_snapshot: u64,
     /// Purge only when at least this many entries can go (fewer, larger deletions).
     pub purge_batch: u64,
+    /// How long a forwarded write or read-index request waits for the leader's answer.
+    pub forward_timeout_ms: u64,
+    /// How long a write keeps retrying while there is no leader (an election) before failing.
+    pub leaderless_wait_ms: u64,
 }
 
 impl Default for RaftSettings {
@@ -87,6 +91,8 @@ impl Default for RaftSettings {
             snapshot_every: 1000,
             keep_after_snapshot: 200,
             purge_batch: 64,
+            forward_timeout_ms: 5000,
+            leaderless_wait_ms: 3000,
         }
     }
 }
@@ -134,6 +140,21 @@ pub struct StateMetrics {
     pub purged_index: Option<u64>,
 }
 
+/// How a node starts on an empty store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartMode {
+    /// Initialize a new one-voter cluster with this node.
+    Bootstrap,
+    /// Wait to be added by an existing cluster's leader (`serve --join`).
+    Join,
+}
+
+/// Why this host refuses writes, when it does (set by the lease keeper when it is isolated).
+#[derive(Default)]
+struct WriteGate {
+    refused: std::sync::RwLock<Option<ApiError>>,
+}
+
 /// The server's handle on the replicated state. Cheap to clone.
 #[derive(Clone)]
 pub struct StateHandle {
@@ -141,16 +162,21 @@ pub struct StateHandle {
     sm: StateMachineStore,
     events: broadcast::Sender<StateEvent>,
     node_id: NodeId,
+    transport: Arc<dyn Transport>,
+    settings: Arc<RaftSettings>,
+    gate: Arc<WriteGate>,
 }
 
 impl StateHandle {
-    /// Opens the store in `dir` and starts Raft. On an empty store, initializes a one-voter
-    /// cluster with this node; otherwise recovers what is there.
+    /// Opens the store in `dir` and starts Raft. On an empty store, `mode` says whether to
+    /// initialize a new one-voter cluster or wait to be added to one; otherwise recovers.
     pub async fn open(
         dir: &Path,
         node_id: NodeId,
         api_addr: String,
         settings: &RaftSettings,
+        transport: Arc<dyn Transport>,
+        mode: StartMode,
     ) -> Result<Self, StateError> {
         let path = dir.join("state.redb");
         let db = open_database(&path).map_err(|source| StateError::Open {
@@ -168,26 +194,41 @@ impl StateHandle {
         let raft = Raft::new(
             node_id.0,
             config,
-            UnreachableNetwork,
+            Network::new(transport.clone()),
             LogStore::new(db),
             sm.clone(),
         )
         .await
         .map_err(|e| StateError::Raft(e.to_string()))?;
-        let members = BTreeMap::from([(node_id.0, NodeAddr { api_addr })]);
-        match raft.initialize(members).await {
-            Ok(()) => tracing::info!(node = %node_id, "initialized a new one-voter cluster"),
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
-                tracing::info!(node = %node_id, "recovered existing Raft state")
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| StateError::Raft(e.to_string()))?;
+        if initialized {
+            tracing::info!(node = %node_id, "recovered existing Raft state");
+        } else if mode == StartMode::Bootstrap {
+            let members = BTreeMap::from([(node_id.0, NodeAddr { api_addr })]);
+            match raft.initialize(members).await {
+                Ok(()) => tracing::info!(node = %node_id, "initialized a new one-voter cluster"),
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(e) => return Err(StateError::Raft(e.to_string())),
             }
-            Err(e) => return Err(StateError::Raft(e.to_string())),
+        } else {
+            tracing::info!(node = %node_id, "waiting to be added to the cluster");
         }
         Ok(Self {
             raft,
             sm,
             events,
             node_id,
+            transport,
+            settings: Arc::new(settings.clone()),
+            gate: Arc::default(),
         })
+    }
+
+    pub(crate) fn raft(&self) -> &Raft {
+        &self.raft
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -196,33 +237,41 @@ impl StateHandle {
 
     /// Waits until this node knows a leader and has applied everything committed before it.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<(), ApiError> {
-        let waiter = self.raft.wait(Some(timeout));
-        waiter
-            .metrics(|m| m.current_leader.is_some(), "a leader is known")
-            .await
-            .map_err(|e| ApiError::unavailable(format!("Raft has no leader: {e}")))?;
-        self.raft
-            .ensure_linearizable(ReadPolicy::ReadIndex)
-            .await
-            .map_err(|e| ApiError::unavailable(format!("Raft is not ready: {e}")))?;
-        Ok(())
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let waiter = self.raft.wait(Some(timeout));
+            waiter
+                .metrics(|m| m.current_leader.is_some(), "a leader is known")
+                .await
+                .map_err(|e| ApiError::unavailable(format!("Raft has no leader: {e}")))?;
+            match self.linearize().await {
+                Ok(()) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Refuses every write with `why` until called with `None` (an isolated host).
+    pub fn refuse_writes(&self, why: Option<ApiError>) {
+        *self.gate.refused.write().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
+    fn write_refused(&self) -> Result<(), ApiError> {
+        match &*self.gate.refused.read().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
     }
 
     /// Replicates a command and waits until it is applied here. A command that `apply`
-    /// rejected comes back as its error, and changed nothing.
+    /// rejected comes back as its error, and changed nothing. On a follower the command is
+    /// forwarded to the leader.
     pub async fn propose(&self, cmd: CommandV1) -> Result<(), ApiError> {
-        match self.raft.client_write(Command::V1(cmd)).await {
-            Ok(resp) => resp.data.into_result(),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(ApiError::unavailable(format!(
-                    "this node is not the leader (leader: {:?}); forwarding arrives with clustering",
-                    f.leader_id
-                )))
-            }
-            Err(e) => Err(ApiError::unavailable(format!(
-                "replicating the change failed: {e}"
-            ))),
-        }
+        let mut results = self.propose_many(vec![cmd]).await?;
+        results
+            .pop()
+            .unwrap_or_else(|| Err(ApiError::internal("no result for the command")))
     }
 
     /// Replicates several commands as one batch (one log append, one fsync) and returns each
@@ -231,32 +280,184 @@ impl StateHandle {
         &self,
         cmds: Vec<CommandV1>,
     ) -> Result<Vec<Result<(), ApiError>>, ApiError> {
+        self.write_refused()?;
+        let cmds: Vec<Command> = cmds.into_iter().map(Command::V1).collect();
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.settings.leaderless_wait_ms);
+        loop {
+            let outcome = match self.leader() {
+                Some((id, _)) if id == self.node_id.0 => {
+                    self.write_local(cmds.clone()).await.map(|(r, _)| r)
+                }
+                Some((_, addr)) => self.write_forwarded(&addr, cmds.clone()).await,
+                None => Err(Retry::NoLeader),
+            };
+            match outcome {
+                Ok(results) => {
+                    return Ok(results.into_iter().map(|r| r.into_result()).collect());
+                }
+                Err(Retry::Fail(e)) => return Err(e),
+                // Nothing was appended: wait for the election to settle and try again.
+                Err(retry) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(?retry, "write not accepted yet; retrying");
+                    self.wait_leader_change(Duration::from_millis(50)).await;
+                }
+                Err(retry) => return Err(retry.into_error()),
+            }
+        }
+    }
+
+    /// Writes on this node as the leader.
+    /// Returns each command's response and the log index of the last one.
+    async fn write_local(&self, cmds: Vec<Command>) -> Result<(Vec<CommandResponse>, u64), Retry> {
         use futures::StreamExt;
         let n = cmds.len();
-        let mut results = self
+        let mut stream = self
             .raft
-            .client_write_many(cmds.into_iter().map(Command::V1))
+            .client_write_many(cmds)
             .await
-            .map_err(|e| ApiError::unavailable(format!("replicating the change failed: {e}")))?;
+            .map_err(|e| Retry::Fail(ApiError::unavailable(format!("Raft stopped: {e}"))))?;
         let mut out = Vec::with_capacity(n);
-        while let Some(r) = results.next().await {
+        let mut last = 0;
+        // A leader cut off from its quorum never commits; do not wait for ever.
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.settings.forward_timeout_ms);
+        loop {
+            let r = match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(_) => {
+                    return Err(Retry::Fail(ApiError::new(
+                        novacron_types::ErrorCode::Timeout,
+                        "the change was not committed in time (this leader may have lost its \
+                         quorum); it may still be applied later",
+                    )));
+                }
+            };
             out.push(match r {
-                Ok(Ok(w)) => w.response.into_result(),
-                Ok(Err(ClientWriteError::ForwardToLeader(f))) => Err(ApiError::unavailable(
-                    format!("this node is not the leader (leader: {:?})", f.leader_id),
-                )),
-                Ok(Err(e)) => Err(ApiError::unavailable(format!(
+                Ok(Ok(w)) => {
+                    last = last.max(w.log_id.index);
+                    w.response.clone()
+                }
+                // Not appended by this leader: safe to send again to the new one, but only when
+                // it is the first command (later ones may follow appended ones).
+                Ok(Err(ClientWriteError::ForwardToLeader(_))) if out.is_empty() => {
+                    return Err(Retry::NotLeader);
+                }
+                Ok(Err(e)) => CommandResponse::rejected(ApiError::unavailable(format!(
                     "replicating the change failed: {e}"
                 ))),
-                Err(fatal) => Err(ApiError::unavailable(format!("Raft stopped: {fatal}"))),
+                Err(fatal) => CommandResponse::rejected(ApiError::unavailable(format!(
+                    "Raft stopped: {fatal}"
+                ))),
             });
         }
         if out.len() != n {
-            return Err(ApiError::unavailable(
+            return Err(Retry::Fail(ApiError::unavailable(
                 "Raft stopped before answering every command",
-            ));
+            )));
         }
-        Ok(out)
+        Ok((out, last))
+    }
+
+    /// Sends the writes to the leader and waits until they are applied here too.
+    async fn write_forwarded(
+        &self,
+        leader: &NodeAddr,
+        commands: Vec<Command>,
+    ) -> Result<Vec<CommandResponse>, Retry> {
+        let timeout = Duration::from_millis(self.settings.forward_timeout_ms);
+        let reply = self
+            .transport
+            .forward_write(leader, ForwardedWrite { commands }, timeout)
+            .await;
+        let ForwardedWriteReply { responses, index } = match reply {
+            Ok(r) => r,
+            Err(TransportError::Unreachable { .. }) => return Err(Retry::LeaderUnreachable),
+            Err(TransportError::Remote { message, .. }) if message.starts_with(NOT_LEADER) => {
+                return Err(Retry::NotLeader);
+            }
+            Err(e) => {
+                return Err(Retry::Fail(ApiError::unavailable(format!(
+                    "forwarding the change to the leader failed: {e}"
+                ))));
+            }
+        };
+        self.wait_applied(index, timeout)
+            .await
+            .map_err(Retry::Fail)?;
+        Ok(responses)
+    }
+
+    /// Leader side of [`Transport::forward_write`].
+    pub async fn serve_forwarded_write(
+        &self,
+        req: ForwardedWrite,
+    ) -> Result<ForwardedWriteReply, ApiError> {
+        match self.write_local(req.commands).await {
+            Ok((responses, index)) => Ok(ForwardedWriteReply { responses, index }),
+            Err(Retry::Fail(e)) => Err(e),
+            Err(_) => Err(ApiError::new(
+                novacron_types::ErrorCode::NotLeader,
+                format!("{NOT_LEADER}; leader is {:?}", self.leader().map(|l| l.0)),
+            )),
+        }
+    }
+
+    /// Leader side of [`Transport::read_index`]: confirms leadership with a quorum.
+    pub async fn serve_read_index(&self) -> Result<u64, ApiError> {
+        match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(read) => Ok(read.index()),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_))) => Err(
+                ApiError::new(novacron_types::ErrorCode::NotLeader, NOT_LEADER.to_string()),
+            ),
+            Err(e) => Err(ApiError::unavailable(format!(
+                "cannot confirm leadership with a quorum: {e}"
+            ))),
+        }
+    }
+
+    /// Makes the next local read linearizable: the leader confirms it still leads; a follower
+    /// asks the leader for its commit index and waits until it has applied that far.
+    pub async fn linearize(&self) -> Result<(), ApiError> {
+        let timeout = Duration::from_millis(self.settings.forward_timeout_ms);
+        let index = match self.leader() {
+            Some((id, _)) if id == self.node_id.0 => self.serve_read_index().await?,
+            Some((_, addr)) => self
+                .transport
+                .read_index(&addr, timeout)
+                .await
+                .map_err(|e| ApiError::unavailable(format!("linearizable read failed: {e}")))?,
+            None => {
+                return Err(ApiError::unavailable(
+                    "no Raft leader is known (election in progress or no quorum); \
+                     retry, or ask for a stale read",
+                ));
+            }
+        };
+        self.wait_applied(index, timeout).await
+    }
+
+    async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<(), ApiError> {
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "catching up with the leader")
+            .await
+            .map(|_| ())
+            .map_err(|e| ApiError::unavailable(format!("this host is behind the leader: {e}")))
+    }
+
+    async fn wait_leader_change(&self, at_most: Duration) {
+        let mut rx = self.raft.server_metrics();
+        let _ = tokio::time::timeout(at_most, rx.changed()).await;
+    }
+
+    /// The current leader's ID and address, as this node knows it.
+    pub fn leader(&self) -> Option<(u64, NodeAddr)> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id).cloned()?;
+        Some((id, addr))
     }
 
     /// Reads the locally applied state (may be stale on a follower).
@@ -269,10 +470,7 @@ impl StateHandle {
         &self,
         f: impl FnOnce(&ClusterState) -> T,
     ) -> Result<T, ApiError> {
-        self.raft
-            .ensure_linearizable(ReadPolicy::ReadIndex)
-            .await
-            .map_err(|e| ApiError::unavailable(format!("linearizable read failed: {e}")))?;
+        self.linearize().await?;
         Ok(self.read(f))
     }
 
@@ -323,9 +521,169 @@ impl StateHandle {
         Ok(applied)
     }
 
+    /// Raft membership as this node knows it.
+    pub fn membership(&self) -> MembershipView {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let mem = m.membership_config.membership();
+        let voters: BTreeSet<u64> = mem.voter_ids().collect();
+        let nodes: BTreeMap<u64, NodeAddr> = mem.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        let learners = nodes
+            .keys()
+            .filter(|id| !voters.contains(id))
+            .copied()
+            .collect();
+        MembershipView {
+            voters,
+            learners,
+            nodes,
+            joint: mem.get_joint_config().len() > 1,
+            log_index: m.membership_config.log_id().map(|l| l.index).unwrap_or(0),
+            committed: m.committed_membership_config.log_id() == m.membership_config.log_id(),
+        }
+    }
+
+    /// On the leader: each member's last replicated log index, and how long ago each answered.
+    pub fn replication(&self) -> Option<BTreeMap<u64, Replication>> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let repl = m.replication.as_ref()?;
+        let hb = m.heartbeat.as_ref();
+        Some(
+            repl.iter()
+                .map(|(id, matched)| {
+                    let acked_ms_ago = hb.and_then(|h| h.get(id).cloned().flatten()).map(|t| {
+                        use openraft::async_runtime::instant::Instant as _;
+                        t.elapsed().as_millis() as u64
+                    });
+                    (
+                        *id,
+                        Replication {
+                            matched: matched.map(|l| l.index),
+                            acked_ms_ago,
+                        },
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// On the leader: milliseconds since a quorum last acknowledged it.
+    pub fn millis_since_quorum_ack(&self) -> Option<u64> {
+        use openraft::async_runtime::instant::Instant as _;
+        let acked = self.raft.metrics().borrow_watched().last_quorum_acked;
+        acked.map(|t| t.elapsed().as_millis() as u64)
+    }
+
+    /// Adds a host as a non-voting member; replication to it starts at once.
+    pub async fn add_learner(&self, id: u64, addr: NodeAddr) -> Result<(), ApiError> {
+        self.raft
+            .add_learner(id, addr, false)
+            .await
+            .map(|_| ())
+            .map_err(membership_error)
+    }
+
+    /// Replaces the set of voters (every new voter must already be a learner). Removed voters stay
+    /// as learners.
+    pub async fn set_voters(&self, voters: BTreeSet<u64>) -> Result<(), ApiError> {
+        self.raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
+            .await
+            .map(|_| ())
+            .map_err(membership_error)
+    }
+
+    /// Takes hosts out of Raft membership entirely (voters are demoted first).
+    pub async fn remove_members(&self, ids: BTreeSet<u64>) -> Result<(), ApiError> {
+        let current = self.membership();
+        let voters_left: BTreeSet<u64> = current.voters.difference(&ids).copied().collect();
+        if voters_left.is_empty() {
+            return Err(ApiError::conflict("cannot remove the last voter"));
+        }
+        if voters_left != current.voters {
+            self.set_voters(voters_left).await?;
+        }
+        self.raft
+            .change_membership(ChangeMembers::RemoveNodes(ids), false)
+            .await
+            .map(|_| ())
+            .map_err(membership_error)
+    }
+
+    /// Asks the leader (this node) to hand leadership to `to`.
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), ApiError> {
+        self.raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("leader transfer: {e}")))
+    }
+
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!("Raft shutdown: {e}");
+        }
+    }
+}
+
+/// Raft membership: who votes, who only replicates.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipView {
+    pub voters: BTreeSet<u64>,
+    pub learners: BTreeSet<u64>,
+    pub nodes: BTreeMap<u64, NodeAddr>,
+    /// A membership change is half done (joint consensus).
+    pub joint: bool,
+    pub log_index: u64,
+    /// The latest membership is committed.
+    pub committed: bool,
+}
+
+/// The leader's view of replication to one member.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replication {
+    pub matched: Option<u64>,
+    pub acked_ms_ago: Option<u64>,
+}
+
+fn membership_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> ApiError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => ApiError::new(
+            novacron_types::ErrorCode::NotLeader,
+            format!("{NOT_LEADER}; membership changes run on the leader"),
+        ),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            ApiError::conflict(format!("membership change refused: {e}"))
+        }
+        e => ApiError::unavailable(format!("membership change failed: {e}")),
+    }
+}
+
+/// Marks an answer from a host that is not the leader, so the forwarder retries elsewhere.
+const NOT_LEADER: &str = "this host is not the Raft leader";
+
+/// Why a write did not go through, and whether it is safe to send it again.
+#[derive(Debug)]
+enum Retry {
+    /// No leader known (election): nothing was sent.
+    NoLeader,
+    /// The host we sent to is no longer the leader and appended nothing.
+    NotLeader,
+    /// The leader could not be reached at all: nothing was delivered.
+    LeaderUnreachable,
+    /// Not retryable (rejected, or the outcome is unknown).
+    Fail(ApiError),
+}
+
+impl Retry {
+    fn into_error(self) -> ApiError {
+        match self {
+            Retry::Fail(e) => e,
+            Retry::NoLeader | Retry::NotLeader => ApiError::unavailable(
+                "no Raft leader could take the change (election in progress or no quorum); retry",
+            ),
+            Retry::LeaderUnreachable => ApiError::unavailable(
+                "the Raft leader is unreachable from this host; the change was not made",
+            ),
         }
     }
 }

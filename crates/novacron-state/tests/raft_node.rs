@@ -3,6 +3,10 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use novacron_state::network::InProcess;
+use novacron_state::raft::StartMode;
 use novacron_state::{CommandV1, RaftSettings, StateHandle};
 use novacron_types::{ErrorCode, Image, ImageFormat, ImageId, NodeId};
 
@@ -34,10 +38,18 @@ async fn snapshots_purge_the_log_and_restart_recovers_state() {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = NodeId(1);
     let addr = "http://127.0.0.1:1".to_string();
+    let net = InProcess::default();
 
-    let state = StateHandle::open(dir.path(), node, addr.clone(), &settings())
-        .await
-        .expect("open");
+    let state = StateHandle::open(
+        dir.path(),
+        node,
+        addr.clone(),
+        &settings(),
+        Arc::new(net.port(&addr)),
+        StartMode::Bootstrap,
+    )
+    .await
+    .expect("open");
     state
         .wait_ready(Duration::from_secs(10))
         .await
@@ -84,7 +96,16 @@ async fn snapshots_purge_the_log_and_restart_recovers_state() {
     // Raft's tasks release the database shortly after shutdown returns.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let state = loop {
-        match StateHandle::open(dir.path(), node, addr.clone(), &settings()).await {
+        match StateHandle::open(
+            dir.path(),
+            node,
+            addr.clone(),
+            &settings(),
+            Arc::new(net.port(&addr)),
+            StartMode::Bootstrap,
+        )
+        .await
+        {
             Ok(s) => break s,
             Err(e) if tokio::time::Instant::now() < deadline => {
                 eprintln!("reopen: {e}; retrying");

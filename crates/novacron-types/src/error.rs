@@ -22,6 +22,10 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// The node cannot serve this right now (no leader, shutting down) (503).
     Unavailable,
+    /// Host-to-host: this host is not the Raft leader; the write was not appended (503).
+    NotLeader,
+    /// This host lost contact with the cluster's quorum and fenced itself (503).
+    Isolated,
     /// Waiting for something took too long (504).
     Timeout,
     /// A bug or an unexpected failure of a dependency (500).
@@ -38,6 +42,8 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::NotLeader => "not_leader",
+            ErrorCode::Isolated => "isolated",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Internal => "internal",
         }

@@ -26,6 +26,11 @@ pub struct CreateVmRequest {
     /// Direct kernel boot; overrides the image's kernel, initrd and command line.
     #[serde(default)]
     pub boot: Option<KernelBoot>,
+    /// The host to create it on (default: the host that receives the request, if it runs VMs,
+    /// otherwise the full host with the fewest VMs).
+    #[serde(default)]
+    #[schema(value_type = Option<u64>)]
+    pub node: Option<NodeId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -357,6 +362,57 @@ pub struct NodeInfo {
     pub registered_at: UnixMillis,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// `full` hosts run VMs; a `witness` only votes and keeps the Raft log.
+    #[serde(default)]
+    pub role: HostRole,
+}
+
+/// What a host is for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HostRole {
+    /// Runs VMs, may vote.
+    #[default]
+    Full,
+    /// Votes and keeps the Raft log so two full hosts plus a witness survive losing one; runs
+    /// no VMs and no tiering.
+    Witness,
+}
+
+impl HostRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostRole::Full => "full",
+            HostRole::Witness => "witness",
+        }
+    }
+}
+
+impl std::str::FromStr for HostRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "full" => Ok(HostRole::Full),
+            "witness" => Ok(HostRole::Witness),
+            other => Err(format!(
+                "unknown host role '{other}' (expected full or witness)"
+            )),
+        }
+    }
+}
+
+/// A one-time token that lets a new host join. Only its SHA-256 is stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    pub id: String,
+    pub secret_sha256: String,
+    pub role: HostRole,
+    pub created_by: String,
+    pub created_at: UnixMillis,
+    pub expires_at: UnixMillis,
+    /// Set when a host used it; a used token never works again.
+    #[serde(default)]
+    pub used_by: Option<NodeId>,
 }
 
 /// Convenience for callers that build an `ApiError` from validation.

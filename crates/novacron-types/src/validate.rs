@@ -153,6 +153,7 @@ mod tests {
             memory_mib: 128,
             disks: vec![],
             boot: None,
+            node: None,
         }
     }
 

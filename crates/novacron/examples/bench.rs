@@ -127,6 +127,7 @@ async fn novacron_run(c: &Client, data: &Path, i: u64) -> (f64, f64) {
             memory_mib: 128,
             disks: vec![],
             boot: None,
+            node: None,
         })
         .await
         .expect("create");
@@ -257,6 +258,7 @@ async fn main() {
             memory_mib: 128,
             disks: vec![],
             boot: None,
+            node: None,
         })
         .await
         .expect("create idle");

@@ -15,7 +15,9 @@ use novacron_types::{
     OperationStatus, Vm,
 };
 
+use crate::cluster_cli::{self, ClusterCommand};
 use crate::config;
+use crate::dev_cluster::DevClusterArgs;
 use crate::output::{self, Format};
 use crate::serve::ServeArgs;
 
@@ -48,7 +50,7 @@ pub struct Global {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a node.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Log in and remember the server and session in the client config file.
     Login {
         #[arg(long, default_value = "admin")]
@@ -75,6 +77,11 @@ pub enum Command {
     /// Cluster hosts.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Cluster membership: join tokens, status, removal, leadership.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Run a local cluster of N hosts as separate processes on loopback (Ctrl-C stops it).
+    DevCluster(DevClusterArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,6 +109,9 @@ pub enum VmCommand {
         /// Start it right away and wait until it runs.
         #[arg(long)]
         start: bool,
+        /// Host ID to create it on (default: chosen by the cluster).
+        #[arg(long)]
+        node: Option<u64>,
     },
     List,
     Show {
@@ -217,7 +227,7 @@ pub enum NodeCommand {
     List,
 }
 
-fn client(g: &Global) -> anyhow::Result<Client> {
+pub(crate) fn client(g: &Global) -> anyhow::Result<Client> {
     let file = config::load()?;
     let server = g.server.clone().or(file.server).context(
         "no server: pass --server, set NOVACRON_SERVER, or run `novacron login --server URL`",
@@ -251,7 +261,8 @@ fn read_password(prompt: &str, from_stdin: bool) -> anyhow::Result<String> {
 
 pub async fn run(g: Global, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve(_) => unreachable!("handled in main"),
+        Command::Serve(_) | Command::DevCluster(_) => unreachable!("handled in main"),
+        Command::Cluster(c) => cluster_cli::run(&g, c).await,
         Command::Login {
             username,
             password_stdin,
@@ -437,6 +448,7 @@ async fn vm(g: &Global, cmd: VmCommand) -> anyhow::Result<()> {
             initrd,
             cmdline,
             start,
+            node,
         } => {
             let c = client(g)?;
             let req = CreateVmRequest {
@@ -453,6 +465,7 @@ async fn vm(g: &Global, cmd: VmCommand) -> anyhow::Result<()> {
                     initrd,
                     cmdline,
                 }),
+                node: node.map(novacron_types::NodeId),
             };
             let vm = c.create_vm(&req).await?;
             if start {

@@ -1,7 +1,9 @@
 //! `novacron`: `serve` runs a node; every other subcommand talks to a node's REST API.
 
 mod cli;
+mod cluster_cli;
 mod config;
+mod dev_cluster;
 mod output;
 mod serve;
 
@@ -13,7 +15,8 @@ use clap::Parser;
 async fn main() -> ExitCode {
     let args = cli::Args::parse();
     let result = match args.command {
-        cli::Command::Serve(s) => serve::run(s).await,
+        cli::Command::Serve(s) => serve::run(*s).await,
+        cli::Command::DevCluster(a) => dev_cluster::run(a).await,
         command => cli::run(args.global, command).await,
     };
     match result {

@@ -8,8 +8,17 @@ pub enum Format {
     Json,
 }
 
+/// Writes a line to stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn out(line: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if writeln!(stdout, "{line}").is_err() {
+        std::process::exit(0);
+    }
+}
+
 pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    out(&serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -27,7 +36,7 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
-        println!("{}", parts.join("  ").trim_end());
+        out(parts.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {

@@ -10,10 +10,11 @@ use clap::Parser;
 use serde::Deserialize;
 
 use novacron_hypervisor::accel::AccelSetting;
-use novacron_server::node::{self, NodeConfig};
+use novacron_server::cluster::ClusterSettings;
+use novacron_server::node::{self, JoinTarget, NodeConfig};
 use novacron_server::service::ServiceSettings;
 use novacron_state::RaftSettings;
-use novacron_types::NodeId;
+use novacron_types::{HostRole, NodeId};
 
 #[derive(Parser, Debug, Clone)]
 pub struct ServeArgs {
@@ -34,8 +35,39 @@ pub struct ServeArgs {
     /// Directory of the demo image (built by scripts/build-demo-image.sh).
     #[arg(long, env = "NOVACRON_DEMO_IMAGE")]
     pub demo_image: Option<PathBuf>,
+    /// ID of a host that bootstraps a new cluster (joining hosts are given one).
     #[arg(long, env = "NOVACRON_NODE_ID")]
     pub node_id: Option<u64>,
+    /// URL other hosts and clients use for this host (default: http://LISTEN).
+    #[arg(long, env = "NOVACRON_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Join an existing cluster through this member's API address (needs --token).
+    #[arg(long, env = "NOVACRON_JOIN", requires = "token")]
+    pub join: Option<String>,
+    /// One-time join token from `novacron cluster token`.
+    #[arg(long, env = "NOVACRON_JOIN_TOKEN")]
+    pub token: Option<String>,
+    /// full (runs VMs) or witness (only votes and keeps the Raft log).
+    #[arg(long, env = "NOVACRON_ROLE")]
+    pub role: Option<String>,
+    /// Voters the cluster aims for (3 or 5).
+    #[arg(long, env = "NOVACRON_TARGET_VOTERS")]
+    pub target_voters: Option<usize>,
+    /// Lease length in milliseconds: a host that cannot renew its lease fences itself first.
+    #[arg(long, env = "NOVACRON_LEASE_MS")]
+    pub lease_ms: Option<u64>,
+    /// Heartbeat (lease renewal) interval in milliseconds.
+    #[arg(long, env = "NOVACRON_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// A host not heard from for this many milliseconds is offline.
+    #[arg(long, env = "NOVACRON_OFFLINE_AFTER_MS")]
+    pub offline_after_ms: Option<u64>,
+    /// What an isolated host does to its VMs: pause, stop or none.
+    #[arg(long, env = "NOVACRON_FENCING")]
+    pub fencing: Option<String>,
+    /// Raft election timeout (minimum, ms); the maximum is twice this.
+    #[arg(long, env = "NOVACRON_ELECTION_TIMEOUT_MS")]
+    pub election_timeout_ms: Option<u64>,
     #[arg(long, env = "NOVACRON_NODE_NAME")]
     pub node_name: Option<String>,
     /// Seconds a graceful stop waits for the guest before forcing it off.
@@ -64,6 +96,14 @@ struct ServeFile {
     node_name: Option<String>,
     shutdown_timeout: Option<u64>,
     snapshot_every: Option<u64>,
+    advertise: Option<String>,
+    role: Option<String>,
+    target_voters: Option<usize>,
+    lease_ms: Option<u64>,
+    heartbeat_ms: Option<u64>,
+    offline_after_ms: Option<u64>,
+    fencing: Option<String>,
+    election_timeout_ms: Option<u64>,
 }
 
 fn config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
@@ -92,6 +132,45 @@ fn config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
         }
         raft.snapshot_every = n;
     }
+    if let Some(ms) = args.election_timeout_ms.or(file.election_timeout_ms) {
+        if ms < 20 {
+            anyhow::bail!("--election-timeout-ms must be at least 20");
+        }
+        raft.election_timeout_min_ms = ms;
+        raft.election_timeout_max_ms = ms * 2;
+        raft.heartbeat_ms = raft.heartbeat_ms.min(ms / 3).max(5);
+    }
+    let mut cluster = ClusterSettings::default();
+    if let Some(n) = args.target_voters.or(file.target_voters) {
+        cluster.target_voters = n;
+    }
+    if let Some(ms) = args.lease_ms.or(file.lease_ms) {
+        cluster.lease = Duration::from_millis(ms);
+        cluster.fence_budget = cluster.lease / 3;
+        cluster.ha_margin = cluster.lease / 3;
+    }
+    if let Some(ms) = args.heartbeat_ms.or(file.heartbeat_ms) {
+        cluster.heartbeat = Duration::from_millis(ms);
+    }
+    if let Some(ms) = args.offline_after_ms.or(file.offline_after_ms) {
+        cluster.offline_after = Duration::from_millis(ms);
+    }
+    if let Some(f) = args.fencing.or(file.fencing) {
+        cluster.fencing = f.parse().map_err(anyhow::Error::msg)?;
+    }
+    cluster.validate().map_err(anyhow::Error::msg)?;
+    let role: HostRole = args
+        .role
+        .or(file.role)
+        .map(|r| r.parse())
+        .transpose()
+        .map_err(anyhow::Error::msg)?
+        .unwrap_or_default();
+    let join = match (args.join, args.token) {
+        (Some(address), Some(token)) => Some(JoinTarget { address, token }),
+        (None, Some(_)) => anyhow::bail!("--token needs --join ADDRESS"),
+        _ => None,
+    };
     let mut service = ServiceSettings::default();
     if let Some(s) = args.shutdown_timeout.or(file.shutdown_timeout) {
         service.shutdown_timeout = Duration::from_secs(s);
@@ -108,6 +187,10 @@ fn config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
             .or(file.listen)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
         node_id: NodeId(node_id),
+        advertise: args.advertise.or(file.advertise),
+        role,
+        join,
+        cluster,
         node_name: args
             .node_name
             .or(file.node_name)

@@ -125,6 +125,33 @@ impl Query {
     }
 }
 
+impl Query {
+    /// Parses an optional boolean parameter (`true`/`false`, `1`/`0`).
+    pub fn bool(&self, name: &str) -> Result<Option<bool>, ApiError> {
+        match self.0.get(name).map(String::as_str) {
+            None => Ok(None),
+            Some("true" | "1") => Ok(Some(true)),
+            Some("false" | "0") => Ok(Some(false)),
+            Some(v) => Err(ApiError::invalid(
+                name,
+                format!("{name} must be true or false (got '{v}')"),
+            )),
+        }
+    }
+
+    /// `consistency=stale` asks for this host's local view instead of a linearizable read.
+    pub fn stale(&self) -> Result<bool, ApiError> {
+        match self.0.get("consistency").map(String::as_str) {
+            None | Some("linearizable") => Ok(false),
+            Some("stale") => Ok(true),
+            Some(v) => Err(ApiError::invalid(
+                "consistency",
+                format!("consistency must be linearizable or stale (got '{v}')"),
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,8 @@ use super::AppState;
 use super::error::ApiResult;
 use super::extract::{JsonBody, Query};
 use crate::auth::Principal;
-use crate::service::VmAction;
+use crate::cluster::status::{ClusterStatus, LeaderRef};
+use crate::service::{JoinReply, JoinRequest, JoinTokenCreated, JoinTokenRequest, VmAction};
 
 /// Console reads return at most this much per request.
 const CONSOLE_READ_LIMIT: u64 = 1024 * 1024;
@@ -293,10 +294,31 @@ pub async fn list_vms(State(st): State<AppState>) -> ApiResult<Json<Vec<Vm>>> {
 pub async fn create_vm(
     State(st): State<AppState>,
     Extension(who): Extension<Principal>,
-    JsonBody(req): JsonBody<CreateVmRequest>,
-) -> ApiResult<(StatusCode, Json<Vm>)> {
-    let vm = st.service.create_vm(req, &who).await?;
-    Ok((StatusCode::CREATED, Json(vm)))
+    headers: HeaderMap,
+    JsonBody(mut req): JsonBody<CreateVmRequest>,
+) -> Response {
+    let svc = &st.service;
+    let host = match svc.choose_host(&req) {
+        Ok(h) => h,
+        Err(e) => return super::HttpError(e).into_response(),
+    };
+    if host != svc.node_id() {
+        req.node = Some(host);
+        let body = serde_json::to_vec(&req).unwrap_or_default();
+        return super::forward::to_node(
+            svc,
+            host,
+            axum::http::Method::POST,
+            "/api/v1/vms",
+            &headers,
+            body.into(),
+        )
+        .await;
+    }
+    match svc.create_vm(req, &who).await {
+        Ok(vm) => (StatusCode::CREATED, Json(vm)).into_response(),
+        Err(e) => super::HttpError(e).into_response(),
+    }
 }
 
 #[utoipa::path(get, path = "/api/v1/vms/{vm}", tag = "vms", params(("vm" = String, Path, description = "ID or name")),
@@ -374,6 +396,19 @@ pub async fn vm_console_ws(
     ws: WebSocketUpgrade,
 ) -> ApiResult<Response> {
     let vm = st.service.get_vm(&vm).await?;
+    if vm.node != st.service.node_id() {
+        // WebSockets are not forwarded: point the client at the VM's host.
+        let addr = st
+            .service
+            .state()
+            .read(|s| s.nodes.get(&vm.node.0).map(|n| n.api_address.clone()))
+            .unwrap_or_default();
+        return Err(ApiError::conflict(format!(
+            "VM '{}' runs on host {} ({addr}); open its console stream there",
+            vm.name, vm.node
+        ))
+        .into());
+    }
     let offset = q.u64("offset", u64::MAX >> 1)?;
     let path = st.service.console_path(&vm);
     Ok(ws.on_upgrade(move |socket| stream_console(socket, path, offset)))
@@ -544,4 +579,97 @@ pub async fn wait_operation(
             .wait_operation(&id, Duration::from_secs(timeout))
             .await?,
     ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster
+
+#[utoipa::path(get, path = "/api/v1/cluster", tag = "cluster",
+    params(("consistency" = Option<String>, Query,
+        description = "`stale`: this host's own view, without asking the leader")),
+    responses((status = 200, body = ClusterStatus)), security(("bearer" = [])))]
+pub async fn cluster_status(
+    State(st): State<AppState>,
+    q: Query,
+) -> ApiResult<Json<ClusterStatus>> {
+    let stale = q.stale()?;
+    Ok(Json(st.service.cluster_status(stale).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/cluster/tokens", tag = "cluster",
+    request_body = JoinTokenRequest,
+    responses((status = 201, body = JoinTokenCreated), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_join_token(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    JsonBody(req): JsonBody<JoinTokenRequest>,
+) -> ApiResult<(StatusCode, Json<JoinTokenCreated>)> {
+    Ok((
+        StatusCode::CREATED,
+        Json(st.service.create_join_token(req, &who).await?),
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/cluster/join", tag = "cluster", request_body = JoinRequest,
+    responses((status = 200, body = JoinReply), (status = 401, body = ErrorBody),
+        (status = 429, body = ErrorBody)))]
+pub async fn join_cluster(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    JsonBody(req): JsonBody<JoinRequest>,
+) -> Response {
+    // The token is the credential: rate-limit guesses like logins.
+    if st
+        .login_limiter
+        .check_key(&(peer.ip(), "\0join".to_string()))
+        .is_err()
+    {
+        let e = ApiError::new(
+            ErrorCode::Unavailable,
+            "too many join attempts from this address; wait a minute",
+        );
+        return (StatusCode::TOO_MANY_REQUESTS, Json(ErrorBody { error: e })).into_response();
+    }
+    match st.service.join(req).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => super::HttpError(e).into_response(),
+    }
+}
+
+#[utoipa::path(delete, path = "/api/v1/cluster/members/{id}", tag = "cluster",
+    params(("id" = u64, Path, description = "Host ID"),
+        ("force" = Option<bool>, Query, description = "Remove a host that is down")),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn remove_member(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    q: Query,
+) -> ApiResult<StatusCode> {
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ApiError::invalid("id", format!("'{id}' is not a host ID")))?;
+    let force = q.bool("force")?.unwrap_or(false);
+    st.service.remove_node(id, force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TransferLeaderRequest {
+    /// The voter to hand leadership to (default: the healthiest other voter).
+    #[serde(default)]
+    pub to: Option<u64>,
+}
+
+#[utoipa::path(post, path = "/api/v1/cluster/leader", tag = "cluster",
+    request_body = TransferLeaderRequest,
+    responses((status = 200, body = LeaderRef), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn transfer_leader(
+    State(st): State<AppState>,
+    JsonBody(req): JsonBody<TransferLeaderRequest>,
+) -> ApiResult<Json<LeaderRef>> {
+    Ok(Json(st.service.transfer_leader(req.to).await?))
 }

@@ -1,11 +1,15 @@
 //! The REST API under `/api/v1`: thin handlers that parse, call the [`Service`], and format.
 //!
 //! Roles are attached to each route where it is declared ([`viewer`], [`operator`], [`admin`]),
-//! so no route can forget its check. Only `/healthz` and `/api/v1/auth/login` are open.
+//! so no route can forget its check. Only `/healthz`, `/api/v1/auth/login` and
+//! `/api/v1/cluster/join` (the join token is its credential) are open; `/internal/v1` takes the
+//! cluster secret only.
 
 mod error;
 mod extract;
+mod forward;
 mod handlers;
+mod internal;
 pub mod openapi;
 
 pub use error::{HttpError, status_of};
@@ -105,6 +109,15 @@ pub fn operator(state: &AppState, route: MethodRouter<AppState>) -> MethodRouter
 }
 pub fn admin(state: &AppState, route: MethodRouter<AppState>) -> MethodRouter<AppState> {
     with_role(Role::Admin, state, route)
+}
+
+/// Runs the route on the host that owns the VM in its path (after authentication, which the
+/// role layer wrapped around it does first).
+fn on_owner(state: &AppState, route: MethodRouter<AppState>) -> MethodRouter<AppState> {
+    route.route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        forward::to_vm_owner,
+    ))
 }
 
 async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -218,25 +231,28 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/api/v1/vms/{vm}",
-            viewer(s, get(get_vm)).merge(operator(s, delete(delete_vm))),
+            viewer(s, get(get_vm)).merge(operator(s, on_owner(s, delete(delete_vm)))),
         )
         .route(
             "/api/v1/vms/{vm}/actions/{action}",
-            operator(s, post(vm_action)),
+            operator(s, on_owner(s, post(vm_action))),
         )
-        .route("/api/v1/vms/{vm}/console", viewer(s, get(vm_console)))
+        .route(
+            "/api/v1/vms/{vm}/console",
+            viewer(s, on_owner(s, get(vm_console))),
+        )
         .route("/api/v1/vms/{vm}/console/ws", viewer(s, get(vm_console_ws)))
         .route(
             "/api/v1/vms/{vm}/snapshots",
-            viewer(s, get(list_snapshots)).merge(operator(s, post(create_snapshot))),
+            viewer(s, get(list_snapshots)).merge(operator(s, on_owner(s, post(create_snapshot)))),
         )
         .route(
             "/api/v1/vms/{vm}/snapshots/{name}",
-            operator(s, delete(delete_snapshot)),
+            operator(s, on_owner(s, delete(delete_snapshot))),
         )
         .route(
             "/api/v1/vms/{vm}/snapshots/{name}/restore",
-            operator(s, post(restore_snapshot)),
+            operator(s, on_owner(s, post(restore_snapshot))),
         )
         // Importing reads a path on the host: admin only (it could read any file novacron can).
         .route(
@@ -248,6 +264,14 @@ pub fn router(state: AppState) -> Router {
             viewer(s, get(get_image)).merge(operator(s, delete(delete_image))),
         )
         .route("/api/v1/nodes", viewer(s, get(list_nodes)))
+        .route("/api/v1/cluster", viewer(s, get(cluster_status)))
+        .route("/api/v1/cluster/tokens", admin(s, post(create_join_token)))
+        .route("/api/v1/cluster/join", post(join_cluster))
+        .route(
+            "/api/v1/cluster/members/{id}",
+            admin(s, delete(remove_member)),
+        )
+        .route("/api/v1/cluster/leader", admin(s, post(transfer_leader)))
         .route("/api/v1/operations", viewer(s, get(list_operations)))
         .route("/api/v1/operations/{id}", viewer(s, get(get_operation)))
         .route(
@@ -259,5 +283,6 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(DefaultBodyLimit::max(1024 * 1024))
+        .merge(internal::router(s))
         .with_state(state)
 }

@@ -32,6 +32,8 @@ impl Modify for BearerAuth {
         handlers::delete_snapshot,
         handlers::list_images, handlers::get_image, handlers::import_image, handlers::delete_image,
         handlers::list_operations, handlers::get_operation, handlers::wait_operation,
+        handlers::cluster_status, handlers::create_join_token, handlers::join_cluster,
+        handlers::remove_member, handlers::transfer_leader,
     ),
 )]
 pub struct ApiDoc;

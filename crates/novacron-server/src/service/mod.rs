@@ -6,11 +6,13 @@
 //! flight (its lock), and an action that cannot apply in the VM's current state is a 409 before
 //! anything starts.
 
+mod cluster;
 mod images;
 mod ops;
 mod users;
 mod vms;
 
+pub use cluster::{JoinReply, JoinRequest, JoinTokenCreated, JoinTokenRequest};
 pub use ops::OpCtx;
 pub use vms::{ConsoleChunk, VmAction, read_console};
 
@@ -23,6 +25,7 @@ use novacron_hypervisor::{HvError, Hypervisor};
 use novacron_state::StateHandle;
 use novacron_types::{ApiError, ErrorCode, NodeId, VmId};
 
+use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 
 /// Tunables of the service layer.
@@ -45,6 +48,8 @@ impl Default for ServiceSettings {
 
 pub(crate) struct Inner {
     pub state: StateHandle,
+    pub cluster: Arc<Cluster>,
+    pub data_dir: PathBuf,
     pub hv: Arc<dyn Hypervisor>,
     pub node: NodeId,
     pub images_dir: PathBuf,
@@ -62,9 +67,12 @@ pub struct Service {
 }
 
 impl Service {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         state: StateHandle,
+        cluster: Arc<Cluster>,
         hv: Arc<dyn Hypervisor>,
+        data_dir: PathBuf,
         images_dir: PathBuf,
         metrics: Arc<Metrics>,
         settings: ServiceSettings,
@@ -73,6 +81,8 @@ impl Service {
         Self {
             inner: Arc::new(Inner {
                 state,
+                cluster,
+                data_dir,
                 hv,
                 node,
                 images_dir,
@@ -86,6 +96,14 @@ impl Service {
 
     pub fn state(&self) -> &StateHandle {
         &self.inner.state
+    }
+
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.inner.cluster
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.inner.data_dir
     }
 
     pub fn hypervisor(&self) -> &Arc<dyn Hypervisor> {

@@ -7,8 +7,8 @@ use std::time::Instant;
 use novacron_hypervisor::{RuntimeSpec, StateChange};
 use novacron_state::CommandV1;
 use novacron_types::{
-    ApiError, CreateVmRequest, DiskSpec, Image, KernelBoot, Operation, PowerState, Vm, VmId,
-    VmSnapshot, VmSpec, VmState, now_millis, validate,
+    ApiError, CreateVmRequest, DiskSpec, HostRole, Image, KernelBoot, NodeId, Operation,
+    PowerState, Vm, VmId, VmSnapshot, VmSpec, VmState, now_millis, validate,
 };
 
 use super::{OpCtx, Service, hv_error};
@@ -158,8 +158,46 @@ impl Service {
         })
     }
 
+    /// Which host a new VM goes to: the one asked for (if it runs VMs), else this host if it
+    /// runs VMs, else the full host with the fewest VMs. (Placement with capacities and
+    /// affinities replaces this in the migration and placement work.)
+    pub fn choose_host(&self, req: &CreateVmRequest) -> Result<NodeId, ApiError> {
+        let me = self.inner.node;
+        self.inner.state.read(|s| {
+            if let Some(n) = req.node {
+                let info = s.nodes.get(&n.0).ok_or_else(|| {
+                    ApiError::invalid("node", format!("host {n} is not a cluster member"))
+                })?;
+                if info.role == HostRole::Witness {
+                    return Err(ApiError::invalid(
+                        "node",
+                        format!("host {n} is a witness and runs no VMs"),
+                    ));
+                }
+                return Ok(n);
+            }
+            if s.nodes.get(&me.0).is_none_or(|n| n.role == HostRole::Full) {
+                return Ok(me);
+            }
+            s.nodes
+                .values()
+                .filter(|n| n.role == HostRole::Full)
+                .min_by_key(|n| (s.vms.values().filter(|v| v.node == n.id).count(), n.id))
+                .map(|n| n.id)
+                .ok_or_else(|| ApiError::conflict("no host in the cluster runs VMs"))
+        })
+    }
+
     pub async fn create_vm(&self, req: CreateVmRequest, who: &Principal) -> Result<Vm, ApiError> {
         validate::create_vm(&req)?;
+        if let Some(n) = req.node
+            && n != self.inner.node
+        {
+            return Err(ApiError::invalid(
+                "node",
+                format!("this is host {}, not host {n}", self.inner.node),
+            ));
+        }
         if req.boot.is_some() {
             // Kernel and initrd are host paths QEMU loads into guest memory: choosing them is
             // reading host files, so only admins may (everyone else boots what the image says).

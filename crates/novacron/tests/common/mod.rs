@@ -163,6 +163,7 @@ pub fn demo_vm(name: &str) -> CreateVmRequest {
         memory_mib: 128,
         disks: vec![],
         boot: None,
+        node: None,
     }
 }
 

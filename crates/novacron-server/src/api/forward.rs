@@ -1,0 +1,134 @@
+//! Any host accepts any request: a request about a VM that lives on another host is passed to
+//! that host unchanged (same path, query, credentials and body), and its answer is returned.
+//! Writes to the replicated state need no forwarding here: the state layer forwards them to the
+//! Raft leader.
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use novacron_types::{ApiError, ErrorCode, NodeId};
+
+use super::AppState;
+use super::error::HttpError;
+use crate::service::Service;
+
+/// Marks a forwarded request, so a host never forwards it again (no loops).
+pub const FORWARDED_HEADER: &str = "novacron-forwarded-by";
+
+/// Long enough for the slowest synchronous call (a graceful stop waits inside an operation,
+/// not here).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Sends a request to host `node`'s API and returns its answer.
+pub async fn to_node(
+    svc: &Service,
+    node: NodeId,
+    method: Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    match forward(svc, node, method, path_and_query, headers, body).await {
+        Ok(r) => r,
+        Err(e) => HttpError(e).into_response(),
+    }
+}
+
+async fn forward(
+    svc: &Service,
+    node: NodeId,
+    method: Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if headers.contains_key(FORWARDED_HEADER) {
+        return Err(ApiError::unavailable(format!(
+            "this request was forwarded here, but host {node} owns the resource; the hosts \
+             disagree about ownership (a change in flight); retry"
+        )));
+    }
+    let addr = svc
+        .state()
+        .read(|s| s.nodes.get(&node.0).map(|n| n.api_address.clone()))
+        .ok_or_else(|| ApiError::unavailable(format!("host {node} is not a cluster member")))?;
+    let client = svc.cluster().transport.client();
+    let mut req = client
+        .request(method, format!("{addr}{path_and_query}"))
+        .timeout(FORWARD_TIMEOUT)
+        .header(FORWARDED_HEADER, svc.node_id().to_string())
+        .body(body);
+    for name in [header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT] {
+        if let Some(v) = headers.get(&name) {
+            req = req.header(name, v);
+        }
+    }
+    let resp = req.send().await.map_err(|e| {
+        ApiError::new(
+            if e.is_timeout() {
+                ErrorCode::Timeout
+            } else {
+                ErrorCode::Unavailable
+            },
+            format!("host {node} ({addr}), which owns this resource, did not answer: {e}"),
+        )
+    })?;
+    let status = resp.status();
+    let mut out = Response::builder().status(status.as_u16());
+    for name in [
+        header::CONTENT_TYPE,
+        header::LOCATION,
+        header::WWW_AUTHENTICATE,
+    ] {
+        if let Some(v) = resp.headers().get(name.as_str())
+            && let Ok(v) = HeaderValue::from_bytes(v.as_bytes())
+        {
+            out = out.header(name, v);
+        }
+    }
+    // Forwarded replies are small (the console is read in bounded pieces).
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| ApiError::unavailable(format!("reading host {node}'s answer: {e}")))?;
+    out.body(Body::from(bytes))
+        .map_err(|e| ApiError::internal(format!("building the forwarded answer: {e}")))
+}
+
+/// Route layer for `/api/v1/vms/{vm}/...`: runs the request on the VM's host.
+pub async fn to_vm_owner(
+    State(st): State<AppState>,
+    Path(params): Path<std::collections::HashMap<String, String>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let svc = &st.service;
+    let owner = params
+        .get("vm")
+        .and_then(|key| svc.find_vm(key).ok())
+        .map(|vm| vm.node);
+    match owner {
+        Some(node) if node != svc.node_id() => {
+            let (parts, body) = req.into_parts();
+            let body = match axum::body::to_bytes(body, 1024 * 1024).await {
+                Ok(b) => b,
+                Err(e) => {
+                    return HttpError(ApiError::invalid("body", e.to_string())).into_response();
+                }
+            };
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| parts.uri.path().to_string());
+            to_node(svc, node, parts.method, &pq, &parts.headers, body).await
+        }
+        // Ours, or unknown here (the handler's linearizable read decides).
+        _ => next.run(req).await,
+    }
+}

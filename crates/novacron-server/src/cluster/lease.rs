@@ -1,0 +1,251 @@
+//! Leases and fencing.
+//!
+//! Every host, the leader included, renews its lease once per heartbeat: a follower sends a
+//! heartbeat to the leader, which confirms its leadership with a quorum (a read-index round)
+//! *after* receiving it and only then answers. The lease then runs from the moment the
+//! heartbeat was *sent*. The leader notes when it received it. See ARCHITECTURE.md, "Leases and
+//! fencing", for why this means no other host can take over a VM before its old host has
+//! fenced it.
+
+use std::time::{Duration, Instant};
+
+use novacron_types::{ApiError, ErrorCode, VmState, now_millis};
+
+use super::{Cluster, FenceAction, FenceRecord, Heartbeat, Inventory, LeaseGrant, PeerReach};
+use crate::service::Service;
+
+impl Cluster {
+    /// Leader side of a heartbeat: confirm leadership with a quorum, then grant.
+    pub async fn receive_heartbeat(&self, beat: Heartbeat) -> Result<LeaseGrant, ApiError> {
+        self.state.serve_read_index().await?;
+        self.record_heartbeat(beat);
+        Ok(LeaseGrant {
+            leader: self.node,
+            term: self.state.metrics().term,
+            lease_ms: self.settings.lease.as_millis() as u64,
+        })
+    }
+
+    /// Renews this host's lease once. Returns the grant.
+    async fn renew(&self, beat: Heartbeat) -> Result<LeaseGrant, ApiError> {
+        match self.state.leader() {
+            Some((id, _)) if id == self.node.0 => self.receive_heartbeat(beat).await,
+            Some((_, addr)) => self
+                .transport
+                .call(
+                    &addr.api_addr,
+                    "/internal/v1/heartbeat",
+                    &beat,
+                    self.settings.heartbeat,
+                )
+                .await
+                .map_err(|e| ApiError::unavailable(e.to_string())),
+            None => Err(ApiError::unavailable("no leader is known")),
+        }
+    }
+
+    fn on_renewed(&self, sent: Instant) -> bool {
+        let mut l = self.local();
+        l.renewed_at = Some(l.renewed_at.map_or(sent, |r| r.max(sent)));
+        l.isolated_since.take().is_some()
+    }
+
+    /// Has the lease run out to the point where this host must fence? Returns the moment the
+    /// lease itself runs out, when so and not already isolated.
+    fn should_isolate(&self) -> Option<Instant> {
+        let l = self.local();
+        if l.isolated_since.is_some() {
+            return None;
+        }
+        // Before the first renewal the host holds whatever lease it could have had before it
+        // started; count from start-up.
+        let from = l.renewed_at.unwrap_or(self.started);
+        (from.elapsed() >= self.settings.isolate_after()).then_some(from + self.settings.lease)
+    }
+
+    async fn ping_peers(&self) {
+        let members = self.state.membership().nodes;
+        let timeout = self.settings.heartbeat.min(Duration::from_millis(500));
+        let pings = members
+            .into_iter()
+            .filter(|(id, _)| *id != self.node.0)
+            .map(|(id, addr)| async move {
+                let t = Instant::now();
+                let ok = self
+                    .transport
+                    .get::<serde_json::Value>(&addr.api_addr, "/internal/v1/ping", timeout)
+                    .await
+                    .is_ok();
+                (id, ok, t.elapsed())
+            });
+        let results = futures::future::join_all(pings).await;
+        let mut l = self.local();
+        l.reach
+            .retain(|id, _| results.iter().any(|(r, _, _)| r == id));
+        for (id, ok, rtt) in results {
+            let e = l.reach.entry(id).or_insert(PeerReach {
+                reachable: false,
+                rtt_us: None,
+                last_ok_ms_ago: None,
+                last_ok: None,
+            });
+            e.reachable = ok;
+            if ok {
+                e.rtt_us = Some(rtt.as_micros() as u64);
+                e.last_ok = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// This host's heartbeat: inventory and what it can reach.
+fn heartbeat(svc: &Service) -> Heartbeat {
+    let c = svc.cluster();
+    let me = c.node;
+    let info = svc.hypervisor().info();
+    let (mem_total, mem_avail) = meminfo();
+    let vms_running = svc.state().read(|s| {
+        s.vms
+            .values()
+            .filter(|v| v.node == me && v.state == VmState::Running)
+            .count() as u32
+    });
+    let mut disk = std::collections::BTreeMap::new();
+    if let Some(free) = free_bytes(svc.data_dir()) {
+        disk.insert("data".to_string(), free);
+    }
+    Heartbeat {
+        node: me,
+        inventory: Inventory {
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
+            memory_mib: mem_total,
+            memory_available_mib: mem_avail,
+            disk_free_bytes: disk,
+            qemu_version: info.qemu_version,
+            accelerator: info.accelerator,
+            load1: load1(),
+            vms_running,
+        },
+        reach: c
+            .reach_snapshot()
+            .into_iter()
+            .map(|(id, r)| (id, r.reachable))
+            .collect(),
+        applied_index: svc.state().metrics().applied_index,
+        isolated: c.is_isolated(),
+    }
+}
+
+/// Runs for the life of the host: renew the lease every heartbeat, ping peers, and fence when
+/// the lease is about to run out.
+pub async fn run(svc: Service) {
+    let c = svc.cluster().clone();
+    let mut tick = tokio::time::interval(c.settings.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let sent = Instant::now();
+        let beat = heartbeat(&svc);
+        let (renewed, ()) = tokio::join!(
+            tokio::time::timeout(c.settings.heartbeat, c.renew(beat)),
+            c.ping_peers(),
+        );
+        match renewed {
+            Ok(Ok(_grant)) => {
+                if c.on_renewed(sent) {
+                    tracing::warn!("lease renewed: this host is back in the cluster");
+                    svc.state().refuse_writes(None);
+                    // Record what the VMs really are now (fenced ones stay paused or stopped
+                    // until someone acts on them).
+                    svc.readopt_vms().await;
+                }
+            }
+            Ok(Err(e)) => tracing::debug!("lease renewal failed: {}", e.message),
+            Err(_) => tracing::debug!("lease renewal timed out"),
+        }
+        if let Some(expiry) = c.should_isolate() {
+            isolate_and_fence(&svc, expiry).await;
+        }
+    }
+}
+
+async fn isolate_and_fence(svc: &Service, lease_expiry: Instant) {
+    let c = svc.cluster();
+    let expiry_wall = Cluster::wall_in(lease_expiry.saturating_duration_since(Instant::now()));
+    c.local().isolated_since = Some(Instant::now());
+    let why = format!(
+        "this host is isolated: it could not renew its lease with a quorum of the cluster for \
+         {} ms, so it refuses changes{}",
+        c.settings.isolate_after().as_millis(),
+        match c.settings.fencing {
+            FenceAction::Pause => " and has paused its VMs",
+            FenceAction::Stop => " and has stopped its VMs",
+            FenceAction::None => "",
+        }
+    );
+    svc.state()
+        .refuse_writes(Some(ApiError::new(ErrorCode::Isolated, why.clone())));
+    tracing::error!("{why}");
+    let me = c.node;
+    let vms: Vec<(novacron_types::VmId, String)> = svc.state().read(|s| {
+        s.vms
+            .values()
+            .filter(|v| v.node == me)
+            .map(|v| (v.id, v.name.clone()))
+            .collect()
+    });
+    let hv = svc.hypervisor();
+    let mut fenced = Vec::new();
+    for (id, name) in vms {
+        let observed = hv.observe(id).await;
+        let r = match (c.settings.fencing, observed) {
+            (FenceAction::Pause, VmState::Running) => hv.pause(id).await,
+            (FenceAction::Stop, s) if s.has_process() => hv.force_stop(id).await,
+            _ => continue,
+        };
+        match r {
+            Ok(()) => fenced.push(name),
+            // Pausing failed: stopping is the only safe thing left.
+            Err(e) => {
+                tracing::error!(vm = %name, "fencing failed ({e}); killing QEMU");
+                let _ = hv.force_stop(id).await;
+                fenced.push(name);
+            }
+        }
+    }
+    let record = FenceRecord {
+        at: now_millis(),
+        lease_expiry: expiry_wall,
+        action: c.settings.fencing,
+        vms: fenced,
+    };
+    tracing::error!(?record, "fenced");
+    c.local().fenced.push(record);
+}
+
+fn meminfo() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb / 1024)
+            .unwrap_or(0)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+fn load1() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|l| l.parse().ok()))
+        .unwrap_or(0.0)
+}
+
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
+}

@@ -1,0 +1,285 @@
+//! `novacron dev-cluster`: N hosts as separate `novacron serve` processes on loopback, each with
+//! its own data dir, joined into one cluster; stopped together on Ctrl-C.
+//!
+//! Ports are chosen once and kept in `BASE/cluster.json`, so running it again restarts the same
+//! cluster (Raft remembers each member's address).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+use novacron_client::Client;
+use novacron_server::service::{JoinTokenCreated, JoinTokenRequest};
+use novacron_types::HostRole;
+
+#[derive(Parser, Debug, Clone)]
+pub struct DevClusterArgs {
+    /// Full hosts to run (1 to 9).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Also run a witness host (votes, keeps the log, runs no VMs).
+    #[arg(long)]
+    pub witness: bool,
+    /// Where the hosts' data dirs live.
+    #[arg(long, default_value = ".novacron/dev-cluster")]
+    pub base_dir: PathBuf,
+    /// Delete the base dir first (a new cluster; stops nothing that is running).
+    #[arg(long)]
+    pub fresh: bool,
+    /// Loopback address the hosts listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub ip: std::net::IpAddr,
+    /// Extra arguments for every `novacron serve` (for example --accel tcg).
+    #[arg(last = true)]
+    pub serve_args: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct Layout {
+    /// host index (1-based) -> port
+    ports: Vec<u16>,
+    witness_port: Option<u16>,
+    admin_password: String,
+}
+
+struct Host {
+    name: String,
+    role: HostRole,
+    url: String,
+    child: Child,
+}
+
+fn free_port(ip: std::net::IpAddr) -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
+
+fn load_layout(base: &Path, args: &DevClusterArgs) -> anyhow::Result<Layout> {
+    let path = base.join("cluster.json");
+    let mut layout: Layout = match std::fs::read_to_string(&path) {
+        Ok(t) => serde_json::from_str(&t).with_context(|| format!("parsing {}", path.display()))?,
+        Err(_) => Layout {
+            admin_password: std::env::var("NOVACRON_ADMIN_PASSWORD")
+                .ok()
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| {
+                    novacron_server::cluster::identity::new_secret()[..16].to_string()
+                }),
+            ..Layout::default()
+        },
+    };
+    while layout.ports.len() < args.nodes {
+        layout.ports.push(free_port(args.ip)?);
+    }
+    if args.witness && layout.witness_port.is_none() {
+        layout.witness_port = Some(free_port(args.ip)?);
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&layout)?)?;
+    Ok(layout)
+}
+
+async fn spawn(
+    base: &Path,
+    name: &str,
+    role: HostRole,
+    listen: std::net::SocketAddr,
+    extra: &[String],
+    admin_password: &str,
+) -> anyhow::Result<Host> {
+    let data = base.join(name);
+    std::fs::create_dir_all(&data)?;
+    let exe = std::env::current_exe().context("locating the novacron binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--listen")
+        .arg(listen.to_string())
+        .args(["--node-name", name, "--role", role.as_str()])
+        .args(extra)
+        .env("NOVACRON_ADMIN_PASSWORD", admin_password)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().context("starting novacron serve")?;
+    let log_path = data.join("novacron.log");
+    let log = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .await?;
+    let log = std::sync::Arc::new(tokio::sync::Mutex::new(log));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    // Both streams go to the host's log file; stdout lines are also watched for the address.
+    if let Some(out) = child.stdout.take() {
+        let log = log.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = log
+                    .lock()
+                    .await
+                    .write_all(format!("{line}\n").as_bytes())
+                    .await;
+                let _ = tx.send(line);
+            }
+        });
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(err).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = log
+                    .lock()
+                    .await
+                    .write_all(format!("{line}\n").as_bytes())
+                    .await;
+            }
+        });
+    }
+    let url = tokio::time::timeout(Duration::from_secs(180), async {
+        while let Some(line) = rx.recv().await {
+            if let Some(rest) = line.split(" listening on ").nth(1) {
+                return rest.split_whitespace().next().map(str::to_string);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten();
+    let Some(url) = url else {
+        let _ = child.start_kill();
+        bail!(
+            "host {name} did not start; see {} for why",
+            log_path.display()
+        );
+    };
+    Ok(Host {
+        name: name.to_string(),
+        role,
+        url,
+        child,
+    })
+}
+
+pub async fn run(args: DevClusterArgs) -> anyhow::Result<()> {
+    if !(1..=9).contains(&args.nodes) {
+        bail!("--nodes must be between 1 and 9");
+    }
+    if args.fresh && args.base_dir.exists() {
+        std::fs::remove_dir_all(&args.base_dir)
+            .with_context(|| format!("removing {}", args.base_dir.display()))?;
+    }
+    std::fs::create_dir_all(&args.base_dir)?;
+    let base = std::path::absolute(&args.base_dir)?;
+    let layout = load_layout(&base, &args)?;
+    let password = layout.admin_password.clone();
+
+    let mut plan: Vec<(String, HostRole, u16)> = (0..args.nodes)
+        .map(|i| (format!("node-{}", i + 1), HostRole::Full, layout.ports[i]))
+        .collect();
+    if let (true, Some(p)) = (args.witness, layout.witness_port) {
+        plan.push(("witness".into(), HostRole::Witness, p));
+    }
+
+    let mut hosts: Vec<Host> = Vec::new();
+    let mut admin: Option<Client> = None;
+    for (i, (name, role, port)) in plan.iter().enumerate() {
+        let listen = std::net::SocketAddr::new(args.ip, *port);
+        let mut extra = args.serve_args.clone();
+        let joined_before = base.join(name).join("identity.json").exists();
+        if i > 0 && !joined_before {
+            let seed = admin.as_ref().context("the first host is not up")?;
+            let t: JoinTokenCreated = seed
+                .post(
+                    "/api/v1/cluster/tokens",
+                    &JoinTokenRequest {
+                        role: Some(*role),
+                        ttl_seconds: Some(600),
+                    },
+                )
+                .await
+                .context("making a join token")?;
+            extra.extend([
+                "--join".to_string(),
+                seed.base().to_string(),
+                "--token".to_string(),
+                t.token,
+            ]);
+        }
+        eprintln!("starting {name} on http://{listen} ...");
+        let host = match spawn(&base, name, *role, listen, &extra, &password).await {
+            Ok(h) => h,
+            Err(e) => {
+                stop_all(&mut hosts).await;
+                return Err(e);
+            }
+        };
+        if i == 0 {
+            let c = Client::new(&host.url, None);
+            let token = c
+                .login("admin", &password)
+                .await
+                .context("logging in to the first host")?;
+            admin = Some(c.with_token(token));
+        }
+        hosts.push(host);
+    }
+
+    println!("NovaCron dev cluster: {} hosts", hosts.len());
+    for h in &hosts {
+        println!("  {:<8} {:<8} {}", h.name, h.role.as_str(), h.url);
+    }
+    println!("admin password: {password}");
+    println!(
+        "log in with: novacron login --server {} (logs in {}/<host>/novacron.log)",
+        hosts[0].url,
+        base.display()
+    );
+    println!("Ctrl-C stops every host (VMs keep running and are re-adopted next time).");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let exited = async {
+        loop {
+            for h in hosts.iter_mut() {
+                if let Ok(Some(status)) = h.child.try_wait() {
+                    return (h.name.clone(), status);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    let outcome = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
+        (name, status) = exited => Err(anyhow::anyhow!("host {name} exited ({status}); stopping the others")),
+    };
+    stop_all(&mut hosts).await;
+    outcome
+}
+
+async fn stop_all(hosts: &mut [Host]) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    for h in hosts.iter() {
+        if let Some(pid) = h.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+    }
+    for h in hosts.iter_mut() {
+        if tokio::time::timeout(Duration::from_secs(15), h.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = h.child.kill().await;
+        }
+        eprintln!("stopped {}", h.name);
+    }
+}
