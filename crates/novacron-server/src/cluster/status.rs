@@ -51,6 +51,8 @@ pub struct LocalStatus {
     pub raft_role: String,
     pub term: u64,
     pub applied_index: u64,
+    /// Last log index covered by this host's snapshot (built here or installed from the leader).
+    pub snapshot_index: Option<u64>,
     pub reaches: BTreeMap<u64, PeerReach>,
     pub fenced: Vec<FenceRecord>,
 }
@@ -78,6 +80,7 @@ impl Cluster {
             raft_role: m.role,
             term: m.term,
             applied_index: m.applied_index,
+            snapshot_index: m.snapshot_index,
             reaches: self.reach_snapshot(),
             fenced: self.fence_records(),
         }

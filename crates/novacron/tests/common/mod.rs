@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod cluster;
+
 use novacron_client::Client;
 use novacron_types::{CreateVmRequest, Vm, VmState};
 
@@ -27,6 +29,8 @@ pub struct Node {
     pub url: String,
     child: Option<Child>,
     pub stdout_lines: Vec<String>,
+    /// Extra `serve` arguments, kept for restarts.
+    extra: Vec<String>,
 }
 
 impl Node {
@@ -35,64 +39,26 @@ impl Node {
             .prefix("nc")
             .tempdir()
             .expect("tempdir");
-        Self::start_in(dir, "127.0.0.1:0")
+        Self::start_in(dir, "127.0.0.1:0", Vec::new())
     }
 
-    fn start_in(dir: tempfile::TempDir, listen: &str) -> Node {
-        let demo = demo_dir();
-        assert!(
-            demo.join("image.json").exists(),
-            "demo image missing at {}: run scripts/build-demo-image.sh (scripts/test.sh does)",
-            demo.display()
-        );
-        let mut child = Command::new(env!("CARGO_BIN_EXE_novacron"))
-            .args([
-                "serve",
-                "--accel",
-                "tcg",
-                "--listen",
-                listen,
-                "--shutdown-timeout",
-                "20",
-            ])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--demo-image")
-            .arg(&demo)
-            .env("NOVACRON_ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .env("NOVACRON_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn novacron");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut lines = Vec::new();
-        let url = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!("novacron did not report its address; output: {lines:?}")
-            });
-            lines.push(line.clone());
-            if let Some(rest) = line.split(" listening on ").nth(1) {
-                break rest.split_whitespace().next().expect("url").to_string();
-            }
-        };
+    /// Starts a node with extra `serve` arguments (cluster timings, `--join`, ...).
+    pub fn start_with(extra: Vec<String>) -> Node {
+        let dir = tempfile::Builder::new()
+            .prefix("nc")
+            .tempdir()
+            .expect("tempdir");
+        Self::start_in(dir, "127.0.0.1:0", extra)
+    }
+
+    fn start_in(dir: tempfile::TempDir, listen: &str, extra: Vec<String>) -> Node {
+        let (child, url, lines) = spawn(dir.path(), listen, &extra);
         Node {
             dir,
             url,
             child: Some(child),
             stdout_lines: lines,
+            extra,
         }
     }
 
@@ -111,8 +77,33 @@ impl Node {
         let _ = child.wait();
         let listen = self.url.trim_start_matches("http://").to_string();
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("placeholder"));
+        // A joined node has its identity now; it must not try to join again.
+        let extra = without_join(std::mem::take(&mut self.extra));
         // `self` drops here with a placeholder dir and no child: nothing of the real node is killed.
-        Self::start_in(dir, &listen)
+        Self::start_in(dir, &listen, extra)
+    }
+
+    /// Kills `novacron` with SIGKILL and leaves it down (see [`Node::start_again`]).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Starts a killed node again on its data dir and port.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        let listen = self.url.trim_start_matches("http://").to_string();
+        self.extra = without_join(std::mem::take(&mut self.extra));
+        let (child, url, lines) = spawn(self.dir.path(), &listen, &self.extra);
+        assert_eq!(url, self.url, "restarted on another address");
+        self.child = Some(child);
+        self.stdout_lines = lines;
     }
 
     pub async fn admin(&self) -> Client {
@@ -125,6 +116,74 @@ impl Node {
     pub fn qemu_pids(&self) -> Vec<i32> {
         qemu_pids(&self.data_dir().join("vms"))
     }
+}
+
+/// Starts `novacron serve` on `dir` and waits for its "listening on" line.
+fn spawn(dir: &Path, listen: &str, extra: &[String]) -> (Child, String, Vec<String>) {
+    let demo = demo_dir();
+    assert!(
+        demo.join("image.json").exists(),
+        "demo image missing at {}: run scripts/build-demo-image.sh (scripts/test.sh does)",
+        demo.display()
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_novacron"))
+        .args([
+            "serve",
+            "--accel",
+            "tcg",
+            "--listen",
+            listen,
+            "--shutdown-timeout",
+            "20",
+        ])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--demo-image")
+        .arg(&demo)
+        .args(extra)
+        .env("NOVACRON_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .env("NOVACRON_LOG", "info,openraft=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn novacron");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut lines = Vec::new();
+    let url = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("novacron did not report its address; output: {lines:?}")
+        });
+        lines.push(line.clone());
+        if let Some(rest) = line.split(" listening on ").nth(1) {
+            break rest.split_whitespace().next().expect("url").to_string();
+        }
+    };
+    (child, url, lines)
+}
+
+fn without_join(extra: Vec<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut it = extra.into_iter();
+    while let Some(a) = it.next() {
+        if a == "--join" || a == "--token" {
+            it.next();
+        } else {
+            out.push(a);
+        }
+    }
+    out
 }
 
 pub fn qemu_pids(vms: &Path) -> Vec<i32> {
