@@ -256,7 +256,7 @@ pub async fn run(
     tokio::spawn(manager::run(cluster.clone()));
 
     println!(
-        "novacron: node {node_id} listening on {api_address} (accelerator {accel_name}, role {})",
+        "novacron: node {node_id} listening on {api_address} (bound {local}, accelerator {accel_name}, role {})",
         identity.role.as_str()
     );
     tracing::info!(%api_address, "serving");

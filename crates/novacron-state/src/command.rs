@@ -76,6 +76,13 @@ pub enum CommandV1 {
         reason: Option<String>,
         at: UnixMillis,
     },
+    /// Sets (`Some`) or removes (`None`) labels. Rejected if the VM would have more than
+    /// [`novacron_types::validate::MAX_LABELS`].
+    SetVmLabels {
+        id: VmId,
+        changes: std::collections::BTreeMap<String, Option<String>>,
+        at: UnixMillis,
+    },
     AddVmSnapshot {
         id: VmId,
         snapshot: VmSnapshot,

@@ -231,6 +231,31 @@ impl ClusterState {
                 vm.updated_at = *at;
                 Ok(vec![Touched::Vm(*id)])
             }
+            SetVmLabels { id, changes, at } => {
+                let vm = self
+                    .vms
+                    .get_mut(id)
+                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                let mut labels = vm.labels.clone();
+                for (k, v) in changes {
+                    match v {
+                        Some(v) => labels.insert(k.clone(), v.clone()),
+                        None => labels.remove(k),
+                    };
+                }
+                if labels.len() > novacron_types::validate::MAX_LABELS {
+                    return Err(ApiError::invalid(
+                        "labels",
+                        format!(
+                            "a VM has at most {} labels",
+                            novacron_types::validate::MAX_LABELS
+                        ),
+                    ));
+                }
+                vm.labels = labels;
+                vm.updated_at = *at;
+                Ok(vec![Touched::Vm(*id)])
+            }
             AddVmSnapshot { id, snapshot } => {
                 let vm = self
                     .vms
@@ -408,6 +433,7 @@ mod tests {
                 boot: None,
             },
             snapshots: vec![],
+            labels: Default::default(),
             created_at: 0,
             updated_at: 0,
         }
@@ -622,6 +648,7 @@ mod properties {
                         boot: None,
                     },
                     snapshots: vec![],
+                    labels: Default::default(),
                     created_at: at,
                     updated_at: at,
                 },

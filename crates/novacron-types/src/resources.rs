@@ -148,8 +148,19 @@ pub struct Vm {
     pub spec: VmSpec,
     #[serde(default)]
     pub snapshots: Vec<VmSnapshot>,
+    /// Free-form `key: value` metadata (selectors, ownership, anything).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     pub created_at: UnixMillis,
     pub updated_at: UnixMillis,
+}
+
+/// `PATCH /api/v1/vms/{vm}`: a merge patch of the VM's labels (`null` removes a label).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateVmRequest {
+    #[serde(default)]
+    pub labels: BTreeMap<String, Option<String>>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -88,6 +88,38 @@ pub fn kernel_boot(field: &str, boot: &KernelBoot) -> ValidationResult<()> {
 }
 
 /// Everything about a create request that can be checked without looking at stored state.
+/// Label keys: 1 to 63 of `a-z 0-9 . _ / -`, starting with a letter or digit; values at most
+/// 255 characters; at most 64 labels on one resource.
+pub fn labels<'a>(
+    changes: impl IntoIterator<Item = (&'a String, Option<&'a String>)>,
+) -> ValidationResult<()> {
+    for (key, value) in changes {
+        let field = format!("labels.{key}");
+        let ok_key = !key.is_empty()
+            && key.len() <= 63
+            && key.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && key
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._/-".contains(c));
+        if !ok_key {
+            return Err(ApiError::invalid(
+                field,
+                "label keys are 1 to 63 of a-z, 0-9, '.', '_', '/', '-', starting with a letter \
+                 or digit",
+            ));
+        }
+        if value.is_some_and(|v| v.len() > 255) {
+            return Err(ApiError::invalid(
+                field,
+                "label values are at most 255 bytes",
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub const MAX_LABELS: usize = 64;
+
 pub fn create_vm(req: &CreateVmRequest) -> ValidationResult<()> {
     name("name", &req.name)?;
     if req.image.is_empty() {

@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 use novacron_types::error::ErrorBody;
 use novacron_types::{
     ApiError, CreateVmRequest, ErrorCode, Image, ImportImageRequest, NodeInfo, Operation, Role,
-    TokenView, UserView, Vm, VmSnapshot,
+    TokenView, UpdateVmRequest, UserView, Vm, VmSnapshot,
 };
 
 use super::AppState;
@@ -283,9 +283,11 @@ fn accepted(op: Operation) -> Response {
 }
 
 #[utoipa::path(get, path = "/api/v1/vms", tag = "vms",
+    params(("consistency" = Option<String>, Query,
+        description = "`stale`: this host's copy of the state, without confirming it is current")),
     responses((status = 200, body = Vec<Vm>)), security(("bearer" = [])))]
-pub async fn list_vms(State(st): State<AppState>) -> ApiResult<Json<Vec<Vm>>> {
-    Ok(Json(st.service.list_vms().await?))
+pub async fn list_vms(State(st): State<AppState>, q: Query) -> ApiResult<Json<Vec<Vm>>> {
+    Ok(Json(st.service.list_vms_with(q.stale()?).await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/vms", tag = "vms", request_body = CreateVmRequest,
@@ -321,10 +323,31 @@ pub async fn create_vm(
     }
 }
 
-#[utoipa::path(get, path = "/api/v1/vms/{vm}", tag = "vms", params(("vm" = String, Path, description = "ID or name")),
+#[utoipa::path(get, path = "/api/v1/vms/{vm}", tag = "vms", params(("vm" = String, Path, description = "ID or name"),
+        ("consistency" = Option<String>, Query,
+        description = "`stale`: this host's copy of the state, without confirming it is current")),
     responses((status = 200, body = Vm), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn get_vm(State(st): State<AppState>, Path(vm): Path<String>) -> ApiResult<Json<Vm>> {
+pub async fn get_vm(
+    State(st): State<AppState>,
+    Path(vm): Path<String>,
+    q: Query,
+) -> ApiResult<Json<Vm>> {
+    if q.stale()? {
+        return Ok(Json(st.service.find_vm(&vm)?));
+    }
     Ok(Json(st.service.get_vm(&vm).await?))
+}
+
+#[utoipa::path(patch, path = "/api/v1/vms/{vm}", tag = "vms", params(("vm" = String, Path, description = "ID or name")),
+    request_body = UpdateVmRequest,
+    responses((status = 200, body = Vm), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn update_vm(
+    State(st): State<AppState>,
+    Path(vm): Path<String>,
+    JsonBody(req): JsonBody<UpdateVmRequest>,
+) -> ApiResult<Json<Vm>> {
+    Ok(Json(st.service.update_vm(&vm, req).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/vms/{vm}", tag = "vms", params(("vm" = String, Path, description = "ID or name")),

@@ -22,7 +22,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, delete, get, post};
+use axum::routing::{MethodRouter, delete, get, patch, post};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use novacron_types::{ApiError, ErrorCode, Role};
@@ -231,7 +231,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/api/v1/vms/{vm}",
-            viewer(s, get(get_vm)).merge(operator(s, on_owner(s, delete(delete_vm)))),
+            viewer(s, get(get_vm))
+                .merge(operator(s, patch(update_vm)))
+                .merge(operator(s, on_owner(s, delete(delete_vm)))),
         )
         .route(
             "/api/v1/vms/{vm}/actions/{action}",

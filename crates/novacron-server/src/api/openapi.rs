@@ -26,7 +26,7 @@ impl Modify for BearerAuth {
         handlers::healthz, handlers::metrics, handlers::openapi_json, handlers::list_nodes,
         handlers::login, handlers::list_users, handlers::create_user,
         handlers::list_tokens, handlers::create_token, handlers::revoke_token,
-        handlers::list_vms, handlers::create_vm, handlers::get_vm, handlers::delete_vm,
+        handlers::list_vms, handlers::create_vm, handlers::get_vm, handlers::update_vm, handlers::delete_vm,
         handlers::vm_action, handlers::vm_console, handlers::vm_console_ws,
         handlers::list_snapshots, handlers::create_snapshot, handlers::restore_snapshot,
         handlers::delete_snapshot,

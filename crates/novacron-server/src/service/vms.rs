@@ -8,7 +8,7 @@ use novacron_hypervisor::{RuntimeSpec, StateChange};
 use novacron_state::CommandV1;
 use novacron_types::{
     ApiError, CreateVmRequest, DiskSpec, HostRole, Image, KernelBoot, NodeId, Operation,
-    PowerState, Vm, VmId, VmSnapshot, VmSpec, VmState, now_millis, validate,
+    PowerState, UpdateVmRequest, Vm, VmId, VmSnapshot, VmSpec, VmState, now_millis, validate,
 };
 
 use super::{OpCtx, Service, hv_error};
@@ -119,11 +119,17 @@ impl Service {
     }
 
     pub async fn list_vms(&self) -> Result<Vec<Vm>, ApiError> {
-        let mut vms = self
-            .inner
-            .state
-            .read_linearizable(|s| s.vms.values().cloned().collect::<Vec<_>>())
-            .await?;
+        self.list_vms_with(false).await
+    }
+
+    /// `stale`: this host's copy, without asking the leader whether it is current.
+    pub async fn list_vms_with(&self, stale: bool) -> Result<Vec<Vm>, ApiError> {
+        let all = |s: &novacron_state::ClusterState| s.vms.values().cloned().collect::<Vec<_>>();
+        let mut vms = if stale {
+            self.inner.state.read(all)
+        } else {
+            self.inner.state.read_linearizable(all).await?
+        };
         vms.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(vms)
     }
@@ -242,6 +248,7 @@ impl Service {
                 boot: req.boot,
             },
             snapshots: Vec::new(),
+            labels: Default::default(),
             created_at: now,
             updated_at: now,
         };
@@ -258,6 +265,26 @@ impl Service {
             return Err(e);
         }
         Ok(vm)
+    }
+
+    /// Changes a VM's labels. Metadata only: any host does it, without the VM's lock.
+    pub async fn update_vm(&self, key: &str, req: UpdateVmRequest) -> Result<Vm, ApiError> {
+        validate::labels(req.labels.iter().map(|(k, v)| (k, v.as_ref())))?;
+        let vm = self.get_vm(key).await?;
+        if !req.labels.is_empty() {
+            self.inner
+                .state
+                .propose(CommandV1::SetVmLabels {
+                    id: vm.id,
+                    changes: req.labels,
+                    at: now_millis(),
+                })
+                .await?;
+        }
+        self.inner
+            .state
+            .read(|s| s.vms.get(&vm.id).cloned())
+            .ok_or_else(|| ApiError::not_found("VM", key))
     }
 
     pub async fn delete_vm(&self, key: &str, _who: &Principal) -> Result<(), ApiError> {
