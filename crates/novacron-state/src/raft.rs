@@ -252,7 +252,8 @@ impl StateHandle {
         }
     }
 
-    /// Refuses every write with `why` until called with `None` (an isolated host).
+    /// Refuses every write and linearizable read with `why` until called with `None` (an
+    /// isolated host).
     pub fn refuse_writes(&self, why: Option<ApiError>) {
         *self.gate.refused.write().unwrap_or_else(|p| p.into_inner()) = why;
     }
@@ -312,11 +313,10 @@ impl StateHandle {
     async fn write_local(&self, cmds: Vec<Command>) -> Result<(Vec<CommandResponse>, u64), Retry> {
         use futures::StreamExt;
         let n = cmds.len();
-        let mut stream = self
-            .raft
-            .client_write_many(cmds)
-            .await
-            .map_err(|e| Retry::Fail(ApiError::unavailable(format!("Raft stopped: {e}"))))?;
+        let mut stream =
+            self.raft.client_write_many(cmds).await.map_err(|e| {
+                Retry::Fail(ApiError::outcome_unknown(format!("Raft stopped: {e}")))
+            })?;
         let mut out = Vec::with_capacity(n);
         let mut last = 0;
         // A leader cut off from its quorum never commits; do not wait for ever.
@@ -344,16 +344,19 @@ impl StateHandle {
                 Ok(Err(ClientWriteError::ForwardToLeader(_))) if out.is_empty() => {
                     return Err(Retry::NotLeader);
                 }
-                Ok(Err(e)) => CommandResponse::rejected(ApiError::unavailable(format!(
+                Ok(Err(ClientWriteError::ForwardToLeader(_))) => CommandResponse::rejected(
+                    ApiError::unavailable("leadership changed; the change was not made"),
+                ),
+                Ok(Err(e)) => CommandResponse::rejected(ApiError::outcome_unknown(format!(
                     "replicating the change failed: {e}"
                 ))),
-                Err(fatal) => CommandResponse::rejected(ApiError::unavailable(format!(
+                Err(fatal) => CommandResponse::rejected(ApiError::outcome_unknown(format!(
                     "Raft stopped: {fatal}"
                 ))),
             });
         }
         if out.len() != n {
-            return Err(Retry::Fail(ApiError::unavailable(
+            return Err(Retry::Fail(ApiError::outcome_unknown(
                 "Raft stopped before answering every command",
             )));
         }
@@ -377,15 +380,20 @@ impl StateHandle {
             Err(TransportError::Remote { message, .. }) if message.starts_with(NOT_LEADER) => {
                 return Err(Retry::NotLeader);
             }
+            // Delivered, or maybe delivered: the leader may have applied it.
             Err(e) => {
-                return Err(Retry::Fail(ApiError::unavailable(format!(
+                return Err(Retry::Fail(ApiError::outcome_unknown(format!(
                     "forwarding the change to the leader failed: {e}"
                 ))));
             }
         };
-        self.wait_applied(index, timeout)
-            .await
-            .map_err(Retry::Fail)?;
+        // Committed by the leader; only this host has not caught up yet.
+        self.wait_applied(index, timeout).await.map_err(|e| {
+            Retry::Fail(ApiError::outcome_unknown(format!(
+                "the change was made, but {}",
+                e.message
+            )))
+        })?;
         Ok(responses)
     }
 
@@ -420,6 +428,8 @@ impl StateHandle {
     /// Makes the next local read linearizable: the leader confirms it still leads; a follower
     /// asks the leader for its commit index and waits until it has applied that far.
     pub async fn linearize(&self) -> Result<(), ApiError> {
+        // A host that knows it is cut off says so instead of timing out.
+        self.write_refused()?;
         let timeout = Duration::from_millis(self.settings.forward_timeout_ms);
         let index = match self.leader() {
             Some((id, _)) if id == self.node_id.0 => self.serve_read_index().await?,

@@ -26,7 +26,8 @@ pub enum ErrorCode {
     NotLeader,
     /// This host lost contact with the cluster's quorum and fenced itself (503).
     Isolated,
-    /// Waiting for something took too long (504).
+    /// Waiting for something took too long (504). For a change, its outcome is unknown: it may
+    /// still be applied. (A 503 `unavailable` change was not made.)
     Timeout,
     /// A bug or an unexpected failure of a dependency (500).
     Internal,
@@ -101,5 +102,10 @@ impl ApiError {
 
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Unavailable, message)
+    }
+
+    /// A change whose fate is not known (it may have been applied, or may still be).
+    pub fn outcome_unknown(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Timeout, message)
     }
 }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod chaos;
 pub mod cluster;
 
 use novacron_client::Client;
@@ -51,6 +52,26 @@ impl Node {
         Self::start_in(dir, "127.0.0.1:0", extra)
     }
 
+    /// A stand-in with no process, for moving a real node out of a struct for a while.
+    pub fn placeholder() -> Node {
+        Node {
+            dir: tempfile::tempdir().expect("tempdir"),
+            url: String::new(),
+            child: None,
+            stdout_lines: Vec::new(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// Starts a node listening on `listen` (`IP:PORT`).
+    pub fn start_listening(listen: &str, extra: Vec<String>) -> Node {
+        let dir = tempfile::Builder::new()
+            .prefix("nc")
+            .tempdir()
+            .expect("tempdir");
+        Self::start_in(dir, listen, extra)
+    }
+
     fn start_in(dir: tempfile::TempDir, listen: &str, extra: Vec<String>) -> Node {
         let (child, url, lines) = spawn(dir.path(), listen, &extra);
         Node {
@@ -60,6 +81,22 @@ impl Node {
             stdout_lines: lines,
             extra,
         }
+    }
+
+    /// The address the process listens on (differs from `url` behind a proxy).
+    pub fn bound(&self) -> String {
+        self.stdout_lines
+            .iter()
+            .find_map(|l| l.split("(bound ").nth(1))
+            .and_then(|r| r.split([',', ')']).next())
+            .map(str::to_string)
+            .unwrap_or_else(|| self.url.trim_start_matches("http://").to_string())
+    }
+
+    /// Sends a signal to the `novacron` process (SIGSTOP/SIGCONT for pauses).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, sig).expect("signal");
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -98,7 +135,7 @@ impl Node {
     /// Starts a killed node again on its data dir and port.
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "still running");
-        let listen = self.url.trim_start_matches("http://").to_string();
+        let listen = self.bound();
         self.extra = without_join(std::mem::take(&mut self.extra));
         let (child, url, lines) = spawn(self.dir.path(), &listen, &self.extra);
         assert_eq!(url, self.url, "restarted on another address");
@@ -142,7 +179,7 @@ fn spawn(dir: &Path, listen: &str, extra: &[String]) -> (Child, String, Vec<Stri
         .arg(&demo)
         .args(extra)
         .env("NOVACRON_ADMIN_PASSWORD", ADMIN_PASSWORD)
-        .env("NOVACRON_LOG", "info,openraft=warn")
+        .env("NOVACRON_LOG", "info,openraft=error")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -1,0 +1,494 @@
+//! Chaos harness: hosts on their own loopback addresses behind fault-injecting proxies, a client
+//! workload that records a history of label reads and writes through different hosts, and the
+//! checks made after each scenario.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use novacron_chaos::linearizability::{self, Action, Operation, Verdict};
+use novacron_chaos::proxy::{Net, Proxy};
+use novacron_chaos::seeded::Seeded;
+use serde_json::{Value, json};
+
+use super::cluster::fast_args;
+use super::{ADMIN_PASSWORD, Node};
+
+pub struct ChaosHost {
+    pub id: u32,
+    pub ip: IpAddr,
+    pub node: Node,
+    pub proxy: Proxy,
+    /// Where clients reach the host directly (not through its proxy).
+    pub direct: String,
+}
+
+pub struct ChaosCluster {
+    pub net: Net,
+    pub hosts: Vec<ChaosHost>,
+    pub extra: Vec<String>,
+}
+
+fn free_port(ip: IpAddr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// `127.0.0.(10 + id)`.
+pub fn host_ip(id: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + id as u8))
+}
+
+impl ChaosCluster {
+    pub async fn start(n: u32, seed: u64, extra: &[&str]) -> ChaosCluster {
+        let mut c = ChaosCluster {
+            net: Net::new(seed),
+            hosts: Vec::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for _ in 0..n {
+            c.add_host("full").await;
+        }
+        c.wait_all_online(Duration::from_secs(30)).await;
+        c
+    }
+
+    /// Starts one more host (the first bootstraps; the others join through host 1).
+    pub async fn add_host(&mut self, role: &str) -> u32 {
+        let id = self.hosts.len() as u32 + 1;
+        let ip = host_ip(id);
+        self.net.register_host(id, ip);
+        let proxy = self.net.proxy(id, ip).await.expect("proxy");
+        let port = free_port(ip);
+        let listen = format!("{ip}:{port}");
+        proxy.set_upstream(listen.parse().expect("addr"));
+        let mut args = fast_args();
+        args.extend(self.extra.iter().cloned());
+        args.extend([
+            "--advertise".into(),
+            format!("http://{}", proxy.addr),
+            "--node-name".into(),
+            format!("host-{id}"),
+            "--role".into(),
+            role.into(),
+        ]);
+        if id > 1 {
+            let admin = self.admin(1).await;
+            let t: Value = admin
+                .post(
+                    "/api/v1/cluster/tokens",
+                    &json!({ "role": role, "ttl_seconds": 300 }),
+                )
+                .await
+                .expect("join token");
+            args.extend([
+                "--join".into(),
+                self.hosts[0].node.url.clone(),
+                "--token".into(),
+                t["token"].as_str().expect("token").into(),
+            ]);
+        }
+        let node = tokio::task::spawn_blocking(move || Node::start_listening(&listen, args))
+            .await
+            .expect("start host");
+        let direct = format!("http://{}", node.bound());
+        self.hosts.push(ChaosHost {
+            id,
+            ip,
+            node,
+            proxy,
+            direct,
+        });
+        id
+    }
+
+    pub fn host(&self, id: u32) -> &ChaosHost {
+        &self.hosts[(id - 1) as usize]
+    }
+
+    pub fn host_mut(&mut self, id: u32) -> &mut ChaosHost {
+        &mut self.hosts[(id - 1) as usize]
+    }
+
+    pub fn ids(&self) -> Vec<u32> {
+        self.hosts.iter().map(|h| h.id).collect()
+    }
+
+    /// A client talking to host `id` directly.
+    pub async fn admin(&self, id: u32) -> novacron_client::Client {
+        let c = novacron_client::Client::new(&self.host(id).direct, None);
+        let token = c.login("admin", ADMIN_PASSWORD).await.expect("login");
+        c.with_token(token)
+    }
+
+    /// Status from host `id`'s own point of view (never forwarded).
+    pub async fn local_status(&self, id: u32) -> Option<Value> {
+        let c = reqwest::Client::new();
+        let token = session_token(&self.host(id).direct).await?;
+        c.get(format!(
+            "{}/api/v1/cluster?consistency=stale",
+            self.host(id).direct
+        ))
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+    }
+
+    pub async fn leader(&self, timeout: Duration) -> u32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for h in &self.hosts {
+                if !h.node.is_running() {
+                    continue;
+                }
+                if let Some(s) = self.local_status(h.id).await
+                    && s["local"]["raft_role"] == "leader"
+                    && s["quorum"] == true
+                {
+                    return h.id;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader with a quorum");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_all_online(&self, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        let want = self.hosts.len();
+        loop {
+            let leader = self.leader(timeout).await;
+            if let Some(s) = self.local_status(leader).await {
+                let members = s["members"].as_array().cloned().unwrap_or_default();
+                if members.len() == want
+                    && members.iter().all(|m| {
+                        m["health"] == "online" && m["lag"].as_u64().is_some_and(|l| l < 5)
+                    })
+                {
+                    return s;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster did not settle: {}",
+                    serde_json::to_string_pretty(&s).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Logs in and returns a session token (valid on every host).
+pub async fn session_token(base: &str) -> Option<String> {
+    let r: Value = reqwest::Client::new()
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&json!({ "username": "admin", "password": ADMIN_PASSWORD }))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    r["token"].as_str().map(str::to_string)
+}
+
+/// What the workload records, and what the sampler sees of leaders.
+#[derive(Default)]
+pub struct Recorder {
+    pub ops: Mutex<Vec<Operation>>,
+    /// term -> leaders seen for it
+    pub leaders: Mutex<BTreeMap<u64, BTreeSet<u64>>>,
+    pub acked_writes: AtomicU64,
+    /// Writes with an unknown outcome (timeouts, 504).
+    pub failed_writes: AtomicU64,
+    /// Writes refused before anything was changed (503, refused connections).
+    pub refused_writes: AtomicU64,
+    pub reads: AtomicU64,
+}
+
+pub struct Workload {
+    pub recorder: Arc<Recorder>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    start: Instant,
+}
+
+/// The registers: `labels[k]` of a few VMs.
+pub fn keys() -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    for vm in ["reg-a", "reg-b"] {
+        for k in ["k0", "k1", "k2"] {
+            v.push((vm.to_string(), k.to_string()));
+        }
+    }
+    v
+}
+
+impl Workload {
+    /// Creates the register VMs (stopped; they never boot) and starts `clients` clients, client
+    /// `i` talking to host `i % hosts + 1` directly.
+    pub async fn start(cluster: &ChaosCluster, clients: usize, seed: u64) -> Workload {
+        Self::start_with(cluster, clients, seed, false).await
+    }
+
+    /// `stale_reads`: read with `consistency=stale` (a negative control: such histories need
+    /// not be linearizable, and the checker must notice).
+    pub async fn start_with(
+        cluster: &ChaosCluster,
+        clients: usize,
+        seed: u64,
+        stale_reads: bool,
+    ) -> Workload {
+        let admin = cluster.admin(1).await;
+        for vm in ["reg-a", "reg-b"] {
+            admin
+                .create_vm(&super::demo_vm(vm))
+                .await
+                .expect("create a register VM");
+        }
+        let token = session_token(&cluster.host(1).direct).await.expect("token");
+        let recorder = Arc::new(Recorder::default());
+        let (stop, _) = tokio::sync::watch::channel(false);
+        let start = Instant::now();
+        let counter = Arc::new(AtomicU64::new(1));
+        let mut tasks = Vec::new();
+        let bases: Vec<String> = cluster.hosts.iter().map(|h| h.direct.clone()).collect();
+        for i in 0..clients {
+            let base = bases[i % bases.len()].clone();
+            let rec = recorder.clone();
+            let token = token.clone();
+            let counter = counter.clone();
+            let mut stop_rx = stop.subscribe();
+            let mut rng = Seeded::new(seed.wrapping_mul(1000).wrapping_add(i as u64));
+            tasks.push(tokio::spawn(async move {
+                let http = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(3))
+                    .build()
+                    .expect("client");
+                let keys = keys();
+                while !*stop_rx.borrow() {
+                    let (vm, label) = rng.pick(&keys).clone();
+                    let key = format!("{vm}/{label}");
+                    let invoked = start.elapsed().as_micros() as u64;
+                    if rng.below(2) == 0 {
+                        let value = counter.fetch_add(1, Ordering::SeqCst);
+                        let r = http
+                            .patch(format!("{base}/api/v1/vms/{vm}"))
+                            .bearer_auth(&token)
+                            .json(&json!({ "labels": { label.clone(): value.to_string() } }))
+                            .send()
+                            .await;
+                        // 2xx: done. 503 (or a refused connection): not made. Anything
+                        // else (504, a timeout, a reset): it may or may not have happened.
+                        let outcome = match &r {
+                            Ok(resp) if resp.status().is_success() => {
+                                Some(Some(start.elapsed().as_micros() as u64))
+                            }
+                            Ok(resp) if resp.status().as_u16() == 503 => None,
+                            Ok(resp) if resp.status().is_client_error() => None,
+                            Err(e) if e.is_connect() => None,
+                            _ => Some(None),
+                        };
+                        let Some(completed) = outcome else {
+                            rec.refused_writes.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        };
+                        if completed.is_some() {
+                            rec.acked_writes.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            rec.failed_writes.fetch_add(1, Ordering::Relaxed);
+                        }
+                        rec.ops.lock().expect("ops").push(Operation {
+                            key,
+                            action: Action::Write { value },
+                            invoked,
+                            completed,
+                        });
+                    } else {
+                        let query = if stale_reads {
+                            "?consistency=stale"
+                        } else {
+                            ""
+                        };
+                        let r = http
+                            .get(format!("{base}/api/v1/vms/{vm}{query}"))
+                            .bearer_auth(&token)
+                            .send()
+                            .await;
+                        if let Ok(resp) = r
+                            && resp.status().is_success()
+                            && let Ok(v) = resp.json::<Value>().await
+                        {
+                            let done = start.elapsed().as_micros() as u64;
+                            let value = v["labels"][&label].as_str().and_then(|s| s.parse().ok());
+                            rec.reads.fetch_add(1, Ordering::Relaxed);
+                            rec.ops.lock().expect("ops").push(Operation {
+                                key,
+                                action: Action::Read { value },
+                                invoked,
+                                completed: Some(done),
+                            });
+                        }
+                    }
+                    let pause = Duration::from_millis(rng.below(15));
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stop_rx.changed() => {}
+                    }
+                }
+            }));
+        }
+        // Leader sampler: every host's own (term, leader), ten times a second.
+        let rec = recorder.clone();
+        let mut stop_rx = stop.subscribe();
+        let token2 = token.clone();
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_millis(500))
+                .build()
+                .expect("client");
+            while !*stop_rx.borrow() {
+                for base in &bases {
+                    if let Ok(r) = http
+                        .get(format!("{base}/api/v1/cluster?consistency=stale"))
+                        .bearer_auth(&token2)
+                        .send()
+                        .await
+                        && let Ok(s) = r.json::<Value>().await
+                        && let (Some(term), Some(leader)) =
+                            (s["term"].as_u64(), s["leader"]["id"].as_u64())
+                    {
+                        rec.leaders
+                            .lock()
+                            .expect("leaders")
+                            .entry(term)
+                            .or_default()
+                            .insert(leader);
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = stop_rx.changed() => {}
+                }
+            }
+        }));
+        Workload {
+            recorder,
+            stop,
+            tasks,
+            start,
+        }
+    }
+
+    /// Stops the clients, then reads every register through every host (linearizably) and
+    /// adds those reads to the history.
+    pub async fn finish(self, cluster: &ChaosCluster) -> Arc<Recorder> {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        for h in &cluster.hosts {
+            let c = cluster.admin(h.id).await;
+            for (vm, label) in keys() {
+                let invoked = self.start.elapsed().as_micros() as u64;
+                let v = c.get_vm(&vm).await.expect("final read");
+                let completed = self.start.elapsed().as_micros() as u64;
+                self.recorder.ops.lock().expect("ops").push(Operation {
+                    key: format!("{vm}/{label}"),
+                    action: Action::Read {
+                        value: v.labels.get(&label).and_then(|s| s.parse().ok()),
+                    },
+                    invoked,
+                    completed: Some(completed),
+                });
+            }
+        }
+        self.recorder
+    }
+}
+
+/// The linearizability verdict on what was recorded.
+pub fn verdict(rec: &Recorder) -> Verdict {
+    linearizability::check(&rec.ops.lock().expect("ops"), 5_000_000)
+}
+
+/// The checks made after every scenario.
+pub async fn check_invariants(cluster: &ChaosCluster, rec: &Recorder, scenario: &str) {
+    let ops = rec.ops.lock().expect("ops").clone();
+    let acked = rec.acked_writes.load(Ordering::Relaxed);
+    eprintln!(
+        "[{scenario}] history: {} operations ({acked} acknowledged writes, {} unknown, {} refused, {} reads)",
+        ops.len(),
+        rec.failed_writes.load(Ordering::Relaxed),
+        rec.refused_writes.load(Ordering::Relaxed),
+        rec.reads.load(Ordering::Relaxed)
+    );
+    assert!(acked > 0, "[{scenario}] no write ever succeeded");
+    // Linearizable, which includes: no acknowledged write lost (the final reads on every host
+    // must see the last write or a later one).
+    match verdict(rec) {
+        Verdict::Linearizable => {}
+        Verdict::NotLinearizable { key, operations } => {
+            panic!("[{scenario}] history of {key} is not linearizable: {operations:#?}")
+        }
+        Verdict::Unknown { key } => panic!("[{scenario}] checker gave up on {key}"),
+    }
+    // One leader per term.
+    for (term, leaders) in rec.leaders.lock().expect("leaders").iter() {
+        assert!(
+            leaders.len() <= 1,
+            "[{scenario}] term {term} had two leaders: {leaders:?}"
+        );
+    }
+    // Every host has the same VMs with the same owners, and no VM has a QEMU on two hosts.
+    let mut views = Vec::new();
+    for h in &cluster.hosts {
+        let c = cluster.admin(h.id).await;
+        let vms = c.list_vms().await.expect("list");
+        views.push(
+            vms.into_iter()
+                .map(|v| (v.id, v.node))
+                .collect::<BTreeMap<_, _>>(),
+        );
+    }
+    for v in &views[1..] {
+        assert_eq!(
+            v, &views[0],
+            "[{scenario}] hosts disagree about VM ownership"
+        );
+    }
+    let mut running: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for h in &cluster.hosts {
+        for entry in std::fs::read_dir(h.node.data_dir().join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let pid: Option<i32> = std::fs::read_to_string(entry.path().join("qemu.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse().ok());
+            if pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists()) {
+                running
+                    .entry(entry.file_name().to_string_lossy().into_owned())
+                    .or_default()
+                    .push(h.id);
+            }
+        }
+    }
+    for (vm, hosts) in running {
+        assert!(
+            hosts.len() <= 1,
+            "[{scenario}] VM {vm} runs on hosts {hosts:?}"
+        );
+    }
+}
