@@ -311,3 +311,69 @@ async fn stale_reads_from_a_cut_off_host_are_caught() {
         other => panic!("stale reads from a cut-off host went unnoticed: {other:?}"),
     }
 }
+
+/// Membership under load: a host joins and a dead voter is removed while clients write and
+/// read through every host; the newcomer takes the dead voter's seat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_join_and_leave_under_load() {
+    let mut c = ChaosCluster::start(3, seed(), &[]).await;
+    let workload = Workload::start(&c, 6, seed()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let new = c.add_host("full").await;
+    let s = c.wait_all_online(Duration::from_secs(30)).await;
+    let newcomer = s["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["id"] == new).cloned())
+        .expect("the new host is listed");
+    assert_eq!(
+        newcomer["role"], "learner",
+        "three voters already: {newcomer}"
+    );
+
+    // A voter dies and is removed: the caught-up learner is promoted in its place.
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let victim = c
+        .ids()
+        .into_iter()
+        .find(|i| *i != leader && *i != new)
+        .expect("a voting follower");
+    c.host_mut(victim).node.kill();
+    let admin = c.admin(leader).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match admin
+            .delete(&format!("/api/v1/cluster/members/{victim}?force=true"))
+            .await
+        {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "removal kept failing: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    c.host_mut(victim).removed = true;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let leader = c.leader(Duration::from_secs(10)).await;
+        let s = c.local_status(leader).await.expect("status");
+        let ms = s["members"].as_array().cloned().unwrap_or_default();
+        let voting: Vec<u64> = ms
+            .iter()
+            .filter(|m| m["voting"] == true)
+            .filter_map(|m| m["id"].as_u64())
+            .collect();
+        if ms.len() == 3 && voting.len() == 3 && voting.contains(&(new as u64)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the newcomer never took the removed voter's seat: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.wait_all_online(Duration::from_secs(20)).await;
+    let rec = workload.finish(&c).await;
+    check_invariants(&c, &rec, "membership under load").await;
+}

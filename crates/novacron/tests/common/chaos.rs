@@ -23,6 +23,8 @@ pub struct ChaosHost {
     pub proxy: Proxy,
     /// Where clients reach the host directly (not through its proxy).
     pub direct: String,
+    /// Taken out of the cluster: skipped by every check.
+    pub removed: bool,
 }
 
 pub struct ChaosCluster {
@@ -102,6 +104,7 @@ impl ChaosCluster {
             node,
             proxy,
             direct,
+            removed: false,
         });
         id
     }
@@ -114,8 +117,13 @@ impl ChaosCluster {
         &mut self.hosts[(id - 1) as usize]
     }
 
+    /// Hosts still in the cluster.
     pub fn ids(&self) -> Vec<u32> {
-        self.hosts.iter().map(|h| h.id).collect()
+        self.active().map(|h| h.id).collect()
+    }
+
+    pub fn active(&self) -> impl Iterator<Item = &ChaosHost> {
+        self.hosts.iter().filter(|h| !h.removed)
     }
 
     /// A client talking to host `id` directly.
@@ -146,7 +154,7 @@ impl ChaosCluster {
     pub async fn leader(&self, timeout: Duration) -> u32 {
         let deadline = Instant::now() + timeout;
         loop {
-            for h in &self.hosts {
+            for h in self.active() {
                 if !h.node.is_running() {
                     continue;
                 }
@@ -164,7 +172,7 @@ impl ChaosCluster {
 
     pub async fn wait_all_online(&self, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
-        let want = self.hosts.len();
+        let want = self.active().count();
         loop {
             let leader = self.leader(timeout).await;
             if let Some(s) = self.local_status(leader).await {
@@ -262,7 +270,7 @@ impl Workload {
         let start = Instant::now();
         let counter = Arc::new(AtomicU64::new(1));
         let mut tasks = Vec::new();
-        let bases: Vec<String> = cluster.hosts.iter().map(|h| h.direct.clone()).collect();
+        let bases: Vec<String> = cluster.active().map(|h| h.direct.clone()).collect();
         for i in 0..clients {
             let base = bases[i % bases.len()].clone();
             let rec = recorder.clone();
@@ -397,7 +405,7 @@ impl Workload {
         for t in self.tasks {
             let _ = t.await;
         }
-        for h in &cluster.hosts {
+        for h in cluster.active() {
             let c = cluster.admin(h.id).await;
             for (vm, label) in keys() {
                 let invoked = self.start.elapsed().as_micros() as u64;
@@ -452,7 +460,7 @@ pub async fn check_invariants(cluster: &ChaosCluster, rec: &Recorder, scenario: 
     }
     // Every host has the same VMs with the same owners, and no VM has a QEMU on two hosts.
     let mut views = Vec::new();
-    for h in &cluster.hosts {
+    for h in cluster.active() {
         let c = cluster.admin(h.id).await;
         let vms = c.list_vms().await.expect("list");
         views.push(
@@ -468,7 +476,7 @@ pub async fn check_invariants(cluster: &ChaosCluster, rec: &Recorder, scenario: 
         );
     }
     let mut running: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    for h in &cluster.hosts {
+    for h in cluster.active() {
         for entry in std::fs::read_dir(h.node.data_dir().join("vms"))
             .into_iter()
             .flatten()
