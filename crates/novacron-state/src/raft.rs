@@ -85,9 +85,13 @@ pub struct RaftSettings {
 impl Default for RaftSettings {
     fn default() -> Self {
         Self {
-            heartbeat_ms: 100,
-            election_timeout_min_ms: 300,
-            election_timeout_max_ms: 600,
+            // A LAN: heartbeats every 30 ms, elections after 100-150 ms without one. openraft's
+            // followers refuse votes for a leader lease of `election_timeout_max` after the last
+            // heartbeat, so the first candidate is usually refused and the second attempt wins:
+            // a dead leader is replaced in 200-300 ms.
+            heartbeat_ms: 30,
+            election_timeout_min_ms: 100,
+            election_timeout_max_ms: 150,
             snapshot_every: 1000,
             keep_after_snapshot: 200,
             purge_batch: 64,

@@ -7,7 +7,7 @@ use std::time::Instant;
 use novacron_hypervisor::{RuntimeSpec, StateChange};
 use novacron_state::CommandV1;
 use novacron_types::{
-    ApiError, CreateVmRequest, DiskSpec, HostRole, Image, KernelBoot, NodeId, Operation,
+    ApiError, CreateVmRequest, DiskSpec, ErrorCode, HostRole, Image, KernelBoot, NodeId, Operation,
     PowerState, UpdateVmRequest, Vm, VmId, VmSnapshot, VmSpec, VmState, now_millis, validate,
 };
 
@@ -270,16 +270,27 @@ impl Service {
     /// Changes a VM's labels. Metadata only: any host does it, without the VM's lock.
     pub async fn update_vm(&self, key: &str, req: UpdateVmRequest) -> Result<Vm, ApiError> {
         validate::labels(req.labels.iter().map(|(k, v)| (k, v.as_ref())))?;
-        let vm = self.get_vm(key).await?;
+        // Only the ID is needed, and `apply` checks the VM still exists: a local lookup does,
+        // unless this host has not seen the VM yet.
+        let mut vm = match self.find_vm(key) {
+            Ok(vm) => vm,
+            Err(_) => self.get_vm(key).await?,
+        };
         if !req.labels.is_empty() {
-            self.inner
-                .state
-                .propose(CommandV1::SetVmLabels {
-                    id: vm.id,
-                    changes: req.labels,
-                    at: now_millis(),
-                })
-                .await?;
+            let set = |id| CommandV1::SetVmLabels {
+                id,
+                changes: req.labels.clone(),
+                at: now_millis(),
+            };
+            match self.inner.state.propose(set(vm.id)).await {
+                // The local copy named a VM that is gone (deleted and its name reused): look
+                // again, current this time.
+                Err(e) if e.code == ErrorCode::NotFound => {
+                    vm = self.get_vm(key).await?;
+                    self.inner.state.propose(set(vm.id)).await?;
+                }
+                r => r?,
+            }
         }
         self.inner
             .state
