@@ -159,6 +159,59 @@ struct WriteGate {
     refused: std::sync::RwLock<Option<ApiError>>,
 }
 
+/// A caller's commands waiting in the write queue.
+struct Pending {
+    cmds: Vec<Command>,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<CommandResponse>, ApiError>>,
+}
+
+/// Writes in flight at once from one host; callers arriving meanwhile are batched together.
+const WRITES_IN_FLIGHT: usize = 1;
+/// At most this many commands in one batch.
+const MAX_BATCH: usize = 512;
+
+/// Group commit: drains the queue into batches, so concurrent writers share log appends, fsyncs
+/// and (on followers) forwarding round trips. Ends when the queue is closed (shutdown).
+async fn batch_writes(h: StateHandle, mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(WRITES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        // Everything that queued up while we waited for a permit goes in this batch.
+        let mut batch = vec![first];
+        let mut n = batch[0].cmds.len();
+        while n < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => {
+                    n += p.cmds.len();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let h = h.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let cmds: Vec<Command> = batch.iter().flat_map(|p| p.cmds.iter().cloned()).collect();
+            match h.replicate(cmds).await {
+                Ok(mut results) => {
+                    for p in batch {
+                        let rest = results.split_off(p.cmds.len().min(results.len()));
+                        let _ = p.reply.send(Ok(results));
+                        results = rest;
+                    }
+                }
+                Err(e) => {
+                    for p in batch {
+                        let _ = p.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        });
+    }
+}
+
 /// The server's handle on the replicated state. Cheap to clone.
 #[derive(Clone)]
 pub struct StateHandle {
@@ -169,6 +222,8 @@ pub struct StateHandle {
     transport: Arc<dyn Transport>,
     settings: Arc<RaftSettings>,
     gate: Arc<WriteGate>,
+    /// The group-commit queue; `None` once shut down.
+    queue: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Pending>>>>,
 }
 
 impl StateHandle {
@@ -228,7 +283,16 @@ impl StateHandle {
             transport,
             settings: Arc::new(settings.clone()),
             gate: Arc::default(),
-        })
+            queue: Arc::default(),
+        }
+        .with_batcher())
+    }
+
+    fn with_batcher(self) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self.queue.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        tokio::spawn(batch_writes(self.clone(), rx));
+        self
     }
 
     pub(crate) fn raft(&self) -> &Raft {
@@ -287,6 +351,31 @@ impl StateHandle {
     ) -> Result<Vec<Result<(), ApiError>>, ApiError> {
         self.write_refused()?;
         let cmds: Vec<Command> = cmds.into_iter().map(Command::V1).collect();
+        let n = cmds.len();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let queue = self
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| ApiError::unavailable("this host is shutting down"))?;
+        queue
+            .send(Pending { cmds, reply })
+            .map_err(|_| ApiError::unavailable("this host is shutting down"))?;
+        let results = answer
+            .await
+            .map_err(|_| ApiError::outcome_unknown("the write batcher stopped"))??;
+        if results.len() != n {
+            return Err(ApiError::internal(
+                "a batch answered the wrong number of commands",
+            ));
+        }
+        Ok(results.into_iter().map(|r| r.into_result()).collect())
+    }
+
+    /// Replicates one batch (commands of many callers), retrying while nothing can have been
+    /// appended.
+    async fn replicate(&self, cmds: Vec<Command>) -> Result<Vec<CommandResponse>, ApiError> {
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(self.settings.leaderless_wait_ms);
         loop {
@@ -298,9 +387,7 @@ impl StateHandle {
                 None => Err(Retry::NoLeader),
             };
             match outcome {
-                Ok(results) => {
-                    return Ok(results.into_iter().map(|r| r.into_result()).collect());
-                }
+                Ok(results) => return Ok(results),
                 Err(Retry::Fail(e)) => return Err(e),
                 // Nothing was appended: wait for the election to settle and try again.
                 Err(retry) if tokio::time::Instant::now() < deadline => {
@@ -633,6 +720,8 @@ impl StateHandle {
     }
 
     pub async fn shutdown(&self) {
+        // Closing the queue ends the batcher (and its handle on the store).
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!("Raft shutdown: {e}");
         }

@@ -8,13 +8,18 @@
 //! - `sm_rows`:   `vm/<id>`, `image/<id>`, `user/<id>`, `token/<id>`, `op/<id>`, `node/<id>`
 //! - `snapshot`:  `meta`, `data` (the latest snapshot)
 //!
-//! redb calls block; they are short and run on the calling task.
+//! Log appends and state-machine writes run on blocking threads (they may wait for redb's write
+//! lock or the disk); other redb calls are short and run on the calling task.
 //!
-//! Durability: log appends, votes, purges and snapshots commit with `Durability::Immediate`
-//! (fsync before returning). The committed index and the state machine's rows commit with
-//! `Durability::None`: after a crash redb rolls back to the last durable commit, which is a
-//! consistent older state, and openraft re-applies the durable log from `last_applied`. That saves
-//! two fsyncs per write without weakening what Raft relies on. It holds because the log and the
+//! Durability: votes, purges and snapshots commit with `Durability::Immediate` (fsync before
+//! returning). Log appends commit with `Durability::None`, so the entries are readable at once,
+//! and a flusher thread then makes them durable with one durable commit shared by every append
+//! that arrived meanwhile, and only then tells openraft they are flushed (openraft counts an
+//! entry toward a quorum, and a follower acknowledges it, only after that). The state machine's
+//! rows commit with `Durability::None`: after a crash redb rolls back to the last durable
+//! commit, which is a consistent older state, and openraft re-applies the durable log from
+//! `last_applied`. That keeps one fsync per batch of writes without weakening what Raft relies
+//! on. It holds because the log and the
 //! state machine share one redb database, and redb makes every earlier non-durable commit durable
 //! at the next durable one: the state machine can never roll back behind a purged or
 //! snapshotted index. Never move the log into a different file without revisiting this.
@@ -23,7 +28,7 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, IOFlushed, RaftLogStorage, RaftStateMachine};
@@ -113,15 +118,58 @@ fn put_json<T: Serialize>(
 // ---------------------------------------------------------------------------------------------
 // Log store
 
-/// The Raft log and vote. Cheap to clone; clones share the database.
+/// The Raft log and vote. Cheap to clone; clones share the database and the flusher.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    flusher: Arc<Mutex<std::sync::mpsc::Sender<IOFlushed<C>>>>,
 }
 
 impl LogStore {
     pub fn new(db: Arc<Database>) -> Self {
-        Self { db }
+        let (tx, rx) = std::sync::mpsc::channel::<IOFlushed<C>>();
+        let flush_db = db.clone();
+        std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || flush_appends(flush_db, rx))
+            .unwrap_or_else(|e| panic!("cannot start the log flusher thread: {e}"));
+        Self {
+            db,
+            flusher: Arc::new(Mutex::new(tx)),
+        }
+    }
+}
+
+/// Makes appended entries durable, in order, sharing one fsync among every append that arrived
+/// meanwhile (group commit), then tells openraft. Appends themselves commit without fsync, so
+/// the leader replicates to followers while its own disk flushes. Ends when the store is dropped.
+fn flush_appends(db: Arc<Database>, rx: std::sync::mpsc::Receiver<IOFlushed<C>>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiting = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            waiting.push(more);
+        }
+        // A durable commit makes every earlier non-durable commit durable too. It writes a
+        // counter so the commit is never empty.
+        let flushed = (|| {
+            let txn = db.begin_write().map_err(io_err)?;
+            {
+                let mut t = txn.open_table(RAFT_META).map_err(io_err)?;
+                let n = match t.get("flushes").map_err(io_err)? {
+                    Some(v) => from_json::<u64>(v.value())?,
+                    None => 0,
+                };
+                t.insert("flushes", to_json(&(n + 1))?.as_slice())
+                    .map_err(io_err)?;
+            }
+            txn.commit().map_err(io_err)
+        })();
+        for cb in waiting {
+            cb.io_completed(match &flushed {
+                Ok(()) => Ok(()),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            });
+        }
     }
 }
 
@@ -183,34 +231,50 @@ impl RaftLogStorage<C> for LogStore {
         put_json(&self.db, RAFT_META, "vote", vote, true)
     }
 
-    async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
-        put_json(&self.db, RAFT_META, "committed", &committed, false)
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogIdOf<C>>, io::Error> {
-        Ok(get_json::<Option<LogIdOf<C>>>(&self.db, RAFT_META, "committed")?.flatten())
-    }
+    // `save_committed`/`read_committed` keep openraft's defaults (not stored): storing the
+    // committed index cost a redb transaction per commit on every host, and after a restart the
+    // leader tells each host what is committed within a heartbeat.
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = EntryOf<C>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let result = (|| {
-            let txn = self.db.begin_write().map_err(io_err)?;
-            {
-                let mut t = txn.open_table(RAFT_LOG).map_err(io_err)?;
-                for e in entries {
-                    t.insert(e.log_id.index, to_json(&e)?.as_slice())
-                        .map_err(io_err)?;
+        let rows: io::Result<Vec<(u64, Vec<u8>)>> = entries
+            .into_iter()
+            .map(|e| Ok((e.log_id.index, to_json(&e)?)))
+            .collect();
+        // Readable when this returns (openraft's contract), durable when the flusher says so.
+        let db = self.db.clone();
+        let result = match rows {
+            Err(e) => Err(e),
+            Ok(rows) => tokio::task::spawn_blocking(move || {
+                let mut txn = db.begin_write().map_err(io_err)?;
+                txn.set_durability(Durability::None)
+                    .map_err(io::Error::other)?;
+                {
+                    let mut t = txn.open_table(RAFT_LOG).map_err(io_err)?;
+                    for (index, row) in rows {
+                        t.insert(index, row.as_slice()).map_err(io_err)?;
+                    }
                 }
-            }
-            // Immediate durability: when commit returns, the entries are on disk.
-            txn.commit().map_err(io_err)
-        })();
+                txn.commit().map_err(io_err)
+            })
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e))),
+        };
         match result {
             Ok(()) => {
-                callback.io_completed(Ok(()));
+                let sent = self
+                    .flusher
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .send(callback);
+                if let Err(std::sync::mpsc::SendError(callback)) = sent {
+                    let e = io::Error::other("the log flusher stopped");
+                    callback.io_completed(Err(io::Error::other("the log flusher stopped")));
+                    return Err(e);
+                }
                 Ok(())
             }
             Err(e) => {
@@ -276,6 +340,58 @@ pub struct StateMachineStore {
     applied: Arc<RwLock<Applied>>,
     snapshot: Arc<RwLock<Option<StoredSnapshot>>>,
     events: broadcast::Sender<StateEvent>,
+    persister: Arc<Mutex<std::sync::mpsc::Sender<Persist>>>,
+}
+
+/// Work for the row persister.
+enum Persist {
+    /// These rows changed (their values are read from the state when written).
+    Rows(Vec<Touched>),
+    /// Answered once everything sent before it is written.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Writes applied rows in the background, merging whatever queued up into one transaction.
+/// Rows are never fsynced (see the module doc), so this only has to keep them in order: a
+/// crash loses at most what the log re-applies. Ends when the store is dropped.
+fn persist_rows(
+    db: Arc<Database>,
+    applied: Arc<RwLock<Applied>>,
+    rx: std::sync::mpsc::Receiver<Persist>,
+) {
+    while let Ok(first) = rx.recv() {
+        // `apply` sends its touched rows while it still holds the write lock. So, with the read
+        // lock held, the queue holds the rows of every change the state reflects: drain it now
+        // and the rows written match the applied index written with them.
+        let guard = applied.read().unwrap_or_else(|p| p.into_inner());
+        let mut touched = std::collections::BTreeSet::new();
+        let mut changed = false;
+        let mut barriers = Vec::new();
+        let mut next = Some(first);
+        while let Some(msg) = next {
+            match msg {
+                Persist::Rows(t) => {
+                    changed = true;
+                    touched.extend(t);
+                }
+                Persist::Barrier(tx) => barriers.push(tx),
+            }
+            next = rx.try_recv().ok();
+        }
+        let batch = changed.then(|| {
+            let touched: Vec<Touched> = touched.into_iter().collect();
+            RowBatch::prepare(&guard, &touched)
+        });
+        drop(guard);
+        if let Some(batch) = batch
+            && let Err(e) = batch.and_then(|b| b.write(&db, false, false, None))
+        {
+            tracing::error!("writing state rows: {e} (the log will re-apply them after a restart)");
+        }
+        for b in barriers {
+            let _ = b.send(());
+        }
+    }
 }
 
 fn row_key(t: &Touched) -> String {
@@ -348,6 +464,68 @@ fn load_rows(db: &Database) -> io::Result<ClusterState> {
     Ok(s)
 }
 
+/// Rows serialized from the state (under its lock), written later (without it).
+struct RowBatch {
+    rows: Vec<(String, Option<Vec<u8>>)>,
+    last_applied: Vec<u8>,
+    membership: Vec<u8>,
+}
+
+impl RowBatch {
+    fn prepare(applied: &Applied, touched: &[Touched]) -> io::Result<Self> {
+        Ok(Self {
+            rows: touched
+                .iter()
+                .map(|t| Ok((row_key(t), row_value(&applied.state, t)?)))
+                .collect::<io::Result<_>>()?,
+            last_applied: to_json(&applied.last_applied)?,
+            membership: to_json(&applied.membership)?,
+        })
+    }
+
+    fn write(
+        &self,
+        db: &Database,
+        durable: bool,
+        replace: bool,
+        snapshot: Option<&StoredSnapshot>,
+    ) -> io::Result<()> {
+        let mut txn = db.begin_write().map_err(io_err)?;
+        if !durable {
+            txn.set_durability(Durability::None)
+                .map_err(io::Error::other)?;
+        }
+        {
+            let mut rows = txn.open_table(SM_ROWS).map_err(io_err)?;
+            if replace {
+                rows.retain(|_, _| false).map_err(io_err)?;
+            }
+            for (key, value) in &self.rows {
+                match value {
+                    Some(v) => {
+                        rows.insert(key.as_str(), v.as_slice()).map_err(io_err)?;
+                    }
+                    None => {
+                        rows.remove(key.as_str()).map_err(io_err)?;
+                    }
+                }
+            }
+            let mut meta = txn.open_table(SM_META).map_err(io_err)?;
+            meta.insert("last_applied", self.last_applied.as_slice())
+                .map_err(io_err)?;
+            meta.insert("membership", self.membership.as_slice())
+                .map_err(io_err)?;
+        }
+        if let Some(snap) = snapshot {
+            let mut t = txn.open_table(SNAPSHOT).map_err(io_err)?;
+            t.insert("meta", to_json(&snap.meta)?.as_slice())
+                .map_err(io_err)?;
+            t.insert("data", snap.data.as_slice()).map_err(io_err)?;
+        }
+        txn.commit().map_err(io_err)
+    }
+}
+
 impl StateMachineStore {
     /// Loads the state machine from its rows.
     pub fn open(db: Arc<Database>, events: broadcast::Sender<StateEvent>) -> io::Result<Self> {
@@ -368,26 +546,41 @@ impl StateMachineStore {
             }
             None => None,
         };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let applied = Arc::new(RwLock::new(Applied {
+            state,
+            last_applied,
+            membership,
+        }));
+        let (persist_db, persist_applied) = (db.clone(), applied.clone());
+        std::thread::Builder::new()
+            .name("state-rows".into())
+            .spawn(move || persist_rows(persist_db, persist_applied, rx))?;
         Ok(Self {
             db,
-            applied: Arc::new(RwLock::new(Applied {
-                state,
-                last_applied,
-                membership,
-            })),
+            applied,
             snapshot: Arc::new(RwLock::new(snapshot)),
             events,
+            persister: Arc::new(Mutex::new(tx)),
         })
+    }
+
+    /// Waits until every row batch sent so far is written.
+    async fn rows_written(&self) -> io::Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.persister
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(Persist::Barrier(tx))
+            .map_err(|_| io::Error::other("the row persister stopped"))?;
+        rx.await
+            .map_err(|_| io::Error::other("the row persister stopped"))
     }
 
     /// Runs `f` on the current state. Never call back into the store from `f`.
     pub fn read<T>(&self, f: impl FnOnce(&Applied) -> T) -> T {
         let guard = self.applied.read().unwrap_or_else(|p| p.into_inner());
         f(&guard)
-    }
-
-    fn persist(&self, applied: &Applied, touched: &[Touched], durable: bool) -> io::Result<()> {
-        self.write_rows(applied, touched, durable, false, None)
     }
 
     /// Writes the touched rows (after clearing all rows, if `replace`) and the applied state, in
@@ -400,40 +593,8 @@ impl StateMachineStore {
         replace: bool,
         snapshot: Option<&StoredSnapshot>,
     ) -> io::Result<()> {
-        let mut txn = self.db.begin_write().map_err(io_err)?;
-        if !durable {
-            txn.set_durability(Durability::None)
-                .map_err(io::Error::other)?;
-        }
-        {
-            let mut rows = txn.open_table(SM_ROWS).map_err(io_err)?;
-            if replace {
-                rows.retain(|_, _| false).map_err(io_err)?;
-            }
-            for t in touched {
-                let key = row_key(t);
-                match row_value(&applied.state, t)? {
-                    Some(v) => {
-                        rows.insert(key.as_str(), v.as_slice()).map_err(io_err)?;
-                    }
-                    None => {
-                        rows.remove(key.as_str()).map_err(io_err)?;
-                    }
-                }
-            }
-            let mut meta = txn.open_table(SM_META).map_err(io_err)?;
-            meta.insert("last_applied", to_json(&applied.last_applied)?.as_slice())
-                .map_err(io_err)?;
-            meta.insert("membership", to_json(&applied.membership)?.as_slice())
-                .map_err(io_err)?;
-        }
-        if let Some(snap) = snapshot {
-            let mut t = txn.open_table(SNAPSHOT).map_err(io_err)?;
-            t.insert("meta", to_json(&snap.meta)?.as_slice())
-                .map_err(io_err)?;
-            t.insert("data", snap.data.as_slice()).map_err(io_err)?;
-        }
-        txn.commit().map_err(io_err)
+        let batch = RowBatch::prepare(applied, touched)?;
+        batch.write(&self.db, durable, replace, snapshot)
     }
 
     /// Replaces every row with `applied`'s, in one durable transaction.
@@ -538,7 +699,13 @@ impl RaftStateMachine<C> for StateMachineStore {
             }
             touched_all.sort();
             touched_all.dedup();
-            self.persist(applied, &touched_all, false)?;
+            // Written in the background; sent under the write lock (see `persist_rows`).
+            // Readers already see the new state (rows are not fsynced anyway: module doc).
+            self.persister
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(Persist::Rows(touched_all.clone()))
+                .map_err(|_| io::Error::other("the row persister stopped"))?;
         }
         for (responder, response) in responses {
             if let Some(r) = responder {
@@ -584,6 +751,8 @@ impl RaftStateMachine<C> for StateMachineStore {
             data: snapshot,
         };
         // Rows, applied index and the snapshot itself in one durable transaction; memory after.
+        // Older row batches first, so none lands on top of the snapshot.
+        self.rows_written().await?;
         self.persist_all(&applied, Some(&snap))?;
         *self.applied.write().unwrap_or_else(|p| p.into_inner()) = applied;
         *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(snap);

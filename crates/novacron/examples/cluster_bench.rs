@@ -413,7 +413,11 @@ struct Throughput {
     errors: u64,
 }
 
-async fn load<S: System + Send + Sync + 'static>(sys: &Arc<S>, clients: usize, seconds: u64) -> Throughput {
+async fn load<S: System + Send + Sync + 'static>(
+    sys: &Arc<S>,
+    clients: usize,
+    seconds: u64,
+) -> Throughput {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .timeout(Duration::from_secs(10))
