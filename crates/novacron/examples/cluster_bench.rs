@@ -467,8 +467,9 @@ async fn load<S: System + Send + Sync + 'static>(
 /// Kill the leader `kills` times; each time, the time until a write through a survivor is
 /// acknowledged.
 async fn failover<S: System + Sync>(sys: &mut S, kills: usize) -> Vec<f64> {
+    // Short timeouts, so a request stuck in an election is retried at once (resolution 100 ms).
     let http = reqwest::Client::builder()
-        .timeout(Duration::from_millis(1000))
+        .timeout(Duration::from_millis(100))
         .build()
         .expect("client");
     let mut out = Vec::new();

@@ -21,7 +21,7 @@ async fn status(c: &Client) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_forward_fail_over_and_catch_up_by_snapshot() {
     let mut cluster =
-        TestCluster::start(&["full", "full", "full"], &["--snapshot-every", "50"]).await;
+        TestCluster::start(&["full", "full", "full"], &["--snapshot-every", "500"]).await;
     let ids: Vec<u64> = {
         let mut v = Vec::new();
         for n in &cluster.nodes {
@@ -129,14 +129,28 @@ async fn three_hosts_forward_fail_over_and_catch_up_by_snapshot() {
             |s| member(s, dead_id)["health"] == "offline" && s["quorum"] == true,
         )
         .await;
-    // Many writes while it is down: with a snapshot every 50 entries the log it needs is gone.
-    for i in 0..150 {
-        cs.post::<_, Value>(
-            "/api/v1/tokens",
-            &json!({ "name": format!("while-down-{i}") }),
-        )
-        .await
-        .expect("write while a host is down");
+    // Thousands of writes while it is down (16 writers, label writes on the VM): with a snapshot
+    // every 500 entries, the log it needs is purged.
+    let writers: Vec<_> = (0..16)
+        .map(|w| {
+            let cs = cs.clone();
+            tokio::spawn(async move {
+                for i in 0..125 {
+                    let (code, body) = cs
+                        .raw(
+                            Method::PATCH,
+                            "/api/v1/vms/across",
+                            Some(&json!({ "labels": { format!("w{w}"): i.to_string() } })),
+                        )
+                        .await
+                        .expect("raw");
+                    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.expect("writer");
     }
     cluster.nodes[leader].start_again();
     let s = cluster
@@ -157,22 +171,29 @@ async fn three_hosts_forward_fail_over_and_catch_up_by_snapshot() {
         .await
         .expect("stale status");
     assert!(
-        local["local"]["applied_index"].as_u64().unwrap_or(0) >= 150,
+        local["local"]["applied_index"].as_u64().unwrap_or(0) >= 2000,
         "the restarted host did not catch up: {}",
         local["local"]
     );
     // It needed entries the leader had already purged behind a snapshot: it must have installed
     // a snapshot newer than anything it had.
     assert!(
-        local["local"]["snapshot_index"].as_u64().unwrap_or(0) > applied_at_death + 50,
+        local["local"]["snapshot_index"].as_u64().unwrap_or(0) > applied_at_death + 500,
         "caught up without a snapshot? applied at death {applied_at_death}: {}",
         local["local"]
     );
-    let tokens: Vec<Value> = back.get("/api/v1/tokens").await.expect("tokens");
-    assert!(
-        tokens.iter().any(|t| t["name"] == "while-down-149"),
-        "writes made while it was down are missing on the restarted host"
-    );
+    let vm: Value = back
+        .get("/api/v1/vms/across?consistency=stale")
+        .await
+        .expect("stale read on the restarted host");
+    for w in 0..16 {
+        assert_eq!(
+            vm["labels"][format!("w{w}")],
+            "124",
+            "writes made while it was down are missing on the restarted host: {}",
+            vm["labels"]
+        );
+    }
 
     // The VM is still on host 3 and still running; stop it through whichever host.
     let op = back.vm_action("across", "force-stop").await.expect("stop");

@@ -75,7 +75,7 @@ pub async fn openapi_json() -> Response {
 pub struct NodeStatus {
     #[serde(flatten)]
     pub info: NodeInfo,
-    /// `online` for this node; other members' health arrives with clustering.
+    /// `online`, `offline`, `isolated`, `joining` or `unknown` (see `GET /api/v1/cluster`).
     pub status: String,
     pub raft: RaftStatus,
 }
@@ -94,25 +94,25 @@ pub struct RaftStatus {
 pub async fn list_nodes(State(st): State<AppState>) -> ApiResult<Json<Vec<NodeStatus>>> {
     let svc = &st.service;
     let nodes = svc.list_nodes().await?;
-    let me = svc.node_id();
+    let cluster = svc.cluster_status(false).await?;
     let m = svc.state().metrics();
     Ok(Json(
         nodes
             .into_iter()
             .map(|info| {
-                let local = info.id == me;
+                let member = cluster.members.iter().find(|c| c.id == info.id);
                 NodeStatus {
-                    status: if local { "online" } else { "unknown" }.into(),
+                    status: member
+                        .map(|c| c.health.clone())
+                        .unwrap_or_else(|| "unknown".into()),
                     raft: RaftStatus {
-                        role: if local {
-                            m.role.clone()
-                        } else {
-                            "unknown".into()
-                        },
-                        term: m.term,
-                        leader: m.leader,
-                        last_log_index: m.last_log_index,
-                        applied_index: if local { m.applied_index } else { 0 },
+                        role: member
+                            .map(|c| c.role.clone())
+                            .unwrap_or_else(|| "unknown".into()),
+                        term: cluster.term,
+                        leader: cluster.leader.as_ref().map(|l| l.id.0).or(m.leader),
+                        last_log_index: member.and_then(|c| c.matched_index).unwrap_or(0),
+                        applied_index: member.and_then(|c| c.applied_index).unwrap_or(0),
                     },
                     info,
                 }

@@ -17,6 +17,16 @@ use crate::service::Service;
 impl Cluster {
     /// Leader side of a heartbeat: confirm leadership with a quorum, then grant.
     pub async fn receive_heartbeat(&self, beat: Heartbeat) -> Result<LeaseGrant, ApiError> {
+        // A removed host gets no lease: it isolates itself (and fences anything it still runs).
+        let known = self.state.read(|s| {
+            s.nodes.contains_key(&beat.node.0) && !s.meta.removed_nodes.contains(&beat.node.0)
+        });
+        if !known && beat.node != self.node {
+            return Err(ApiError::new(
+                ErrorCode::PermissionDenied,
+                format!("host {} is not a member of this cluster", beat.node),
+            ));
+        }
         self.state.serve_read_index().await?;
         self.record_heartbeat(beat);
         Ok(LeaseGrant {
