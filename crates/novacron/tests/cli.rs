@@ -156,3 +156,53 @@ async fn cli_logs_in_manages_vms_and_fails_clearly() {
     );
     cli.ok(&["vm", "create", "from-mine", "--image", "mine"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_manages_a_cluster() {
+    let cluster = common::cluster::TestCluster::start(&["full", "full", "full"], &[]).await;
+    let cli = Cli {
+        server: cluster.nodes[1].url.clone(),
+        config: cluster.nodes[1].dir.path().join("client.toml"),
+    };
+    let (code, _, err) = cli.run(&["login", "--password-stdin"], Some(ADMIN_PASSWORD));
+    assert_eq!(code, 0, "{err}");
+
+    // Status through a follower shows the leader's view, as a table and as JSON.
+    let table = cli.ok(&["cluster", "status"]);
+    assert!(table.contains("Leader: host"), "{table}");
+    assert_eq!(table.matches("online").count(), 3, "{table}");
+    let s: Value =
+        serde_json::from_str(&cli.ok(&["cluster", "status", "-o", "json"])).expect("json");
+    assert_eq!(s["voters"], 3);
+    assert_eq!(s["members"].as_array().map(Vec::len), Some(3));
+    let local: Value =
+        serde_json::from_str(&cli.ok(&["cluster", "status", "--stale", "-o", "json"]))
+            .expect("json");
+    assert_eq!(local["reported_by"], 2);
+
+    // A join token: printed once, usable with `serve --join`.
+    let t: Value = serde_json::from_str(&cli.ok(&[
+        "cluster", "token", "--role", "witness", "--ttl", "60", "-o", "json",
+    ]))
+    .expect("json");
+    assert!(
+        t["token"].as_str().is_some_and(|t| t.starts_with("ncj1-")),
+        "{t}"
+    );
+    assert_eq!(t["role"], "witness");
+
+    // Leadership moves where it is asked to.
+    let out = cli.ok(&["cluster", "leader", "--to", "3"]);
+    assert!(out.contains("host 3"), "{out}");
+    let s: Value =
+        serde_json::from_str(&cli.ok(&["cluster", "status", "-o", "json"])).expect("json");
+    assert_eq!(s["leader"]["id"], 3);
+
+    // Errors: non-zero exit and the server's reason.
+    let (code, _, err) = cli.run(&["cluster", "remove", "99"], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("not found"), "{err}");
+    let (code, _, err) = cli.run(&["cluster", "leader", "--to", "42"], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("not found"), "{err}");
+}
