@@ -555,7 +555,9 @@ impl StateHandle {
 
     /// The current leader's ID and address, as this node knows it.
     pub fn leader(&self) -> Option<(u64, NodeAddr)> {
-        let m = self.raft.metrics().borrow_watched().clone();
+        // On every write and read: borrow the server metrics, do not clone the whole set.
+        let rx = self.raft.server_metrics();
+        let m = rx.borrow_watched();
         let id = m.current_leader?;
         let addr = m.membership_config.membership().get_node(&id).cloned()?;
         Some((id, addr))
