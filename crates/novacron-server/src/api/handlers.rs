@@ -106,9 +106,16 @@ pub async fn list_nodes(State(st): State<AppState>) -> ApiResult<Json<Vec<NodeSt
                         .map(|c| c.health.clone())
                         .unwrap_or_else(|| "unknown".into()),
                     raft: RaftStatus {
-                        role: member
-                            .map(|c| c.role.clone())
-                            .unwrap_or_else(|| "unknown".into()),
+                        role: if cluster.leader.as_ref().is_some_and(|l| l.id == info.id) {
+                            "leader"
+                        } else {
+                            match member.map(|c| c.voting) {
+                                Some(true) => "follower",
+                                Some(false) => "learner",
+                                None => "unknown",
+                            }
+                        }
+                        .into(),
                         term: cluster.term,
                         leader: cluster.leader.as_ref().map(|l| l.id.0).or(m.leader),
                         last_log_index: member.and_then(|c| c.matched_index).unwrap_or(0),
