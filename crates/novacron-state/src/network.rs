@@ -6,7 +6,7 @@
 //! calls that are not Raft's own (forwarded writes, read-index requests) go through the same
 //! trait, so forwarding works the same over both.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -167,6 +167,23 @@ fn unexpected(target: u64, reply: RaftReply) -> RPCError<C> {
     }))
 }
 
+impl Client {
+    /// Sends one Raft message and takes the matching reply apart.
+    async fn call<T>(
+        &self,
+        req: RaftRequest,
+        option: RPCOption,
+        take: fn(RaftReply) -> Result<T, RaftReply>,
+    ) -> Result<T, RPCError<C>> {
+        let reply = self
+            .transport
+            .raft(&self.addr, req, option.hard_ttl())
+            .await
+            .map_err(rpc_error)?;
+        take(reply).map_err(|other| unexpected(self.target, other))
+    }
+}
+
 impl RaftNetworkV2<C> for Client {
     type SnapshotData = Vec<u8>;
 
@@ -175,15 +192,11 @@ impl RaftNetworkV2<C> for Client {
         rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
-        match self
-            .transport
-            .raft(&self.addr, RaftRequest::Append(rpc), option.hard_ttl())
-            .await
-            .map_err(rpc_error)?
-        {
+        self.call(RaftRequest::Append(rpc), option, |r| match r {
             RaftReply::Append(r) => Ok(r),
-            other => Err(unexpected(self.target, other)),
-        }
+            other => Err(other),
+        })
+        .await
     }
 
     async fn vote(
@@ -191,15 +204,11 @@ impl RaftNetworkV2<C> for Client {
         rpc: VoteRequest<C>,
         option: RPCOption,
     ) -> Result<VoteResponse<C>, RPCError<C>> {
-        match self
-            .transport
-            .raft(&self.addr, RaftRequest::Vote(rpc), option.hard_ttl())
-            .await
-            .map_err(rpc_error)?
-        {
+        self.call(RaftRequest::Vote(rpc), option, |r| match r {
             RaftReply::Vote(r) => Ok(r),
-            other => Err(unexpected(self.target, other)),
-        }
+            other => Err(other),
+        })
+        .await
     }
 
     async fn pre_vote(
@@ -207,15 +216,11 @@ impl RaftNetworkV2<C> for Client {
         rpc: VoteRequest<C>,
         option: RPCOption,
     ) -> Result<VoteResponse<C>, RPCError<C>> {
-        match self
-            .transport
-            .raft(&self.addr, RaftRequest::PreVote(rpc), option.hard_ttl())
-            .await
-            .map_err(rpc_error)?
-        {
+        self.call(RaftRequest::PreVote(rpc), option, |r| match r {
             RaftReply::PreVote(r) => Ok(r),
-            other => Err(unexpected(self.target, other)),
-        }
+            other => Err(other),
+        })
+        .await
     }
 
     async fn transfer_leader(
@@ -223,19 +228,11 @@ impl RaftNetworkV2<C> for Client {
         req: TransferLeaderRequest<C>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<C>, RPCError<C>> {
-        match self
-            .transport
-            .raft(
-                &self.addr,
-                RaftRequest::TransferLeader(req),
-                option.hard_ttl(),
-            )
-            .await
-            .map_err(rpc_error)?
-        {
+        self.call(RaftRequest::TransferLeader(req), option, |r| match r {
             RaftReply::TransferLeader(r) => Ok(r),
-            other => Err(unexpected(self.target, other)),
-        }
+            other => Err(other),
+        })
+        .await
     }
 
     async fn full_snapshot(
@@ -461,14 +458,4 @@ impl Transport for InProcessPort {
                 message: e.message,
             })
     }
-}
-
-/// Members of a cluster as openraft stores them, for `initialize`.
-pub fn single_member(id: u64, addr: &str) -> BTreeMap<u64, NodeAddr> {
-    BTreeMap::from([(
-        id,
-        NodeAddr {
-            api_addr: addr.to_string(),
-        },
-    )])
 }

@@ -9,21 +9,10 @@ use std::time::Duration;
 use novacron_state::network::InProcess;
 use novacron_state::raft::{NodeAddr, StartMode};
 use novacron_state::{CommandV1, RaftSettings, StateHandle};
-use novacron_types::{ErrorCode, Image, ImageFormat, ImageId, NodeId};
+mod common;
 
-fn image(name: &str) -> Image {
-    Image {
-        id: ImageId::new_random(),
-        name: name.into(),
-        description: String::new(),
-        format: ImageFormat::Qcow2,
-        path: "/images/x.qcow2".into(),
-        virtual_size: 1 << 20,
-        boot: None,
-        node: NodeId(1),
-        created_at: 1,
-    }
-}
+use common::image;
+use novacron_types::{ErrorCode, NodeId};
 
 fn settings() -> RaftSettings {
     RaftSettings {

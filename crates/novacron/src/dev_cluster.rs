@@ -118,30 +118,10 @@ async fn spawn(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     // Both streams go to the host's log file; stdout lines are also watched for the address.
     if let Some(out) = child.stdout.take() {
-        let log = log.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(out).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = log
-                    .lock()
-                    .await
-                    .write_all(format!("{line}\n").as_bytes())
-                    .await;
-                let _ = tx.send(line);
-            }
-        });
+        tokio::spawn(pump(out, log.clone(), Some(tx)));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(err).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = log
-                    .lock()
-                    .await
-                    .write_all(format!("{line}\n").as_bytes())
-                    .await;
-            }
-        });
+        tokio::spawn(pump(err, log, None));
     }
     let url = tokio::time::timeout(Duration::from_secs(180), async {
         while let Some(line) = rx.recv().await {
@@ -167,6 +147,25 @@ async fn spawn(
         url,
         child,
     })
+}
+
+/// Copies a child's output, line by line, into its log file (and to `lines`, if given).
+async fn pump(
+    from: impl tokio::io::AsyncRead + Unpin,
+    log: std::sync::Arc<tokio::sync::Mutex<tokio::fs::File>>,
+    lines: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+) {
+    let mut reader = BufReader::new(from).lines();
+    while let Ok(Some(line)) = reader.next_line().await {
+        let _ = log
+            .lock()
+            .await
+            .write_all(format!("{line}\n").as_bytes())
+            .await;
+        if let Some(tx) = &lines {
+            let _ = tx.send(line);
+        }
+    }
 }
 
 pub async fn run(args: DevClusterArgs) -> anyhow::Result<()> {

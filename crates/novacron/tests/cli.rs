@@ -206,3 +206,73 @@ async fn cli_manages_a_cluster() {
     assert_ne!(code, 0);
     assert!(err.contains("not found"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_cluster_starts_joined_hosts_and_stops_them_all() {
+    use std::io::{BufRead, BufReader};
+    let base = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_novacron"))
+        .args(["dev-cluster", "--nodes", "2", "--witness", "--base-dir"])
+        .arg(base.path())
+        .args(["--", "--accel", "tcg"])
+        .env("NOVACRON_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn dev-cluster");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // "  node-1   full     http://127.0.0.1:PORT" for each host, then the password line.
+    let mut urls = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("dev-cluster output");
+        if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+            if line.trim_start().starts_with("node-") || line.trim_start().starts_with("witness") {
+                urls.push(url.to_string());
+            }
+        }
+        if line.starts_with("admin password") {
+            break;
+        }
+    }
+    assert_eq!(urls.len(), 3, "{urls:?}");
+    let admin = {
+        let c = novacron_client::Client::new(&urls[2], None);
+        let t = c.login("admin", ADMIN_PASSWORD).await.expect("login");
+        c.with_token(t)
+    };
+    let s: Value = admin.get("/api/v1/cluster").await.expect("status");
+    assert_eq!(s["members"].as_array().map(Vec::len), Some(3), "{s}");
+    assert!(
+        s["members"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["role"] == "witness")),
+        "{s}"
+    );
+
+    // SIGTERM stops every host, and dev-cluster exits cleanly.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("signal");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status:?}");
+    for url in &urls {
+        let addr = url.trim_start_matches("http://");
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "{url} still answers after dev-cluster stopped"
+        );
+    }
+}
