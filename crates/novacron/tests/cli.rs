@@ -236,10 +236,12 @@ async fn dev_cluster_starts_joined_hosts_and_stops_them_all() {
         let line = rx
             .recv_timeout(std::time::Duration::from_secs(120))
             .expect("dev-cluster output");
-        if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
-            if line.trim_start().starts_with("node-") || line.trim_start().starts_with("witness") {
-                urls.push(url.to_string());
-            }
+        let host_line =
+            line.trim_start().starts_with("node-") || line.trim_start().starts_with("witness");
+        if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://"))
+            && host_line
+        {
+            urls.push(url.to_string());
         }
         if line.starts_with("admin password") {
             break;
