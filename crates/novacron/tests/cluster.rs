@@ -31,8 +31,22 @@ async fn three_hosts_forward_fail_over_and_catch_up_by_snapshot() {
     };
     assert_eq!(ids, vec![1, 2, 3], "hosts get IDs in join order");
 
-    // The status lists every member with its role, address, progress and what it reaches.
-    let s = status(&cluster.admin(1).await).await;
+    // The status lists every member with its role, address, progress and what it reaches (the
+    // reach map arrives with the heartbeat after a host's first round of pings).
+    let s = cluster
+        .wait_status(
+            1,
+            Duration::from_secs(10),
+            "every host reporting its pings",
+            |s| {
+                members(s).iter().all(|m| {
+                    m["reaches"]
+                        .as_object()
+                        .is_some_and(|r| r.len() == 2 && r.values().all(|v| v == true))
+                })
+            },
+        )
+        .await;
     assert_eq!(s["voters"], 3);
     assert_eq!(s["quorum"], true);
     for m in members(&s) {

@@ -31,6 +31,8 @@ pub struct ChaosCluster {
     pub net: Net,
     pub hosts: Vec<ChaosHost>,
     pub extra: Vec<String>,
+    /// One session for every host (logins are rate-limited per client address and user).
+    token: tokio::sync::Mutex<Option<String>>,
 }
 
 fn free_port(ip: IpAddr) -> u16 {
@@ -51,6 +53,7 @@ impl ChaosCluster {
             net: Net::new(seed),
             hosts: Vec::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            token: tokio::sync::Mutex::new(None),
         };
         for _ in 0..n {
             c.add_host("full").await;
@@ -126,17 +129,30 @@ impl ChaosCluster {
         self.hosts.iter().filter(|h| !h.removed)
     }
 
+    /// The admin session (any host's JWT works on every host), logged in once.
+    async fn token(&self) -> Option<String> {
+        let mut t = self.token.lock().await;
+        if t.is_none() {
+            for h in &self.hosts {
+                if let Some(tok) = session_token(&h.direct).await {
+                    *t = Some(tok);
+                    break;
+                }
+            }
+        }
+        t.clone()
+    }
+
     /// A client talking to host `id` directly.
     pub async fn admin(&self, id: u32) -> novacron_client::Client {
-        let c = novacron_client::Client::new(&self.host(id).direct, None);
-        let token = c.login("admin", ADMIN_PASSWORD).await.expect("login");
-        c.with_token(token)
+        let token = self.token().await.expect("login");
+        novacron_client::Client::new(&self.host(id).direct, Some(token))
     }
 
     /// Status from host `id`'s own point of view (never forwarded).
     pub async fn local_status(&self, id: u32) -> Option<Value> {
         let c = reqwest::Client::new();
-        let token = session_token(&self.host(id).direct).await?;
+        let token = self.token().await?;
         c.get(format!(
             "{}/api/v1/cluster?consistency=stale",
             self.host(id).direct
@@ -190,6 +206,7 @@ impl ChaosCluster {
                     serde_json::to_string_pretty(&s).unwrap_or_default()
                 );
             }
+            assert!(Instant::now() < deadline, "the cluster did not settle");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -264,7 +281,7 @@ impl Workload {
                 .await
                 .expect("create a register VM");
         }
-        let token = session_token(&cluster.host(1).direct).await.expect("token");
+        let token = cluster.token().await.expect("token");
         let recorder = Arc::new(Recorder::default());
         let (stop, _) = tokio::sync::watch::channel(false);
         let start = Instant::now();

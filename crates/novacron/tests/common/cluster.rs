@@ -8,15 +8,16 @@ use serde_json::Value;
 
 use super::Node;
 
-/// Timings short enough for tests: heartbeats every 200 ms, offline after 1.2 s, 1.5 s leases.
+/// Timings short enough for tests, long enough that a busy CI machine does not make hosts look
+/// dead: heartbeats every 200 ms, offline after 2 s, 3 s leases (isolated after 2 s).
 pub fn fast_args() -> Vec<String> {
     [
         "--heartbeat-ms",
         "200",
         "--offline-after-ms",
-        "1200",
+        "2000",
         "--lease-ms",
-        "1500",
+        "3000",
         "--election-timeout-ms",
         "150",
     ]
