@@ -669,7 +669,7 @@ impl RaftStateMachine<C> for StateMachineStore {
         Strm: Stream<Item = Result<EntryResponder<C>, io::Error>> + Unpin + OptionalSend,
     {
         // Take the whole batch first (the stream is async; the state lock is not held across
-        // awaits), apply it in memory, persist it in one transaction, then answer.
+        // awaits), apply it in memory, hand the touched rows to the persister, then answer.
         let mut batch = Vec::new();
         while let Some(item) = entries.try_next().await? {
             batch.push(item);
