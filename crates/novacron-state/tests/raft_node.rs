@@ -29,16 +29,18 @@ async fn snapshots_purge_the_log_and_restart_recovers_state() {
     let addr = "http://127.0.0.1:1".to_string();
     let net = InProcess::default();
 
-    let state = StateHandle::open(
-        dir.path(),
-        node,
-        addr.clone(),
-        &settings(),
-        Arc::new(net.port(&addr)),
-        StartMode::Bootstrap,
-    )
-    .await
-    .expect("open");
+    let settings = settings();
+    let open = || {
+        StateHandle::open(
+            dir.path(),
+            node,
+            addr.clone(),
+            &settings,
+            Arc::new(net.port(&addr)),
+            StartMode::Bootstrap,
+        )
+    };
+    let state = open().await.expect("open");
     state
         .wait_ready(Duration::from_secs(10))
         .await
@@ -85,16 +87,7 @@ async fn snapshots_purge_the_log_and_restart_recovers_state() {
     // Raft's tasks release the database shortly after shutdown returns.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let state = loop {
-        match StateHandle::open(
-            dir.path(),
-            node,
-            addr.clone(),
-            &settings(),
-            Arc::new(net.port(&addr)),
-            StartMode::Bootstrap,
-        )
-        .await
-        {
+        match open().await {
             Ok(s) => break s,
             Err(e) if tokio::time::Instant::now() < deadline => {
                 eprintln!("reopen: {e}; retrying");

@@ -45,9 +45,40 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn kill9(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+/// The processes of one system's members; all killed when dropped.
+struct Members(Vec<Option<Child>>);
+
+impl Members {
+    fn new() -> Self {
+        Self(vec![None, None, None])
+    }
+
+    fn set(&mut self, i: usize, child: Child) {
+        self.0[i] = Some(child);
+    }
+
+    /// `kill -9`, and reaps it.
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.0[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Members {
+    fn drop(&mut self) {
+        for i in 0..self.0.len() {
+            self.kill(i);
+        }
+    }
+}
+
+fn loopback_urls(ports: &[u16]) -> Vec<String> {
+    ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -75,7 +106,7 @@ struct NovaCron {
     bin: PathBuf,
     dirs: Vec<PathBuf>,
     ports: Vec<u16>,
-    children: Vec<Option<Child>>,
+    children: Members,
     token: String,
     demo: PathBuf,
 }
@@ -108,12 +139,12 @@ impl NovaCron {
                 .map(|i| base.join(format!("novacron-{i}")))
                 .collect(),
             ports: (0..3).map(|_| free_port()).collect(),
-            children: vec![None, None, None],
+            children: Members::new(),
             token: String::new(),
             demo,
         };
         let http = reqwest::Client::new();
-        n.children[0] = Some(n.spawn(0, None));
+        n.children.set(0, n.spawn(0, None));
         let url0 = n.urls()[0].clone();
         n.token = wait_login(&http, &url0).await;
         for i in 1..3 {
@@ -128,7 +159,7 @@ impl NovaCron {
                 .await
                 .expect("token json");
             let token = t["token"].as_str().expect("token").to_string();
-            n.children[i] = Some(n.spawn(i, Some((&url0, &token))));
+            n.children.set(i, n.spawn(i, Some((&url0, &token))));
         }
         n.wait_whole(&http).await;
         let r = http
@@ -194,10 +225,7 @@ impl System for NovaCron {
         "NovaCron"
     }
     fn urls(&self) -> Vec<String> {
-        self.ports
-            .iter()
-            .map(|p| format!("http://127.0.0.1:{p}"))
-            .collect()
+        loopback_urls(&self.ports)
     }
     async fn write(&self, http: &reqwest::Client, member: usize, i: u64) -> bool {
         let url = &self.urls()[member];
@@ -227,21 +255,11 @@ impl System for NovaCron {
         }
     }
     fn kill(&mut self, member: usize) {
-        if let Some(mut c) = self.children[member].take() {
-            kill9(&mut c);
-        }
+        self.children.kill(member);
     }
     async fn restart(&mut self, member: usize) {
-        self.children[member] = Some(self.spawn(member, None));
+        self.children.set(member, self.spawn(member, None));
         self.wait_whole(&reqwest::Client::new()).await;
-    }
-}
-
-impl Drop for NovaCron {
-    fn drop(&mut self) {
-        for c in self.children.iter_mut().flatten() {
-            kill9(c);
-        }
     }
 }
 
@@ -250,7 +268,7 @@ struct Etcd {
     dirs: Vec<PathBuf>,
     client_ports: Vec<u16>,
     peer_ports: Vec<u16>,
-    children: Vec<Option<Child>>,
+    children: Members,
 }
 
 impl Etcd {
@@ -295,10 +313,10 @@ impl Etcd {
             dirs: (1..=3).map(|i| base.join(format!("etcd-{i}"))).collect(),
             client_ports: (0..3).map(|_| free_port()).collect(),
             peer_ports: (0..3).map(|_| free_port()).collect(),
-            children: vec![None, None, None],
+            children: Members::new(),
         };
         for i in 0..3 {
-            e.children[i] = Some(e.spawn(i));
+            e.children.set(i, e.spawn(i));
         }
         e.wait_whole(&reqwest::Client::new()).await;
         e
@@ -354,10 +372,7 @@ impl System for Etcd {
         "etcd"
     }
     fn urls(&self) -> Vec<String> {
-        self.client_ports
-            .iter()
-            .map(|p| format!("http://127.0.0.1:{p}"))
-            .collect()
+        loopback_urls(&self.client_ports)
     }
     async fn write(&self, http: &reqwest::Client, member: usize, i: u64) -> bool {
         let b64 = base64::engine::general_purpose::STANDARD;
@@ -385,21 +400,11 @@ impl System for Etcd {
         }
     }
     fn kill(&mut self, member: usize) {
-        if let Some(mut c) = self.children[member].take() {
-            kill9(&mut c);
-        }
+        self.children.kill(member);
     }
     async fn restart(&mut self, member: usize) {
-        self.children[member] = Some(self.spawn(member));
+        self.children.set(member, self.spawn(member));
         self.wait_whole(&reqwest::Client::new()).await;
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        for c in self.children.iter_mut().flatten() {
-            kill9(c);
-        }
     }
 }
 

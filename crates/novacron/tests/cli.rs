@@ -209,7 +209,6 @@ async fn cli_manages_a_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_cluster_starts_joined_hosts_and_stops_them_all() {
-    use std::io::{BufRead, BufReader};
     let base = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new(env!("CARGO_BIN_EXE_novacron"))
         .args(["dev-cluster", "--nodes", "2", "--witness", "--base-dir"])
@@ -221,15 +220,7 @@ async fn dev_cluster_starts_joined_hosts_and_stops_them_all() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn dev-cluster");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = common::stdout_lines(&mut child);
     // "  node-1   full     http://127.0.0.1:PORT" for each host, then the password line.
     let mut urls = Vec::new();
     loop {

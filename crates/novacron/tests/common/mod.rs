@@ -185,15 +185,7 @@ fn spawn(dir: &Path, listen: &str, extra: &[String]) -> (Child, String, Vec<Stri
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn novacron");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = stdout_lines(&mut child);
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut lines = Vec::new();
     let url = loop {
@@ -208,6 +200,21 @@ fn spawn(dir: &Path, listen: &str, extra: &[String]) -> (Child, String, Vec<Stri
         }
     };
     (child, url, lines)
+}
+
+/// The child's standard output, line by line, read on a thread so the test can wait with a
+/// timeout.
+pub fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 fn without_join(extra: Vec<String>) -> Vec<String> {
