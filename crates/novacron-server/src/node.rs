@@ -18,7 +18,7 @@ use novacron_types::{ErrorBody, HostRole, NodeId, NodeInfo, now_millis};
 
 use crate::api::{AppState, router};
 use crate::cluster::identity::{self, Identity};
-use crate::cluster::{Cluster, ClusterSettings, HttpTransport, lease, manager};
+use crate::cluster::{Cluster, ClusterSettings, HttpTransport, host, lease, manager};
 use crate::metrics::Metrics;
 use crate::service::{JoinReply, JoinRequest, Service, ServiceSettings};
 
@@ -210,10 +210,8 @@ pub async fn run(
         api_address: api_address.clone(),
         qemu_version: info.qemu_version,
         accelerator: info.accelerator,
-        cpus: std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1),
-        memory_mib: host_memory_mib(),
+        cpus: host::cpus(),
+        memory_mib: host::meminfo().0,
         registered_at,
         labels: Default::default(),
         role: identity.role,
@@ -318,10 +316,8 @@ async fn request_join(
         role: cfg.role,
         qemu_version: String::new(),
         accelerator: String::new(),
-        cpus: std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1),
-        memory_mib: host_memory_mib(),
+        cpus: host::cpus(),
+        memory_mib: host::meminfo().0,
     };
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -360,17 +356,4 @@ async fn request_join(
         )));
     }
     serde_json::from_slice(&body).map_err(|e| NodeError::Startup(format!("join reply: {e}")))
-}
-
-fn host_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| kb / 1024)
-        .unwrap_or(0)
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use novacron_types::{ApiError, ErrorCode, VmState, now_millis};
 
-use super::{Cluster, FenceAction, FenceRecord, Heartbeat, Inventory, LeaseGrant, PeerReach};
+use super::{Cluster, FenceAction, FenceRecord, Heartbeat, Inventory, LeaseGrant, PeerReach, host};
 use crate::service::Service;
 
 impl Cluster {
@@ -113,7 +113,7 @@ fn heartbeat(svc: &Service) -> Heartbeat {
     let c = svc.cluster();
     let me = c.node;
     let info = svc.hypervisor().info();
-    let (mem_total, mem_avail) = meminfo();
+    let (mem_total, mem_avail) = host::meminfo();
     let vms_running = svc.state().read(|s| {
         s.vms
             .values()
@@ -121,21 +121,19 @@ fn heartbeat(svc: &Service) -> Heartbeat {
             .count() as u32
     });
     let mut disk = std::collections::BTreeMap::new();
-    if let Some(free) = free_bytes(svc.data_dir()) {
+    if let Some(free) = host::free_bytes(svc.data_dir()) {
         disk.insert("data".to_string(), free);
     }
     Heartbeat {
         node: me,
         inventory: Inventory {
-            cpus: std::thread::available_parallelism()
-                .map(|n| n.get() as u32)
-                .unwrap_or(1),
+            cpus: host::cpus(),
             memory_mib: mem_total,
             memory_available_mib: mem_avail,
             disk_free_bytes: disk,
             qemu_version: info.qemu_version,
             accelerator: info.accelerator,
-            load1: load1(),
+            load1: host::load1(),
             vms_running,
         },
         reach: c
@@ -233,29 +231,4 @@ async fn isolate_and_fence(svc: &Service, lease_expiry: Instant) {
     };
     tracing::error!(?record, "fenced");
     c.local().fenced.push(record);
-}
-
-fn meminfo() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map(|kb| kb / 1024)
-            .unwrap_or(0)
-    };
-    (field("MemTotal:"), field("MemAvailable:"))
-}
-
-fn load1() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|l| l.parse().ok()))
-        .unwrap_or(0.0)
-}
-
-fn free_bytes(path: &std::path::Path) -> Option<u64> {
-    let st = nix::sys::statvfs::statvfs(path).ok()?;
-    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
 }

@@ -13,6 +13,7 @@
 //! Invariants: nothing here decides about a VM's desired state; membership follows the host
 //! records in the replicated state (a removed host never comes back under its old ID).
 
+pub mod host;
 pub mod identity;
 pub mod lease;
 pub mod manager;
