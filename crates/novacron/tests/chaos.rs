@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use common::chaos::{ChaosCluster, Workload, check_invariants};
 use common::{demo_vm, wait_console, wait_state};
 use nix::sys::signal::Signal;
+use novacron_chaos::linearizability::{Action, Operation};
 use novacron_chaos::seeded::Seeded;
 use novacron_types::{CreateVmRequest, NodeId, VmState};
 use serde_json::Value;
@@ -297,6 +298,40 @@ async fn stale_reads_from_a_cut_off_host_are_caught() {
     let workload = Workload::start_with(&c, 6, seed(), true).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.net.partition(&[victim], &others);
+    // Besides whatever the clients happen to do (a busy machine may leave the cut-off host's
+    // clients stuck in writes), one certain pair: a write through the majority, then a stale
+    // read through the cut-off host.
+    let (majority, cut_off) = (c.admin(leader).await, c.admin(victim).await);
+    let value = 1_000_000_000u64;
+    let invoked = workload.now();
+    let (code, body) = majority
+        .raw(
+            reqwest::Method::PATCH,
+            "/api/v1/vms/reg-a",
+            Some(&serde_json::json!({ "labels": { "k0": value.to_string() } })),
+        )
+        .await
+        .expect("raw");
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    workload.record(Operation {
+        key: "reg-a/k0".into(),
+        action: Action::Write { value },
+        invoked,
+        completed: Some(workload.now()),
+    });
+    let invoked = workload.now();
+    let v: Value = cut_off
+        .get("/api/v1/vms/reg-a?consistency=stale")
+        .await
+        .expect("stale read");
+    workload.record(Operation {
+        key: "reg-a/k0".into(),
+        action: Action::Read {
+            value: v["labels"]["k0"].as_str().and_then(|s| s.parse().ok()),
+        },
+        invoked,
+        completed: Some(workload.now()),
+    });
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let rec = {
         // Stop before healing: the cut-off host's stale answers are in the history.

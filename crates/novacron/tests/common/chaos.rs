@@ -415,6 +415,16 @@ impl Workload {
         }
     }
 
+    /// Microseconds since the workload started: the history's clock.
+    pub fn now(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
+    /// Adds an operation made outside the workload's clients to the history.
+    pub fn record(&self, op: Operation) {
+        self.recorder.ops.lock().expect("ops").push(op);
+    }
+
     /// Stops the clients, then reads every register through every host (linearizably) and
     /// adds those reads to the history.
     pub async fn finish(self, cluster: &ChaosCluster) -> Arc<Recorder> {
