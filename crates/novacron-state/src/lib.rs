@@ -2,7 +2,9 @@
 //!
 //! - [`command`]: the versioned Raft commands, the only way desired state changes.
 //! - [`machine`]: [`ClusterState`] and its pure `apply` (no I/O, no clock).
-//! - [`store`]: openraft's log store and state machine on one redb file.
+//! - [`store`]: openraft's log store (the log in [`wal`] segment files, the vote in redb) and
+//!   state machine (rows in redb).
+//! - [`wal`]: the log's append-only, checksummed segment files.
 //! - [`raft`]: the type config, the running Raft node and the handle the server uses.
 //!
 //! Invariant: nothing here knows about QEMU, HTTP handlers or users' passwords; it stores what it
@@ -13,6 +15,7 @@ pub mod machine;
 pub mod network;
 pub mod raft;
 pub mod store;
+pub mod wal;
 
 pub use command::{Command, CommandResponse, CommandV1, Touched};
 pub use machine::{ClusterMeta, ClusterState};

@@ -249,12 +249,17 @@ impl StateHandle {
                 source,
             }
         })?;
+        let log_dir = dir.join("raft-log");
+        let log = LogStore::open(db.clone(), &log_dir).map_err(|source| StateError::Open {
+            path: log_dir.display().to_string(),
+            source,
+        })?;
         let config = Arc::new(settings.to_config()?);
         let raft = Raft::new(
             node_id.0,
             config,
             Network::new(transport.clone()),
-            LogStore::new(db),
+            log,
             sm.clone(),
         )
         .await

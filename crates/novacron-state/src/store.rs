@@ -1,29 +1,30 @@
-//! openraft storage on redb: the Raft log, the vote, and the state machine's rows share one
-//! database file, each in its own tables.
+//! openraft storage: the Raft log in append-only segment files ([`crate::wal`], under
+//! `DATA/raft-log/`), everything else in one redb database (`DATA/state.redb`).
 //!
-//! Layout (all values JSON):
-//! - `raft_log`:  log index → entry
-//! - `raft_meta`: `vote`, `committed`, `last_purged`
+//! redb layout (all values JSON):
+//! - `raft_meta`: `vote`, `last_purged`
 //! - `sm_meta`:   `last_applied`, `membership`, `cluster` (the [`ClusterMeta`])
 //! - `sm_rows`:   `vm/<id>`, `image/<id>`, `user/<id>`, `token/<id>`, `op/<id>`, `node/<id>`
 //! - `snapshot`:  `meta`, `data` (the latest snapshot)
+//! - `raft_log`:  empty; read once to move a log written by an older version into the segments
 //!
-//! Log appends and state-machine writes run on blocking threads (they may wait for redb's write
-//! lock or the disk); other redb calls are short and run on the calling task.
+//! Log: every entry not purged is also kept in memory, so replication and apply read no disk.
+//! An append puts its entries in memory (readable at once, as openraft requires) and hands their
+//! frames to a flusher thread, which writes whatever queued up and syncs once (group commit),
+//! and only then tells openraft they are flushed (openraft counts an entry toward a quorum, and a
+//! follower acknowledges it, only after that). Truncations are durable when they return.
 //!
-//! Durability: votes, purges and snapshots commit with `Durability::Immediate` (fsync before
-//! returning). Log appends commit with `Durability::None`, so the entries are readable at once,
-//! and a flusher thread then makes them durable with one durable commit shared by every append
-//! that arrived meanwhile, and only then tells openraft they are flushed (openraft counts an
-//! entry toward a quorum, and a follower acknowledges it, only after that). The state machine's
-//! rows commit with `Durability::None`: after a crash redb rolls back to the last durable
-//! commit, which is a consistent older state, and openraft re-applies the durable log from
-//! `last_applied`. That keeps one fsync per batch of writes without weakening what Raft relies
-//! on. It holds because the log and the
-//! state machine share one redb database, and redb makes every earlier non-durable commit durable
-//! at the next durable one: the state machine can never roll back behind a purged or
-//! snapshotted index. Never move the log into a different file without revisiting this.
+//! Durability of the rest: votes, purge points and snapshots commit with
+//! `Durability::Immediate`. The state machine's rows commit with `Durability::None`: after a
+//! crash redb rolls back to the last durable commit, a consistent older state, and openraft
+//! re-applies the log from `last_applied`. Two orders make that safe: a purge point is recorded
+//! (durably) only after the snapshot that covers it is saved (durably), and segment files are
+//! deleted only after the purge point is recorded; so whatever the rows roll back to, the
+//! snapshot or the log covers what follows. If the rows end up ahead of the durable log
+//! (committed entries this host had not flushed yet), openraft's startup purges up to
+//! `last_applied` and the leader sends what follows.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
@@ -44,6 +45,7 @@ use tokio::sync::broadcast;
 use crate::command::{CommandResponse, Touched};
 use crate::machine::ClusterState;
 use crate::raft::{StateEvent, TypeConfig};
+use crate::wal::Wal;
 
 type C = TypeConfig;
 
@@ -118,57 +120,163 @@ fn put_json<T: Serialize>(
 // ---------------------------------------------------------------------------------------------
 // Log store
 
-/// The Raft log and vote. Cheap to clone; clones share the database and the flusher.
+/// Work for the log flusher, in the order openraft asked for it.
+enum WalOp {
+    Append {
+        frames: Vec<(u64, Vec<u8>)>,
+        flushed: IOFlushed<C>,
+    },
+    Truncate {
+        from: u64,
+        done: tokio::sync::oneshot::Sender<io::Result<()>>,
+    },
+    Purge {
+        upto: u64,
+    },
+}
+
+/// The entries not purged, in memory, and the last purge point.
+#[derive(Default)]
+struct LogMemory {
+    entries: BTreeMap<u64, EntryOf<C>>,
+    last_purged: Option<LogIdOf<C>>,
+}
+
+/// The Raft log and vote. Cheap to clone; clones share the memory and the flusher.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
-    flusher: Arc<Mutex<std::sync::mpsc::Sender<IOFlushed<C>>>>,
+    log: Arc<RwLock<LogMemory>>,
+    flusher: Arc<Mutex<std::sync::mpsc::Sender<WalOp>>>,
 }
 
 impl LogStore {
-    pub fn new(db: Arc<Database>) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<IOFlushed<C>>();
-        let flush_db = db.clone();
+    /// Opens the log in `dir` (segments) and `db` (vote, purge point), moving a log that an
+    /// older version kept in redb into segments first.
+    pub fn open(db: Arc<Database>, dir: &Path) -> io::Result<Self> {
+        let last_purged: Option<LogIdOf<C>> = get_json(&db, RAFT_META, "last_purged")?.flatten();
+        let (mut wal, frames) = Wal::open(dir)?;
+        let legacy = legacy_log(&db)?;
+        if !legacy.is_empty() {
+            if frames.is_empty() {
+                for (index, row) in &legacy {
+                    wal.append(*index, row)?;
+                }
+                wal.sync()?;
+                tracing::info!(entries = legacy.len(), "moved the Raft log out of redb");
+            }
+            clear_legacy_log(&db)?;
+        }
+        let frames = if frames.is_empty() { legacy } else { frames };
+        let mut entries = BTreeMap::new();
+        let floor = last_purged.map(|l| l.index);
+        for (index, payload) in frames {
+            if floor.is_some_and(|f| index <= f) {
+                continue;
+            }
+            let entry: EntryOf<C> = from_json(&payload)?;
+            entries.insert(index, entry);
+        }
+        if let Some(f) = floor {
+            wal.purge_upto(f)?;
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<WalOp>();
         std::thread::Builder::new()
             .name("raft-log-flush".into())
-            .spawn(move || flush_appends(flush_db, rx))
-            .unwrap_or_else(|e| panic!("cannot start the log flusher thread: {e}"));
-        Self {
+            .spawn(move || flush_log(wal, rx))?;
+        Ok(Self {
             db,
+            log: Arc::new(RwLock::new(LogMemory {
+                entries,
+                last_purged,
+            })),
             flusher: Arc::new(Mutex::new(tx)),
-        }
+        })
+    }
+
+    fn send(&self, op: WalOp) -> Result<(), WalOp> {
+        self.flusher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(op)
+            .map_err(|std::sync::mpsc::SendError(op)| op)
+    }
+
+    fn memory(&self) -> std::sync::RwLockReadGuard<'_, LogMemory> {
+        self.log.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn memory_mut(&self) -> std::sync::RwLockWriteGuard<'_, LogMemory> {
+        self.log.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// Makes appended entries durable, in order, sharing one fsync among every append that arrived
-/// meanwhile (group commit), then tells openraft. Appends themselves commit without fsync, so
-/// the leader replicates to followers while its own disk flushes. Ends when the store is dropped.
-fn flush_appends(db: Arc<Database>, rx: std::sync::mpsc::Receiver<IOFlushed<C>>) {
+/// Rows of the log as versions before the segment files kept it (in redb).
+fn legacy_log(db: &Database) -> io::Result<Vec<(u64, Vec<u8>)>> {
+    let txn = db.begin_read().map_err(io_err)?;
+    let t = txn.open_table(RAFT_LOG).map_err(io_err)?;
+    let mut out = Vec::new();
+    for row in t.iter().map_err(io_err)? {
+        let (k, v) = row.map_err(io_err)?;
+        out.push((k.value(), v.value().to_vec()));
+    }
+    Ok(out)
+}
+
+fn clear_legacy_log(db: &Database) -> io::Result<()> {
+    let txn = db.begin_write().map_err(io_err)?;
+    {
+        let mut t = txn.open_table(RAFT_LOG).map_err(io_err)?;
+        t.retain(|_, _| false).map_err(io_err)?;
+    }
+    txn.commit().map_err(io_err)
+}
+
+/// Carries out the log's file work in order, sharing one sync among everything that queued up
+/// meanwhile (group commit), then tells openraft. Appends themselves only queue frames, so the
+/// leader replicates to followers while its own disk syncs. After an I/O error every later
+/// operation fails too (the files' state is unknown). Ends when the store is dropped.
+fn flush_log(mut wal: Wal, rx: std::sync::mpsc::Receiver<WalOp>) {
+    let mut broken: Option<String> = None;
     while let Ok(first) = rx.recv() {
-        let mut waiting = vec![first];
-        while let Ok(more) = rx.try_recv() {
-            waiting.push(more);
-        }
-        // A durable commit makes every earlier non-durable commit durable too. It writes a
-        // counter so the commit is never empty.
-        let flushed = (|| {
-            let txn = db.begin_write().map_err(io_err)?;
-            {
-                let mut t = txn.open_table(RAFT_META).map_err(io_err)?;
-                let n = match t.get("flushes").map_err(io_err)? {
-                    Some(v) => from_json::<u64>(v.value())?,
-                    None => 0,
-                };
-                t.insert("flushes", to_json(&(n + 1))?.as_slice())
-                    .map_err(io_err)?;
+        let mut flushed = Vec::new();
+        let mut truncated = Vec::new();
+        let mut next = Some(first);
+        while let Some(op) = next {
+            let r = match &broken {
+                Some(e) => Err(io::Error::other(e.clone())),
+                None => match &op {
+                    WalOp::Append { frames, .. } => frames
+                        .iter()
+                        .try_for_each(|(index, frame)| wal.append(*index, frame)),
+                    WalOp::Truncate { from, .. } => wal.truncate_from(*from),
+                    WalOp::Purge { upto } => wal.purge_upto(*upto),
+                },
+            };
+            if let Err(e) = r {
+                broken.get_or_insert_with(|| format!("the Raft log's files failed: {e}"));
             }
-            txn.commit().map_err(io_err)
-        })();
-        for cb in waiting {
-            cb.io_completed(match &flushed {
-                Ok(()) => Ok(()),
-                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
-            });
+            match op {
+                WalOp::Append { flushed: cb, .. } => flushed.push(cb),
+                WalOp::Truncate { done, .. } => truncated.push(done),
+                WalOp::Purge { .. } => {}
+            }
+            next = rx.try_recv().ok();
+        }
+        if broken.is_none()
+            && let Err(e) = wal.sync()
+        {
+            broken = Some(format!("the Raft log's files failed: {e}"));
+        }
+        let result = || match &broken {
+            Some(e) => Err(io::Error::other(e.clone())),
+            None => Ok(()),
+        };
+        for cb in flushed {
+            cb.io_completed(result());
+        }
+        for done in truncated {
+            let _ = done.send(result());
         }
     }
 }
@@ -178,8 +286,6 @@ impl RaftLogReader<C> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<EntryOf<C>>, io::Error> {
-        let txn = self.db.begin_read().map_err(io_err)?;
-        let t = txn.open_table(RAFT_LOG).map_err(io_err)?;
         let start = match range.start_bound() {
             Bound::Included(i) => Bound::Included(*i),
             Bound::Excluded(i) => Bound::Excluded(*i),
@@ -190,12 +296,12 @@ impl RaftLogReader<C> for LogStore {
             Bound::Excluded(i) => Bound::Excluded(*i),
             Bound::Unbounded => Bound::Unbounded,
         };
-        let mut out = Vec::new();
-        for row in t.range::<u64>((start, end)).map_err(io_err)? {
-            let (_, v) = row.map_err(io_err)?;
-            out.push(from_json(v.value())?);
-        }
-        Ok(out)
+        Ok(self
+            .memory()
+            .entries
+            .range((start, end))
+            .map(|(_, e)| e.clone())
+            .collect())
     }
 
     async fn read_vote(&mut self) -> Result<Option<VoteOf<C>>, io::Error> {
@@ -207,19 +313,14 @@ impl RaftLogStorage<C> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
-        let last_purged: Option<LogIdOf<C>> = get_json(&self.db, RAFT_META, "last_purged")?;
-        let txn = self.db.begin_read().map_err(io_err)?;
-        let t = txn.open_table(RAFT_LOG).map_err(io_err)?;
-        let last = match t.last().map_err(io_err)? {
-            Some((_, v)) => {
-                let e: EntryOf<C> = from_json(v.value())?;
-                Some(e.log_id)
-            }
-            None => last_purged,
-        };
+        let log = self.memory();
         Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id: last,
+            last_purged_log_id: log.last_purged,
+            last_log_id: log
+                .entries
+                .last_key_value()
+                .map(|(_, e)| e.log_id)
+                .or(log.last_purged),
         })
     }
 
@@ -231,80 +332,62 @@ impl RaftLogStorage<C> for LogStore {
         put_json(&self.db, RAFT_META, "vote", vote, true)
     }
 
-    // `save_committed`/`read_committed` keep openraft's defaults (not stored): storing the
-    // committed index cost a redb transaction per commit on every host, and after a restart the
-    // leader tells each host what is committed within a heartbeat.
+    // `save_committed`/`read_committed` keep openraft's defaults (not stored): after a restart
+    // the leader tells each host what is committed within a heartbeat.
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = EntryOf<C>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let rows: io::Result<Vec<(u64, Vec<u8>)>> = entries
-            .into_iter()
-            .map(|e| Ok((e.log_id.index, to_json(&e)?)))
+        let entries: Vec<EntryOf<C>> = entries.into_iter().collect();
+        let frames: io::Result<Vec<(u64, Vec<u8>)>> = entries
+            .iter()
+            .map(|e| Ok((e.log_id.index, to_json(e)?)))
             .collect();
-        // Readable when this returns (openraft's contract), durable when the flusher says so.
-        let db = self.db.clone();
-        let result = match rows {
-            Err(e) => Err(e),
-            Ok(rows) => tokio::task::spawn_blocking(move || {
-                let mut txn = db.begin_write().map_err(io_err)?;
-                txn.set_durability(Durability::None)
-                    .map_err(io::Error::other)?;
-                {
-                    let mut t = txn.open_table(RAFT_LOG).map_err(io_err)?;
-                    for (index, row) in rows {
-                        t.insert(index, row.as_slice()).map_err(io_err)?;
-                    }
-                }
-                txn.commit().map_err(io_err)
-            })
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e))),
-        };
-        match result {
-            Ok(()) => {
-                let sent = self
-                    .flusher
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .send(callback);
-                if let Err(std::sync::mpsc::SendError(callback)) = sent {
-                    let e = io::Error::other("the log flusher stopped");
-                    callback.io_completed(Err(io::Error::other("the log flusher stopped")));
-                    return Err(e);
-                }
-                Ok(())
-            }
+        let frames = match frames {
+            Ok(f) => f,
             Err(e) => {
                 callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
-                Err(e)
+                return Err(e);
             }
+        };
+        // Readable when this returns (openraft's contract), durable when the flusher says so.
+        self.memory_mut()
+            .entries
+            .extend(entries.into_iter().map(|e| (e.log_id.index, e)));
+        if let Err(WalOp::Append { flushed, .. }) = self.send(WalOp::Append {
+            frames,
+            flushed: callback,
+        }) {
+            flushed.io_completed(Err(io::Error::other("the log flusher stopped")));
+            return Err(io::Error::other("the log flusher stopped"));
         }
+        Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> Result<(), io::Error> {
         let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
-        let txn = self.db.begin_write().map_err(io_err)?;
-        {
-            let mut t = txn.open_table(RAFT_LOG).map_err(io_err)?;
-            t.retain_in(from.., |_, _| false).map_err(io_err)?;
-        }
-        txn.commit().map_err(io_err)
+        self.memory_mut().entries.split_off(&from);
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.send(WalOp::Truncate { from, done })
+            .map_err(|_| io::Error::other("the log flusher stopped"))?;
+        answer
+            .await
+            .map_err(|_| io::Error::other("the log flusher stopped"))?
     }
 
     async fn purge(&mut self, log_id: LogIdOf<C>) -> Result<(), io::Error> {
-        let txn = self.db.begin_write().map_err(io_err)?;
+        // The purge point first (durably), then memory, then the files.
+        put_json(&self.db, RAFT_META, "last_purged", &Some(log_id), true)?;
         {
-            // Record the purge point first, in the same transaction as the deletion.
-            let mut m = txn.open_table(RAFT_META).map_err(io_err)?;
-            m.insert("last_purged", to_json(&Some(log_id))?.as_slice())
-                .map_err(io_err)?;
-            let mut t = txn.open_table(RAFT_LOG).map_err(io_err)?;
-            t.retain_in(..=log_id.index, |_, _| false).map_err(io_err)?;
+            let mut log = self.memory_mut();
+            let keep = log.entries.split_off(&(log_id.index + 1));
+            log.entries = keep;
+            log.last_purged = Some(log_id);
         }
-        txn.commit().map_err(io_err)
+        self.send(WalOp::Purge { upto: log_id.index })
+            .map_err(|_| io::Error::other("the log flusher stopped"))
     }
 }
 
@@ -771,5 +854,76 @@ impl RaftStateMachine<C> for StateMachineStore {
             meta: s.meta,
             snapshot: s.data,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::testing::blank_ent;
+
+    async fn entries(log: &mut LogStore) -> Vec<u64> {
+        log.try_get_log_entries(..)
+            .await
+            .expect("log store")
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_log_kept_in_redb_by_an_older_version_moves_into_segments() {
+        let dir = tempfile::tempdir().expect("log store");
+        let db = open_database(&dir.path().join("state.redb")).expect("log store");
+        {
+            let txn = db.begin_write().expect("log store");
+            {
+                let mut t = txn.open_table(RAFT_LOG).expect("log store");
+                for i in 1..=5 {
+                    let row = to_json(&blank_ent::<C>(1, 1, i)).expect("log store");
+                    t.insert(i, row.as_slice()).expect("log store");
+                }
+            }
+            txn.commit().expect("log store");
+        }
+        let log_dir = dir.path().join("raft-log");
+        let mut log = LogStore::open(db.clone(), &log_dir).expect("log store");
+        assert_eq!(entries(&mut log).await, vec![1, 2, 3, 4, 5]);
+        assert!(
+            legacy_log(&db).expect("log store").is_empty(),
+            "redb's copy is cleared"
+        );
+        let state = log.get_log_state().await.expect("log store");
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(5));
+        drop(log);
+        // Opened again: the entries come from the segments now.
+        let mut log = LogStore::open(db, &log_dir).expect("log store");
+        assert_eq!(entries(&mut log).await, vec![1, 2, 3, 4, 5]);
+    }
+
+    #[tokio::test]
+    async fn purged_entries_stay_purged_after_reopening() {
+        let dir = tempfile::tempdir().expect("log store");
+        let db = open_database(&dir.path().join("state.redb")).expect("log store");
+        let log_dir = dir.path().join("raft-log");
+        let mut log = LogStore::open(db.clone(), &log_dir).expect("log store");
+        use openraft::type_config::TypeConfigExt;
+        let (tx, rx) = C::oneshot();
+        let flushed = IOFlushed::<C>::signal(tx);
+        log.append((1..=10).map(|i| blank_ent::<C>(1, 1, i)), flushed)
+            .await
+            .expect("log store");
+        rx.await.expect("log store").expect("log store");
+        log.purge(openraft::testing::log_id::<C>(1, 1, 4))
+            .await
+            .expect("log store");
+        log.truncate_after(Some(openraft::testing::log_id::<C>(1, 1, 8)))
+            .await
+            .expect("log store");
+        drop(log);
+        let mut log = LogStore::open(db, &log_dir).expect("log store");
+        assert_eq!(entries(&mut log).await, vec![5, 6, 7, 8]);
+        let state = log.get_log_state().await.expect("log store");
+        assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(4));
     }
 }

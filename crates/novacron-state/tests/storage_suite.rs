@@ -1,4 +1,4 @@
-//! openraft's own storage conformance suite, run against the redb store.
+//! openraft's own storage conformance suite, run against our store (log segments + redb).
 
 use openraft::StorageError;
 use openraft::testing::log::{StoreBuilder, Suite};
@@ -19,7 +19,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
         let db = open_database(&dir.path().join("state.redb")).map_err(fail)?;
         let (events, _) = broadcast::channel(16);
         let sm = StateMachineStore::open(db.clone(), events).map_err(fail)?;
-        Ok((dir, LogStore::new(db), sm))
+        let log = LogStore::open(db, &dir.path().join("raft-log")).map_err(fail)?;
+        Ok((dir, log, sm))
     }
 }
 
