@@ -172,6 +172,14 @@ impl Client {
         self.post("/api/v1/vms", req).await
     }
 
+    /// A placement dry run.
+    pub async fn place(
+        &self,
+        req: &novacron_types::PlacementRequest,
+    ) -> Result<novacron_types::PlacementReport, ClientError> {
+        self.post("/api/v1/placement", req).await
+    }
+
     pub async fn delete_vm(&self, key: &str) -> Result<(), ClientError> {
         self.delete(&format!("/api/v1/vms/{}", encode(key))).await
     }

@@ -43,6 +43,31 @@ pub struct NodeConfig {
     pub raft: RaftSettings,
     pub cluster: ClusterSettings,
     pub service: ServiceSettings,
+    pub host: HostSettings,
+}
+
+/// What this host offers to VMs, recorded in its host record at every start.
+#[derive(Clone, Debug)]
+pub struct HostSettings {
+    /// Labels placement rules can require (`zone=a`).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// vCPUs accepted, in percent of the host's CPUs.
+    pub cpu_overcommit_pct: u32,
+    /// Guest memory accepted, in percent of the memory left after the reserve.
+    pub memory_overcommit_pct: u32,
+    /// Memory kept for the host itself.
+    pub reserved_memory_mib: u64,
+}
+
+impl Default for HostSettings {
+    fn default() -> Self {
+        Self {
+            labels: Default::default(),
+            cpu_overcommit_pct: 400,
+            memory_overcommit_pct: 100,
+            reserved_memory_mib: 0,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -213,8 +238,13 @@ pub async fn run(
         cpus: host::cpus(),
         memory_mib: host::meminfo().0,
         registered_at,
-        labels: Default::default(),
+        labels: cfg.host.labels.clone(),
         role: identity.role,
+        cpu_overcommit_pct: cfg.host.cpu_overcommit_pct,
+        memory_overcommit_pct: cfg.host.memory_overcommit_pct,
+        reserved_memory_mib: cfg.host.reserved_memory_mib,
+        // Kept from the stored record by `apply`.
+        maintenance: false,
     };
     state
         .propose(CommandV1::RegisterNode { node })

@@ -2,6 +2,7 @@
 //!
 //! - [`command`]: the versioned Raft commands, the only way desired state changes.
 //! - [`machine`]: [`ClusterState`] and its pure `apply` (no I/O, no clock).
+//! - [`placement`]: which hosts a VM may go to and which is best (pure).
 //! - [`store`]: openraft's log store (the log in [`wal`] segment files, the vote in redb) and
 //!   state machine (rows in redb).
 //! - [`wal`]: the log's append-only, checksummed segment files.
@@ -13,6 +14,7 @@
 pub mod command;
 pub mod machine;
 pub mod network;
+pub mod placement;
 pub mod raft;
 pub mod store;
 pub mod wal;

@@ -41,6 +41,38 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
+    /// The rules the replicated state decides for a VM recorded on `vm.node` (capacity,
+    /// role, maintenance, labels, affinity): checked in `apply`, so racing creates cannot
+    /// overfill a host.
+    fn check_placement(&self, vm: &Vm) -> Result<(), ApiError> {
+        let node = self
+            .nodes
+            .get(&vm.node.0)
+            .ok_or_else(|| ApiError::not_found("host", vm.node))?;
+        let demand = crate::placement::Demand {
+            vcpus: vm.spec.vcpus,
+            memory_mib: vm.spec.memory_mib,
+            disk_mib: 0,
+            rules: &vm.spec.placement,
+            vm: Some(vm.id),
+        };
+        let reasons = crate::placement::check_state(self, node, &demand);
+        match reasons.first() {
+            None => Ok(()),
+            Some(first) => Err(ApiError::conflict(format!(
+                "VM '{}' cannot go to host {}: {}",
+                vm.name,
+                vm.node,
+                reasons
+                    .iter()
+                    .map(|r| r.message.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .with_reason(first.code.clone())),
+        }
+    }
+
     pub fn vm_by_name(&self, name: &str) -> Option<&Vm> {
         self.vms.values().find(|v| v.name == name)
     }
@@ -80,6 +112,11 @@ impl ClusterState {
                         "host {} was removed from the cluster; wipe its data dir and join again",
                         node.id
                     )));
+                }
+                let mut node = node.clone();
+                // Maintenance is the cluster's decision, not the host's: a restart keeps it.
+                if let Some(old) = self.nodes.get(&node.id.0) {
+                    node.maintenance = old.maintenance;
                 }
                 self.nodes.insert(node.id.0, node.clone());
                 Ok(vec![Touched::Node(node.id.0)])
@@ -189,6 +226,7 @@ impl ClusterState {
                 if !self.images.contains_key(&vm.spec.image) {
                     return Err(ApiError::not_found("image", vm.spec.image));
                 }
+                self.check_placement(vm)?;
                 self.vms.insert(vm.id, vm.clone());
                 Ok(vec![Touched::Vm(vm.id)])
             }
@@ -402,6 +440,31 @@ mod tests {
     use super::*;
     use novacron_types::*;
 
+    /// A state with host 1 registered (VMs can only be recorded on a known host).
+    pub(super) fn with_host(memory_mib: u64) -> ClusterState {
+        let mut s = ClusterState::default();
+        s.nodes.insert(
+            1,
+            NodeInfo {
+                id: NodeId(1),
+                name: "h1".into(),
+                api_address: String::new(),
+                qemu_version: String::new(),
+                accelerator: "tcg".into(),
+                cpus: 1,
+                memory_mib,
+                registered_at: 0,
+                labels: Default::default(),
+                role: HostRole::Full,
+                cpu_overcommit_pct: 400,
+                memory_overcommit_pct: 100,
+                reserved_memory_mib: 0,
+                maintenance: false,
+            },
+        );
+        s
+    }
+
     fn image(name: &str) -> Image {
         Image {
             id: ImageId::new_random(),
@@ -431,6 +494,7 @@ mod tests {
                 memory_mib: 128,
                 disks: vec![],
                 boot: None,
+                placement: Default::default(),
             },
             snapshots: vec![],
             labels: Default::default(),
@@ -461,7 +525,7 @@ mod tests {
 
     #[test]
     fn vm_names_are_unique_and_a_rejected_command_changes_nothing() {
-        let mut s = ClusterState::default();
+        let mut s = with_host(4096);
         let img = image("demo");
         apply(&mut s, CommandV1::CreateImage { image: img.clone() }).expect("image");
         apply(
@@ -494,7 +558,7 @@ mod tests {
 
     #[test]
     fn running_vms_and_used_images_cannot_be_deleted() {
-        let mut s = ClusterState::default();
+        let mut s = with_host(4096);
         let img = image("demo");
         apply(&mut s, CommandV1::CreateImage { image: img.clone() }).expect("image");
         let v = vm("a", img.id);
@@ -531,7 +595,7 @@ mod tests {
 
     #[test]
     fn finished_operations_are_immutable_and_pruned_by_age() {
-        let mut s = ClusterState::default();
+        let mut s = with_host(4096);
         let o = op();
         apply(&mut s, CommandV1::CreateOperation { op: o.clone() }).expect("create");
         let done = |status| CommandV1::UpdateOperation {
@@ -566,7 +630,7 @@ mod tests {
 
     #[test]
     fn cluster_init_happens_once() {
-        let mut s = ClusterState::default();
+        let mut s = with_host(4096);
         apply(
             &mut s,
             CommandV1::InitCluster {
@@ -646,6 +710,7 @@ mod properties {
                         memory_mib: 64,
                         disks: vec![],
                         boot: None,
+                        placement: Default::default(),
                     },
                     snapshots: vec![],
                     labels: Default::default(),
@@ -704,7 +769,8 @@ mod properties {
                 .map(|_| command(&mut g, &vms, &images, &ops))
                 .collect();
 
-            let (mut a, mut b) = (ClusterState::default(), ClusterState::default());
+            // Room for three of the four VMs: some creates must be refused for capacity.
+            let (mut a, mut b) = (tests::with_host(200), tests::with_host(200));
             for cmd in &cmds {
                 let before = a.clone();
                 let (ra, ta) = a.apply(cmd);
@@ -730,6 +796,14 @@ mod properties {
                         "seed {seed}: VM without its image"
                     );
                 }
+                for (node, r) in crate::placement::reserved(&a, None) {
+                    let host = &a.nodes[&node];
+                    assert!(
+                        r.memory_mib <= host.memory_capacity_mib()
+                            && r.vcpus <= host.vcpu_capacity(),
+                        "seed {seed}: host {node} overfilled: {r:?}"
+                    );
+                }
                 for o in a.operations.values() {
                     assert!(o.progress <= 100);
                 }
@@ -749,7 +823,7 @@ mod properties {
             let ops: Vec<OperationId> = (0..2).map(|_| OperationId::new_random()).collect();
             let vms = [VmId::new_random()];
             let images = [ImageId::new_random()];
-            let mut s = ClusterState::default();
+            let mut s = tests::with_host(4096);
             let mut finished: BTreeMap<OperationId, Operation> = BTreeMap::new();
             for _ in 0..80 {
                 let cmd = command(&mut g, &vms, &images, &ops);

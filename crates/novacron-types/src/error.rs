@@ -63,6 +63,10 @@ pub struct ApiError {
     /// The request field at fault, for `invalid_argument` (for example `memory_mib`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// A finer, stable cause under `code`, when a client may act on it (for example
+    /// `not_enough_memory` for a placement refused with `conflict`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// The JSON envelope: `{"error": {...}}`.
@@ -77,6 +81,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            reason: None,
         }
     }
 
@@ -85,11 +90,18 @@ impl ApiError {
             code: ErrorCode::InvalidArgument,
             message: message.into(),
             field: Some(field.into()),
+            reason: None,
         }
     }
 
     pub fn not_found(kind: &str, key: impl std::fmt::Display) -> Self {
         Self::new(ErrorCode::NotFound, format!("{kind} '{key}' not found"))
+    }
+
+    /// The same error with a finer cause (see [`ApiError::reason`]).
+    pub fn with_reason(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
+        self
     }
 
     pub fn conflict(message: impl Into<String>) -> Self {

@@ -26,11 +26,116 @@ pub struct CreateVmRequest {
     /// Direct kernel boot; overrides the image's kernel, initrd and command line.
     #[serde(default)]
     pub boot: Option<KernelBoot>,
-    /// The host to create it on (default: the host that receives the request, if it runs VMs,
-    /// otherwise the full host with the fewest VMs).
+    /// The host to create it on. Default: the best host by the placement rules and the
+    /// cluster's strategy (`POST /api/v1/placement` shows the ranking). A named host is still
+    /// checked against the same rules.
     #[serde(default)]
     #[schema(value_type = Option<u64>)]
     pub node: Option<NodeId>,
+    /// Where the VM may run.
+    #[serde(default)]
+    pub placement: PlacementRules,
+}
+
+/// Where a VM may run. Kept with the VM, so every later placement (migration, evacuation, HA)
+/// follows the same rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementRules {
+    /// Labels the host must carry, all of them (`{"zone": "a"}`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub host_labels: BTreeMap<String, String>,
+    /// VMs of one affinity group run on the same host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<String>,
+    /// VMs of one anti-affinity group never share a host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_affinity: Option<String>,
+}
+
+/// How to choose among the hosts that fit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PlacementStrategy {
+    /// The host with the most room left (and the least load): VMs spread out.
+    #[default]
+    Spread,
+    /// The fullest host that still fits: keeps other hosts empty.
+    Pack,
+}
+
+impl PlacementStrategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlacementStrategy::Spread => "spread",
+            PlacementStrategy::Pack => "pack",
+        }
+    }
+}
+
+/// A dry run of placement: what a VM needs and where it may go.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementRequest {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Disk space it needs in the host's data pool, besides its image.
+    #[serde(default)]
+    pub disk_mib: u64,
+    /// The image its boot disk would come from (name or ID): its full size counts as disk.
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub placement: PlacementRules,
+    /// Check only this host (as `vm create --node` would).
+    #[serde(default)]
+    #[schema(value_type = Option<u64>)]
+    pub node: Option<NodeId>,
+    /// Default: the receiving host's `--placement` setting.
+    #[serde(default)]
+    pub strategy: Option<PlacementStrategy>,
+}
+
+/// Why a host was not chosen.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PlacementReason {
+    /// Stable code: `witness`, `maintenance`, `offline`, `isolated`, `joining`, `no_inventory`,
+    /// `missing_label`, `not_enough_cpus`, `not_enough_memory`, `not_enough_disk`, `affinity`,
+    /// `anti_affinity`, `not_requested`.
+    pub code: String,
+    pub message: String,
+}
+
+/// A host the VM fits on, with what would be left.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PlacementCandidate {
+    #[schema(value_type = u64)]
+    pub node: NodeId,
+    pub name: String,
+    /// Higher is better; only comparable within one report.
+    pub score: f64,
+    pub vcpus_free_after: u64,
+    pub memory_free_mib_after: u64,
+    pub vms: u32,
+    pub load1: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PlacementRejection {
+    #[schema(value_type = u64)]
+    pub node: NodeId,
+    pub name: String,
+    pub reasons: Vec<PlacementReason>,
+}
+
+/// The ranking: candidates best first, every other host with its reasons.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PlacementReport {
+    pub strategy: PlacementStrategy,
+    #[schema(value_type = Option<u64>)]
+    pub chosen: Option<NodeId>,
+    pub candidates: Vec<PlacementCandidate>,
+    pub rejected: Vec<PlacementRejection>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -59,6 +164,8 @@ pub struct VmSpec {
     pub memory_mib: u64,
     pub disks: Vec<DiskSpec>,
     pub boot: Option<KernelBoot>,
+    #[serde(default)]
+    pub placement: PlacementRules,
 }
 
 /// One disk of a VM. Disk 0 is the boot disk (an overlay on the image).
@@ -376,6 +483,40 @@ pub struct NodeInfo {
     /// `full` hosts run VMs; a `witness` only votes and keeps the Raft log.
     #[serde(default)]
     pub role: HostRole,
+    /// vCPUs this host accepts, in percent of its CPUs (`--cpu-overcommit 4` = 400).
+    #[serde(default = "default_cpu_overcommit")]
+    pub cpu_overcommit_pct: u32,
+    /// Guest memory this host accepts, in percent of its memory after the reserve.
+    #[serde(default = "default_memory_overcommit")]
+    pub memory_overcommit_pct: u32,
+    /// Memory kept for the host itself (not given to guests).
+    #[serde(default)]
+    pub reserved_memory_mib: u64,
+    /// In maintenance: no new VMs are placed here (`node evacuate` / `node restore`).
+    #[serde(default)]
+    pub maintenance: bool,
+}
+
+fn default_cpu_overcommit() -> u32 {
+    400
+}
+
+fn default_memory_overcommit() -> u32 {
+    100
+}
+
+impl NodeInfo {
+    /// vCPUs VMs on this host may have in total.
+    pub fn vcpu_capacity(&self) -> u64 {
+        u64::from(self.cpus) * u64::from(self.cpu_overcommit_pct) / 100
+    }
+
+    /// Guest memory VMs on this host may have in total.
+    pub fn memory_capacity_mib(&self) -> u64 {
+        self.memory_mib.saturating_sub(self.reserved_memory_mib)
+            * u64::from(self.memory_overcommit_pct)
+            / 100
+    }
 }
 
 /// What a host is for.

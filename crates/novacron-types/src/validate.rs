@@ -1,6 +1,8 @@
 //! Input validation. Every function names the field at fault so the API can answer 400 with it.
 
-use crate::{ApiError, CreateVmRequest, KernelBoot, ValidationResult};
+use crate::{
+    ApiError, CreateVmRequest, KernelBoot, PlacementRequest, PlacementRules, ValidationResult,
+};
 
 pub const MAX_VCPUS: u32 = 128;
 pub const MIN_MEMORY_MIB: u64 = 16;
@@ -93,8 +95,16 @@ pub fn kernel_boot(field: &str, boot: &KernelBoot) -> ValidationResult<()> {
 pub fn labels<'a>(
     changes: impl IntoIterator<Item = (&'a String, Option<&'a String>)>,
 ) -> ValidationResult<()> {
+    labels_at("labels", changes)
+}
+
+/// [`labels`] for a map found at `prefix` in the request.
+fn labels_at<'a>(
+    prefix: &str,
+    changes: impl IntoIterator<Item = (&'a String, Option<&'a String>)>,
+) -> ValidationResult<()> {
     for (key, value) in changes {
-        let field = format!("labels.{key}");
+        let field = format!("{prefix}.{key}");
         let ok_key = !key.is_empty()
             && key.len() <= 63
             && key.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
@@ -119,6 +129,56 @@ pub fn labels<'a>(
 }
 
 pub const MAX_LABELS: usize = 64;
+
+/// Placement rules: label requirements like labels, group names like VM names.
+pub fn placement_rules(rules: &PlacementRules) -> ValidationResult<()> {
+    if rules.host_labels.len() > MAX_LABELS {
+        return Err(ApiError::invalid(
+            "placement.host_labels",
+            format!("at most {MAX_LABELS} required host labels"),
+        ));
+    }
+    labels_at(
+        "placement.host_labels",
+        rules.host_labels.iter().map(|(k, v)| (k, Some(v))),
+    )?;
+    if let Some(g) = &rules.affinity {
+        name("placement.affinity", g)?;
+    }
+    if let Some(g) = &rules.anti_affinity {
+        name("placement.anti_affinity", g)?;
+    }
+    Ok(())
+}
+
+/// A placement dry run asks what a VM would: the same bounds as [`create_vm`].
+pub fn placement(req: &PlacementRequest) -> ValidationResult<()> {
+    if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
+        return Err(ApiError::invalid(
+            "vcpus",
+            format!(
+                "vcpus must be between 1 and {MAX_VCPUS} (got {})",
+                req.vcpus
+            ),
+        ));
+    }
+    if req.memory_mib < MIN_MEMORY_MIB || req.memory_mib > MAX_MEMORY_MIB {
+        return Err(ApiError::invalid(
+            "memory_mib",
+            format!(
+                "memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} (got {})",
+                req.memory_mib
+            ),
+        ));
+    }
+    if req.disk_mib > MAX_DISK_MIB * (MAX_EXTRA_DISKS as u64 + 1) {
+        return Err(ApiError::invalid(
+            "disk_mib",
+            "disk_mib is larger than any VM can have",
+        ));
+    }
+    placement_rules(&req.placement)
+}
 
 pub fn create_vm(req: &CreateVmRequest) -> ValidationResult<()> {
     name("name", &req.name)?;
@@ -169,7 +229,7 @@ pub fn create_vm(req: &CreateVmRequest) -> ValidationResult<()> {
     if let Some(boot) = &req.boot {
         kernel_boot("boot", boot)?;
     }
-    Ok(())
+    placement_rules(&req.placement)
 }
 
 #[cfg(test)]
@@ -186,6 +246,7 @@ mod tests {
             disks: vec![],
             boot: None,
             node: None,
+            placement: Default::default(),
         }
     }
 
@@ -197,6 +258,23 @@ mod tests {
             ("valid", |_| {}, None),
             ("empty name", |r| r.name.clear(), Some("name")),
             ("upper case", |r| r.name = "Web".into(), Some("name")),
+            (
+                "bad host label key",
+                |r| {
+                    r.placement.host_labels.insert("Zone".into(), "a".into());
+                },
+                Some("placement.host_labels.Zone"),
+            ),
+            (
+                "bad affinity group",
+                |r| r.placement.affinity = Some("Web Servers".into()),
+                Some("placement.affinity"),
+            ),
+            (
+                "bad anti-affinity group",
+                |r| r.placement.anti_affinity = Some(String::new()),
+                Some("placement.anti_affinity"),
+            ),
             ("leading digit", |r| r.name = "1web".into(), Some("name")),
             ("trailing dash", |r| r.name = "web-".into(), Some("name")),
             ("too long", |r| r.name = "a".repeat(64), Some("name")),

@@ -128,6 +128,7 @@ async fn novacron_run(c: &Client, data: &Path, i: u64) -> (f64, f64) {
             disks: vec![],
             boot: None,
             node: None,
+            placement: Default::default(),
         })
         .await
         .expect("create");
@@ -259,6 +260,7 @@ async fn main() {
             disks: vec![],
             boot: None,
             node: None,
+            placement: Default::default(),
         })
         .await
         .expect("create idle");

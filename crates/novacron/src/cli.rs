@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use novacron_client::{Client, encode};
 use novacron_types::{
     CreateVmRequest, DiskRequest, Image, ImageFormat, ImportImageRequest, KernelBoot, Operation,
-    OperationStatus, Vm,
+    OperationStatus, PlacementReport, PlacementRequest, PlacementRules, PlacementStrategy, Vm,
 };
 
 use crate::cluster_cli::{self, ClusterCommand};
@@ -84,6 +84,93 @@ pub enum Command {
     DevCluster(DevClusterArgs),
 }
 
+/// Placement rules of a VM.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RulesArgs {
+    /// A label the host must carry, KEY=VALUE (repeatable).
+    #[arg(long = "host-label", value_parser = parse_label)]
+    host_labels: Vec<(String, String)>,
+    /// Run on the same host as the other VMs of this group.
+    #[arg(long)]
+    affinity: Option<String>,
+    /// Never share a host with another VM of this group.
+    #[arg(long)]
+    anti_affinity: Option<String>,
+}
+
+impl RulesArgs {
+    fn rules(self) -> PlacementRules {
+        PlacementRules {
+            host_labels: self.host_labels.into_iter().collect(),
+            affinity: self.affinity,
+            anti_affinity: self.anti_affinity,
+        }
+    }
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got '{s}'"))
+}
+
+fn print_placement(report: &PlacementReport) {
+    println!("strategy: {}", report.strategy.as_str());
+    if report.candidates.is_empty() {
+        println!("no host fits");
+    } else {
+        output::table(
+            &[
+                "RANK",
+                "NODE",
+                "NAME",
+                "SCORE",
+                "VCPUS FREE",
+                "MEMORY FREE",
+                "VMS",
+                "LOAD",
+            ],
+            report
+                .candidates
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    vec![
+                        (i + 1).to_string(),
+                        c.node.to_string(),
+                        c.name.clone(),
+                        format!("{:.3}", c.score),
+                        c.vcpus_free_after.to_string(),
+                        format!("{} MiB", c.memory_free_mib_after),
+                        c.vms.to_string(),
+                        c.load1
+                            .map(|l| format!("{l:.2}"))
+                            .unwrap_or_else(|| "-".into()),
+                    ]
+                })
+                .collect(),
+        );
+    }
+    if !report.rejected.is_empty() {
+        println!();
+        output::table(
+            &["REJECTED", "NAME", "REASONS"],
+            report
+                .rejected
+                .iter()
+                .map(|r| {
+                    let why: Vec<String> = r
+                        .reasons
+                        .iter()
+                        .map(|x| format!("{}: {}", x.code, x.message))
+                        .collect();
+                    vec![r.node.to_string(), r.name.clone(), why.join("; ")]
+                })
+                .collect(),
+        );
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum VmCommand {
     /// Create a VM (its disks are created; it is not started unless --start).
@@ -109,9 +196,42 @@ pub enum VmCommand {
         /// Start it right away and wait until it runs.
         #[arg(long)]
         start: bool,
-        /// Host ID to create it on (default: chosen by the cluster).
+        /// Host ID to create it on (default: chosen by the cluster's placement; a named host
+        /// is still checked).
         #[arg(long)]
         node: Option<u64>,
+        #[command(flatten)]
+        rules: RulesArgs,
+        /// Show where it would go (the ranking and every rejected host's reasons); create
+        /// nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Where a VM with these needs would go: hosts ranked best first, and every other host with
+    /// the reasons it was rejected. Creates nothing (always a dry run).
+    Place {
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 128)]
+        memory: u64,
+        /// Disk space in MiB besides the image's (repeatable, added up).
+        #[arg(long = "disk")]
+        disks: Vec<u64>,
+        /// Count this image's size as disk too.
+        #[arg(long)]
+        image: Option<String>,
+        /// Check only this host.
+        #[arg(long)]
+        node: Option<u64>,
+        /// spread (most room left) or pack (fullest that fits); default: the server's setting.
+        #[arg(long)]
+        strategy: Option<String>,
+        #[command(flatten)]
+        rules: RulesArgs,
+        /// Accepted for clarity: `vm place` never creates anything.
+        #[arg(long)]
+        dry_run: bool,
     },
     List,
     Show {
@@ -449,6 +569,8 @@ async fn vm(g: &Global, cmd: VmCommand) -> anyhow::Result<()> {
             cmdline,
             start,
             node,
+            rules,
+            dry_run,
         } => {
             let c = client(g)?;
             let req = CreateVmRequest {
@@ -466,7 +588,26 @@ async fn vm(g: &Global, cmd: VmCommand) -> anyhow::Result<()> {
                     cmdline,
                 }),
                 node: node.map(novacron_types::NodeId),
+                placement: rules.rules(),
             };
+            if dry_run {
+                let report = c
+                    .place(&PlacementRequest {
+                        vcpus: req.vcpus,
+                        memory_mib: req.memory_mib,
+                        disk_mib: req.disks.iter().map(|d| d.size_mib).sum(),
+                        image: Some(req.image.clone()),
+                        placement: req.placement.clone(),
+                        node: req.node,
+                        strategy: None,
+                    })
+                    .await?;
+                if g.output == Format::Json {
+                    return output::json(&report);
+                }
+                print_placement(&report);
+                return Ok(());
+            }
             let vm = c.create_vm(&req).await?;
             if start {
                 let op = c.vm_action(&vm.id.to_string(), "start").await?;
@@ -480,6 +621,39 @@ async fn vm(g: &Global, cmd: VmCommand) -> anyhow::Result<()> {
                 &["NAME", "STATE", "VCPUS", "MEMORY", "NODE", "ID", "REASON"],
                 vm_rows(&[vm]),
             );
+            Ok(())
+        }
+        VmCommand::Place {
+            vcpus,
+            memory,
+            disks,
+            image,
+            node,
+            strategy,
+            rules,
+            dry_run: _,
+        } => {
+            let strategy = match strategy.as_deref() {
+                None => None,
+                Some("spread") => Some(PlacementStrategy::Spread),
+                Some("pack") => Some(PlacementStrategy::Pack),
+                Some(other) => anyhow::bail!("--strategy must be spread or pack, not '{other}'"),
+            };
+            let report = client(g)?
+                .place(&PlacementRequest {
+                    vcpus,
+                    memory_mib: memory,
+                    disk_mib: disks.iter().sum(),
+                    image,
+                    placement: rules.rules(),
+                    node: node.map(novacron_types::NodeId),
+                    strategy,
+                })
+                .await?;
+            if g.output == Format::Json {
+                return output::json(&report);
+            }
+            print_placement(&report);
             Ok(())
         }
         VmCommand::List => {

@@ -11,10 +11,10 @@ use serde::Deserialize;
 
 use novacron_hypervisor::accel::AccelSetting;
 use novacron_server::cluster::ClusterSettings;
-use novacron_server::node::{self, JoinTarget, NodeConfig};
+use novacron_server::node::{self, HostSettings, JoinTarget, NodeConfig};
 use novacron_server::service::ServiceSettings;
 use novacron_state::RaftSettings;
-use novacron_types::{HostRole, NodeId};
+use novacron_types::{HostRole, NodeId, PlacementStrategy};
 
 #[derive(Parser, Debug, Clone)]
 pub struct ServeArgs {
@@ -70,6 +70,21 @@ pub struct ServeArgs {
     pub election_timeout_ms: Option<u64>,
     #[arg(long, env = "NOVACRON_NODE_NAME")]
     pub node_name: Option<String>,
+    /// A label of this host that placement rules can require, KEY=VALUE (repeatable).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// vCPUs this host accepts per CPU (default 4).
+    #[arg(long, env = "NOVACRON_CPU_OVERCOMMIT")]
+    pub cpu_overcommit: Option<f64>,
+    /// Guest memory this host accepts per MiB after the reserve (default 1: no overcommit).
+    #[arg(long, env = "NOVACRON_MEMORY_OVERCOMMIT")]
+    pub memory_overcommit: Option<f64>,
+    /// Memory kept for the host itself, in MiB (default 0).
+    #[arg(long, env = "NOVACRON_RESERVED_MEMORY_MIB")]
+    pub reserved_memory_mib: Option<u64>,
+    /// How this host places VMs when a request names no host: spread or pack.
+    #[arg(long, env = "NOVACRON_PLACEMENT")]
+    pub placement: Option<String>,
     /// Seconds a graceful stop waits for the guest before forcing it off.
     #[arg(long, env = "NOVACRON_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<u64>,
@@ -104,6 +119,20 @@ struct ServeFile {
     offline_after_ms: Option<u64>,
     fencing: Option<String>,
     election_timeout_ms: Option<u64>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+    cpu_overcommit: Option<f64>,
+    memory_overcommit: Option<f64>,
+    reserved_memory_mib: Option<u64>,
+    placement: Option<String>,
+}
+
+/// `2.5` → 250 (percent), for ratios between 0.1 and 100.
+fn ratio_pct(flag: &str, r: f64) -> anyhow::Result<u32> {
+    if !(0.1..=100.0).contains(&r) {
+        anyhow::bail!("--{flag} must be between 0.1 and 100 (got {r})");
+    }
+    Ok((r * 100.0).round() as u32)
 }
 
 fn config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
@@ -171,7 +200,34 @@ fn config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
         (None, Some(_)) => anyhow::bail!("--token needs --join ADDRESS"),
         _ => None,
     };
+    let mut host = HostSettings {
+        labels: file.labels,
+        ..HostSettings::default()
+    };
+    for l in &args.labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--label expects KEY=VALUE, got '{l}'"))?;
+        host.labels.insert(k.to_string(), v.to_string());
+    }
+    novacron_types::validate::labels(host.labels.iter().map(|(k, v)| (k, Some(v))))
+        .map_err(|e| anyhow::anyhow!("--label: {}", e.message))?;
+    if let Some(r) = args.cpu_overcommit.or(file.cpu_overcommit) {
+        host.cpu_overcommit_pct = ratio_pct("cpu-overcommit", r)?;
+    }
+    if let Some(r) = args.memory_overcommit.or(file.memory_overcommit) {
+        host.memory_overcommit_pct = ratio_pct("memory-overcommit", r)?;
+    }
+    if let Some(m) = args.reserved_memory_mib.or(file.reserved_memory_mib) {
+        host.reserved_memory_mib = m;
+    }
     let mut service = ServiceSettings::default();
+    match args.placement.or(file.placement).as_deref() {
+        None => {}
+        Some("spread") => service.placement = PlacementStrategy::Spread,
+        Some("pack") => service.placement = PlacementStrategy::Pack,
+        Some(other) => anyhow::bail!("--placement must be spread or pack, not '{other}'"),
+    }
     if let Some(s) = args.shutdown_timeout.or(file.shutdown_timeout) {
         service.shutdown_timeout = Duration::from_secs(s);
     }
@@ -191,6 +247,7 @@ fn config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
         role,
         join,
         cluster,
+        host,
         node_name: args
             .node_name
             .or(file.node_name)

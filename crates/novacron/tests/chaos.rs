@@ -172,6 +172,7 @@ async fn an_isolated_host_fences_its_vms_before_its_lease_runs_out() {
     admin
         .create_vm(&CreateVmRequest {
             node: Some(NodeId(3)),
+            placement: Default::default(),
             ..demo_vm("fenced")
         })
         .await

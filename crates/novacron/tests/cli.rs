@@ -3,54 +3,11 @@
 
 mod common;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
 use common::*;
-
-struct Cli {
-    server: String,
-    config: std::path::PathBuf,
-}
-
-impl Cli {
-    fn run(&self, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_novacron"))
-            .args(args)
-            .env("NOVACRON_SERVER", &self.server)
-            .env("NOVACRON_CONFIG", &self.config)
-            .env_remove("NOVACRON_TOKEN")
-            .env_remove("NOVACRON_PASSWORD")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn cli");
-        if let Some(input) = stdin {
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(input.as_bytes())
-                .expect("write");
-        }
-        drop(child.stdin.take());
-        let out = child.wait_with_output().expect("cli");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let (code, out, err) = self.run(args, None);
-        assert_eq!(code, 0, "novacron {args:?} failed: {err}");
-        out
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_logs_in_manages_vms_and_fails_clearly() {

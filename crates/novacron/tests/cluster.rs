@@ -70,6 +70,7 @@ async fn three_hosts_forward_fail_over_and_catch_up_by_snapshot() {
     let vm = c1
         .create_vm(&CreateVmRequest {
             node: Some(NodeId(3)),
+            placement: Default::default(),
             ..demo_vm("across")
         })
         .await
@@ -237,12 +238,13 @@ async fn a_witness_keeps_two_full_hosts_writable() {
     let e = cw
         .create_vm(&CreateVmRequest {
             node: Some(NodeId(3)),
+            placement: Default::default(),
             ..demo_vm("on-witness")
         })
         .await
         .expect_err("witness runs no VMs");
-    assert_eq!(e.status(), Some(400), "{e}");
-    assert!(e.to_string().contains("witness"), "{e}");
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert!(e.to_string().contains("a witness, runs no VMs"), "{e}");
 
     // Lose one full host: the other full host and the witness still make a quorum.
     let victim = if vm.node == NodeId(1) { 0 } else { 1 };

@@ -13,8 +13,8 @@ use utoipa::ToSchema;
 
 use novacron_types::error::ErrorBody;
 use novacron_types::{
-    ApiError, CreateVmRequest, ErrorCode, Image, ImportImageRequest, NodeInfo, Operation, Role,
-    TokenView, UpdateVmRequest, UserView, Vm, VmSnapshot,
+    ApiError, CreateVmRequest, ErrorCode, Image, ImportImageRequest, NodeInfo, Operation,
+    PlacementReport, PlacementRequest, Role, TokenView, UpdateVmRequest, UserView, Vm, VmSnapshot,
 };
 
 use super::AppState;
@@ -307,7 +307,7 @@ pub async fn create_vm(
     JsonBody(mut req): JsonBody<CreateVmRequest>,
 ) -> Response {
     let svc = &st.service;
-    let host = match svc.choose_host(&req) {
+    let host = match svc.choose_host(&req).await {
         Ok(h) => h,
         Err(e) => return super::HttpError(e).into_response(),
     };
@@ -328,6 +328,17 @@ pub async fn create_vm(
         Ok(vm) => (StatusCode::CREATED, Json(vm)).into_response(),
         Err(e) => super::HttpError(e).into_response(),
     }
+}
+
+#[utoipa::path(post, path = "/api/v1/placement", tag = "vms", request_body = PlacementRequest,
+    responses((status = 200, body = PlacementReport), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// A placement dry run: every host, ranked or rejected with reasons. Nothing is created.
+pub async fn place(
+    State(st): State<AppState>,
+    JsonBody(req): JsonBody<PlacementRequest>,
+) -> ApiResult<Json<PlacementReport>> {
+    Ok(Json(st.service.place(&req).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/vms/{vm}", tag = "vms", params(("vm" = String, Path, description = "ID or name"),

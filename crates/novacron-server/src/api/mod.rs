@@ -265,6 +265,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/images/{image}",
             viewer(s, get(get_image)).merge(operator(s, delete(delete_image))),
         )
+        .route("/api/v1/placement", viewer(s, post(place)))
         .route("/api/v1/nodes", viewer(s, get(list_nodes)))
         .route("/api/v1/cluster", viewer(s, get(cluster_status)))
         .route("/api/v1/cluster/tokens", admin(s, post(create_join_token)))

@@ -158,6 +158,11 @@ impl Service {
                 registered_at: now_millis(),
                 labels: Default::default(),
                 role: req.role,
+                // The host records its own settings when it starts.
+                cpu_overcommit_pct: 400,
+                memory_overcommit_pct: 100,
+                reserved_memory_mib: 0,
+                maintenance: false,
             };
             match self
                 .inner

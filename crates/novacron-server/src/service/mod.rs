@@ -35,6 +35,8 @@ pub struct ServiceSettings {
     pub shutdown_timeout: Duration,
     /// Lifetime of a login session.
     pub session_ttl: Duration,
+    /// How this host chooses among hosts that fit, when a request does not say.
+    pub placement: novacron_types::PlacementStrategy,
 }
 
 impl Default for ServiceSettings {
@@ -42,6 +44,7 @@ impl Default for ServiceSettings {
         Self {
             shutdown_timeout: Duration::from_secs(60),
             session_ttl: Duration::from_secs(12 * 3600),
+            placement: Default::default(),
         }
     }
 }

@@ -1,14 +1,16 @@
 //! VMs: create, read, delete, power actions, disk snapshots, console, and keeping the recorded
 //! observed state in line with what the hypervisor reports.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use novacron_hypervisor::{RuntimeSpec, StateChange};
-use novacron_state::CommandV1;
+use novacron_state::{CommandV1, placement};
 use novacron_types::{
-    ApiError, CreateVmRequest, DiskSpec, ErrorCode, HostRole, Image, KernelBoot, NodeId, Operation,
-    PowerState, UpdateVmRequest, Vm, VmId, VmSnapshot, VmSpec, VmState, now_millis, validate,
+    ApiError, CreateVmRequest, DiskSpec, ErrorCode, Image, KernelBoot, NodeId, Operation,
+    PlacementReport, PlacementRequest, PowerState, UpdateVmRequest, Vm, VmId, VmSnapshot, VmSpec,
+    VmState, now_millis, validate,
 };
 
 use super::{OpCtx, Service, hv_error};
@@ -164,34 +166,102 @@ impl Service {
         })
     }
 
-    /// Which host a new VM goes to: the one asked for (if it runs VMs), else this host if it
-    /// runs VMs, else the full host with the fewest VMs. (Placement with capacities and
-    /// affinities replaces this in the migration and placement work.)
-    pub fn choose_host(&self, req: &CreateVmRequest) -> Result<NodeId, ApiError> {
-        let me = self.inner.node;
-        self.inner.state.read(|s| {
-            if let Some(n) = req.node {
-                let info = s.nodes.get(&n.0).ok_or_else(|| {
-                    ApiError::invalid("node", format!("host {n} is not a cluster member"))
-                })?;
-                if info.role == HostRole::Witness {
-                    return Err(ApiError::invalid(
-                        "node",
-                        format!("host {n} is a witness and runs no VMs"),
-                    ));
-                }
-                return Ok(n);
-            }
-            if s.nodes.get(&me.0).is_none_or(|n| n.role == HostRole::Full) {
-                return Ok(me);
-            }
-            s.nodes
-                .values()
-                .filter(|n| n.role == HostRole::Full)
-                .min_by_key(|n| (s.vms.values().filter(|v| v.node == n.id).count(), n.id))
-                .map(|n| n.id)
-                .ok_or_else(|| ApiError::conflict("no host in the cluster runs VMs"))
-        })
+    /// Ranks the hosts for a VM: the replicated state's rules (capacity, role, maintenance,
+    /// labels, affinity) and the leader's live view (health, free disk, load). See
+    /// `novacron_state::placement`.
+    pub async fn place(&self, req: &PlacementRequest) -> Result<PlacementReport, ApiError> {
+        validate::placement(req)?;
+        if let Some(n) = req.node
+            && self.inner.state.read(|s| !s.nodes.contains_key(&n.0))
+        {
+            return Err(ApiError::invalid(
+                "node",
+                format!("host {n} is not a cluster member"),
+            ));
+        }
+        let image_mib = match &req.image {
+            Some(key) => self
+                .find_image(key)
+                .ok_or_else(|| ApiError::invalid("image", format!("image '{key}' not found")))?
+                .virtual_size
+                .div_ceil(1 << 20),
+            None => 0,
+        };
+        let status = self.cluster_status(false).await?;
+        let live: BTreeMap<u64, placement::Live> = status
+            .members
+            .iter()
+            .map(|m| {
+                let inv = m.inventory.as_ref();
+                (
+                    m.id.0,
+                    placement::Live {
+                        health: m.health.clone(),
+                        disk_free_bytes: inv.and_then(|i| i.disk_free_bytes.get("data").copied()),
+                        load1: inv.map(|i| i.load1),
+                    },
+                )
+            })
+            .collect();
+        let demand = placement::Demand {
+            vcpus: req.vcpus,
+            memory_mib: req.memory_mib,
+            disk_mib: req.disk_mib + image_mib,
+            rules: &req.placement,
+            vm: None,
+        };
+        let strategy = req.strategy.unwrap_or(self.inner.settings.placement);
+        // Current VM records, not this host's possibly older copy: a VM just deleted through
+        // another host has freed its room.
+        self.inner
+            .state
+            .read_linearizable(|s| placement::rank(s, &live, &demand, strategy, req.node))
+            .await
+    }
+
+    /// The placement question a create request asks: its vCPUs, memory, disks (the boot disk
+    /// counted at the image's full size) and rules.
+    pub fn placement_request(req: &CreateVmRequest) -> PlacementRequest {
+        PlacementRequest {
+            vcpus: req.vcpus,
+            memory_mib: req.memory_mib,
+            disk_mib: req.disks.iter().map(|d| d.size_mib).sum::<u64>(),
+            image: Some(req.image.clone()),
+            placement: req.placement.clone(),
+            node: req.node,
+            strategy: None,
+        }
+    }
+
+    /// Which host a new VM goes to: the best by [`Service::place`], or the one asked for if it
+    /// passes the same checks. The error lists every host's reasons.
+    pub async fn choose_host(&self, req: &CreateVmRequest) -> Result<NodeId, ApiError> {
+        validate::create_vm(req)?;
+        let report = self.place(&Self::placement_request(req)).await?;
+        if let Some(n) = report.chosen {
+            return Ok(n);
+        }
+        let reasons: Vec<String> = report
+            .rejected
+            .iter()
+            .filter(|r| r.reasons.iter().all(|x| x.code != "not_requested"))
+            .map(|r| {
+                let why: Vec<&str> = r.reasons.iter().map(|x| x.message.as_str()).collect();
+                format!("host {} ({}): {}", r.node, r.name, why.join(", "))
+            })
+            .collect();
+        let first = report
+            .rejected
+            .iter()
+            .flat_map(|r| r.reasons.iter())
+            .find(|x| x.code != "not_requested")
+            .map(|x| x.code.clone())
+            .unwrap_or_else(|| "no_host".into());
+        let what = match req.node {
+            Some(n) => format!("VM '{}' cannot go to host {n}", req.name),
+            None => format!("no host can take VM '{}'", req.name),
+        };
+        Err(ApiError::conflict(format!("{what}: {}", reasons.join("; "))).with_reason(first))
     }
 
     pub async fn create_vm(&self, req: CreateVmRequest, who: &Principal) -> Result<Vm, ApiError> {
@@ -246,6 +316,7 @@ impl Service {
                 memory_mib: req.memory_mib,
                 disks,
                 boot: req.boot,
+                placement: req.placement,
             },
             snapshots: Vec::new(),
             labels: Default::default(),

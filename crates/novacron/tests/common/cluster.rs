@@ -33,6 +33,17 @@ pub struct TestCluster {
 impl TestCluster {
     /// `roles`: `"full"` or `"witness"` per host; the first bootstraps, the rest join through it.
     pub async fn start(roles: &[&str], extra: &[&str]) -> TestCluster {
+        Self::start_each(roles, extra, &[]).await
+    }
+
+    /// [`TestCluster::start`] with more arguments for some hosts: `per_host[i]` for host `i`.
+    pub async fn start_each(roles: &[&str], extra: &[&str], per_host: &[&[&str]]) -> TestCluster {
+        let own = |i: usize| -> Vec<String> {
+            per_host
+                .get(i)
+                .map(|a| a.iter().map(|s| s.to_string()).collect())
+                .unwrap_or_default()
+        };
         let mut base = fast_args();
         base.extend(extra.iter().map(|s| s.to_string()));
         let mut first = base.clone();
@@ -42,6 +53,7 @@ impl TestCluster {
             "--role".into(),
             roles[0].into(),
         ]);
+        first.extend(own(0));
         let seed = Node::start_with(first);
         let admin = seed.admin().await;
         let mut nodes = vec![seed];
@@ -64,6 +76,7 @@ impl TestCluster {
                 "--token".into(),
                 token["token"].as_str().expect("token").to_string(),
             ]);
+            args.extend(own(i));
             nodes.push(Node::start_with(args));
         }
         let c = TestCluster { nodes };

@@ -267,6 +267,7 @@ pub fn demo_vm(name: &str) -> CreateVmRequest {
         disks: vec![],
         boot: None,
         node: None,
+        placement: Default::default(),
     }
 }
 
@@ -334,4 +335,50 @@ pub fn last_tick(text: &str) -> u64 {
         .filter_map(|n| n.trim().parse().ok())
         .max()
         .unwrap_or(0)
+}
+
+/// The CLI binary pointed at one host, with its own config file.
+pub struct Cli {
+    pub server: String,
+    pub config: std::path::PathBuf,
+}
+
+impl Cli {
+    /// Runs `novacron ARGS`: exit code, stdout, stderr.
+    pub fn run(&self, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_novacron"))
+            .args(args)
+            .env("NOVACRON_SERVER", &self.server)
+            .env("NOVACRON_CONFIG", &self.config)
+            .env_remove("NOVACRON_TOKEN")
+            .env_remove("NOVACRON_PASSWORD")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cli");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("write");
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output().expect("cli");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs it and insists on exit code 0.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.run(args, None);
+        assert_eq!(code, 0, "novacron {args:?} failed: {err}");
+        out
+    }
 }
