@@ -70,10 +70,61 @@ pub enum HvError {
         message: String,
     },
     #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
 /// What a host's hypervisor can tell about itself.
+/// Where the incoming side of a live migration listens: RAM on `migration_port`, disks (each
+/// exported under its node name, `root`, `disk1`, ...) over NBD on `nbd_port`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IncomingPlan {
+    pub host: String,
+    pub migration_port: u16,
+    pub nbd_port: u16,
+    /// Both sides must enable post-copy before the migration starts.
+    pub postcopy: bool,
+}
+
+/// How a live migration may use the network and the guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MigrationTuning {
+    /// RAM bandwidth cap in bytes per second.
+    pub max_bandwidth: Option<u64>,
+    /// The longest pause QEMU may plan for the final switch-over, in milliseconds.
+    pub downtime_limit_ms: Option<u64>,
+    /// Throttle the guest's vCPUs when it dirties memory faster than it can be sent.
+    pub auto_converge: bool,
+    /// Enable post-copy (started later with [`Hypervisor::outgoing_postcopy`]).
+    pub postcopy: bool,
+    /// Disk mirroring bandwidth cap in bytes per second.
+    pub disk_bandwidth: Option<u64>,
+}
+
+/// Progress of an outgoing migration, as QEMU reports it.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MigrationStats {
+    /// QEMU's migration status (`none` until RAM migration starts, then `setup`, `active`,
+    /// `postcopy-active`, `device`, `completed`, `failed`, `cancelling`, `cancelled`).
+    pub status: String,
+    pub ram_total_bytes: u64,
+    pub ram_transferred_bytes: u64,
+    pub ram_remaining_bytes: u64,
+    pub mbps: f64,
+    /// Bytes per second the guest dirties.
+    pub dirty_bytes_rate: u64,
+    pub expected_downtime_ms: Option<u64>,
+    /// Once completed: the real pause.
+    pub downtime_ms: Option<u64>,
+    pub total_time_ms: Option<u64>,
+    pub disk_total_bytes: u64,
+    pub disk_remaining_bytes: u64,
+    /// Every disk mirror has caught up (writes are now mirrored synchronously).
+    pub disks_ready: bool,
+    pub error: Option<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HypervisorInfo {
     pub qemu_version: String,
@@ -123,4 +174,73 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     /// Stops watching every VM without touching the QEMU processes (they outlive `novacron`).
     async fn detach_all(&self);
+
+    // Live migration, incoming side (the target host): start QEMU paused and waiting for the
+    // RAM, with the VM's disks created empty and exported over NBD for the source to mirror into.
+    async fn incoming_start(&self, spec: &RuntimeSpec, plan: &IncomingPlan) -> Result<(), HvError> {
+        let _ = (spec, plan);
+        Err(unsupported("live migration"))
+    }
+    /// After the source reported completion: stop exporting and run the guest.
+    async fn incoming_finish(&self, id: VmId) -> Result<(), HvError> {
+        let _ = id;
+        Err(unsupported("live migration"))
+    }
+    /// Ends the waiting QEMU and deletes what `incoming_start` created.
+    async fn incoming_abort(&self, id: VmId) -> Result<(), HvError> {
+        let _ = id;
+        Err(unsupported("live migration"))
+    }
+
+    // Outgoing side (the source host).
+    /// Starts mirroring every disk to the target's NBD exports.
+    async fn outgoing_mirror(
+        &self,
+        spec: &RuntimeSpec,
+        plan: &IncomingPlan,
+        tuning: &MigrationTuning,
+    ) -> Result<(), HvError> {
+        let _ = (spec, plan, tuning);
+        Err(unsupported("live migration"))
+    }
+    /// Starts sending RAM (after the mirrors are ready).
+    async fn outgoing_migrate(
+        &self,
+        id: VmId,
+        plan: &IncomingPlan,
+        tuning: &MigrationTuning,
+    ) -> Result<(), HvError> {
+        let _ = (id, plan, tuning);
+        Err(unsupported("live migration"))
+    }
+    async fn outgoing_status(&self, id: VmId) -> Result<MigrationStats, HvError> {
+        let _ = id;
+        Err(unsupported("live migration"))
+    }
+    /// At `pre-switchover` (the guest here is paused, its disks quiet): ends the disk mirrors,
+    /// leaving the target's disks complete, and lets QEMU send the device state.
+    async fn outgoing_switchover(&self, id: VmId) -> Result<(), HvError> {
+        let _ = id;
+        Err(unsupported("live migration"))
+    }
+    /// Switches a running migration to post-copy.
+    async fn outgoing_postcopy(&self, id: VmId) -> Result<(), HvError> {
+        let _ = id;
+        Err(unsupported("live migration"))
+    }
+    /// Stops the migration and the mirrors; the guest keeps running here.
+    async fn outgoing_cancel(&self, id: VmId) -> Result<(), HvError> {
+        let _ = id;
+        Err(unsupported("live migration"))
+    }
+    /// After completion: removes the mirror targets. The guest here stays paused for good; the
+    /// caller switches ownership and then stops this QEMU.
+    async fn outgoing_complete(&self, id: VmId) -> Result<(), HvError> {
+        let _ = id;
+        Err(unsupported("live migration"))
+    }
+}
+
+fn unsupported(what: &str) -> HvError {
+    HvError::Unsupported(format!("this host's driver does not support {what}"))
 }

@@ -1,46 +1,13 @@
 //! The same lifecycle checks run against the fake and against real QEMU with the demo guest.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use novacron_hypervisor::accel::Accel;
+use common::*;
 use novacron_hypervisor::fake::FakeHypervisor;
-use novacron_hypervisor::qemu::{QemuConfig, QemuHypervisor};
 use novacron_hypervisor::{HvError, Hypervisor, RuntimeSpec};
-use novacron_types::{ImageFormat, KernelBoot, VmId, VmState};
-
-/// The demo image built by `scripts/build-demo-image.sh` (see `scripts/test.sh`).
-fn demo_dir() -> PathBuf {
-    std::env::var_os("NOVACRON_DEMO_IMAGE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.novacron/demo-image")
-        })
-}
-
-fn demo_spec() -> RuntimeSpec {
-    let dir = demo_dir();
-    assert!(
-        dir.join("image.json").exists(),
-        "demo image missing at {}: run scripts/build-demo-image.sh (scripts/test.sh does)",
-        dir.display()
-    );
-    let s = |f: &str| dir.join(f).to_string_lossy().into_owned();
-    RuntimeSpec {
-        id: VmId::new_random(),
-        name: "conformance".into(),
-        vcpus: 1,
-        memory_mib: 128,
-        base_image: dir.join("disk.qcow2"),
-        base_format: ImageFormat::Qcow2,
-        extra_disks_mib: vec![8],
-        boot: Some(KernelBoot {
-            kernel: s("vmlinuz"),
-            initrd: Some(s("initrd.img")),
-            cmdline: Some("console=ttyS0 quiet panic=-1".into()),
-        }),
-    }
-}
+use novacron_types::{ImageFormat, VmId, VmState};
 
 /// State rules every hypervisor must follow.
 async fn lifecycle(hv: &dyn Hypervisor, spec: &RuntimeSpec) {
@@ -104,106 +71,11 @@ fn demo_spec_for_fake() -> RuntimeSpec {
     }
 }
 
-/// A temporary VM root whose QEMU processes are killed when the test ends, pass or fail
-/// (they run in their own process group and would otherwise outlive the test).
-struct VmRoot(tempfile::TempDir);
-
-impl VmRoot {
-    fn new() -> Self {
-        Self(tempfile::tempdir().expect("tmp"))
-    }
-    fn path(&self) -> &std::path::Path {
-        self.0.path()
-    }
-}
-
-impl Drop for VmRoot {
-    fn drop(&mut self) {
-        for entry in std::fs::read_dir(self.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let pidfile = entry.path().join("qemu.pid");
-            if let Some(pid) = std::fs::read_to_string(pidfile)
-                .ok()
-                .and_then(|p| p.trim().parse().ok())
-            {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
-}
-
-async fn qemu(root: &std::path::Path) -> QemuHypervisor {
-    qemu_with(root, Accel::Tcg).await
-}
-
-async fn qemu_with(root: &std::path::Path, accel: Accel) -> QemuHypervisor {
-    QemuHypervisor::new(QemuConfig {
-        vms_root: root.to_path_buf(),
-        qemu_binary: "qemu-system-x86_64".into(),
-        accel,
-        start_timeout: Duration::from_secs(20),
-    })
-    .await
-    .expect("qemu driver")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_follows_the_lifecycle_rules() {
     let dir = VmRoot::new();
     let hv = qemu(dir.path()).await;
     lifecycle(&hv, &demo_spec()).await;
-}
-
-/// Waits for `needle` in the console output written after byte `from`.
-async fn wait_console_from(
-    hv: &dyn Hypervisor,
-    id: VmId,
-    from: usize,
-    needle: &str,
-    timeout: Duration,
-) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let all = std::fs::read(hv.console_path(id)).unwrap_or_default();
-        let text = String::from_utf8_lossy(&all[from.min(all.len())..]).into_owned();
-        if text.contains(needle) {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} on the console after {timeout:?}:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Defines and starts `spec` and waits until the guest says it is ready.
-async fn boot_demo(hv: &dyn Hypervisor, spec: &RuntimeSpec) {
-    hv.define(spec).await.expect("define");
-    hv.start(spec).await.expect("start");
-    wait_console(
-        hv,
-        spec.id,
-        "NOVACRON-DEMO-GUEST READY",
-        Duration::from_secs(30),
-    )
-    .await;
-}
-
-async fn wait_console(hv: &dyn Hypervisor, id: VmId, needle: &str, timeout: Duration) -> String {
-    wait_console_from(hv, id, 0, needle, timeout).await
-}
-
-fn console_len(hv: &dyn Hypervisor, id: VmId) -> usize {
-    std::fs::metadata(hv.console_path(id))
-        .map(|m| m.len() as usize)
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,8 @@
 //! `novacron`, with a QMP socket, a pidfile and a console log in the VM's directory.
 
 pub mod args;
+mod migration;
+pub mod qmp_raw;
 pub mod runner;
 pub mod state_map;
 
@@ -252,46 +254,67 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn start(&self, spec: &RuntimeSpec) -> Result<(), HvError> {
-        if self.handle(spec.id).is_some() || self.live_pid(spec.id).is_some() {
-            return Err(HvError::AlreadyRunning(spec.id));
-        }
-        let paths = self.paths(spec.id);
-        if !paths.root_disk().exists() {
-            return Err(HvError::StartFailed(format!(
-                "boot disk {} is missing",
-                paths.root_disk().display()
-            )));
-        }
-        let _ = std::fs::remove_file(paths.qmp_socket());
-        let _ = std::fs::remove_file(paths.pidfile());
-        let console = paths.console_log();
-        if std::fs::metadata(&console)
-            .map(|m| m.len() > CONSOLE_ROTATE_BYTES)
-            .unwrap_or(false)
-        {
-            let _ = std::fs::rename(&console, console.with_extension("log.1"));
-        }
-        let stderr = std::fs::File::create(paths.qemu_log())?;
-        let args = args::command_line(spec, &paths, self.cfg.accel);
-        tracing::debug!(vm = %spec.id, ?args, "starting QEMU");
-        let child = Command::new(&self.cfg.qemu_binary)
-            .args(&args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(stderr)
-            // Its own process group: Ctrl-C on `novacron` must not reach the guests.
-            .process_group(0)
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|e| {
-                HvError::StartFailed(format!("cannot run {}: {e}", self.cfg.qemu_binary))
-            })?;
-        let pid = child.id().map(|p| p as i32).unwrap_or(-1);
-        let state = self
-            .attach(spec.id, pid, Some(child), self.cfg.start_timeout)
-            .await?;
-        tracing::info!(vm = %spec.id, pid, state = state.as_str(), "QEMU started");
-        Ok(())
+        self.launch(spec, &[]).await
+    }
+
+    async fn incoming_start(
+        &self,
+        spec: &RuntimeSpec,
+        plan: &crate::IncomingPlan,
+    ) -> Result<(), HvError> {
+        migration::incoming_start(self, spec, plan).await
+    }
+
+    async fn incoming_finish(&self, id: VmId) -> Result<(), HvError> {
+        migration::incoming_finish(self, id).await
+    }
+
+    async fn incoming_abort(&self, id: VmId) -> Result<(), HvError> {
+        migration::incoming_abort(self, id).await
+    }
+
+    async fn outgoing_mirror(
+        &self,
+        spec: &RuntimeSpec,
+        plan: &crate::IncomingPlan,
+        tuning: &crate::MigrationTuning,
+    ) -> Result<(), HvError> {
+        migration::outgoing_mirror(self, spec, plan, tuning).await
+    }
+
+    async fn outgoing_migrate(
+        &self,
+        id: VmId,
+        plan: &crate::IncomingPlan,
+        tuning: &crate::MigrationTuning,
+    ) -> Result<(), HvError> {
+        migration::outgoing_migrate(self, id, plan, tuning).await
+    }
+
+    async fn outgoing_status(&self, id: VmId) -> Result<crate::MigrationStats, HvError> {
+        migration::outgoing_status(self, id).await
+    }
+
+    async fn outgoing_switchover(&self, id: VmId) -> Result<(), HvError> {
+        migration::outgoing_switchover(self, id).await
+    }
+
+    async fn outgoing_postcopy(&self, id: VmId) -> Result<(), HvError> {
+        migration::raw(
+            self,
+            id,
+            qmp_raw::RawCommand::MigrateStartPostcopy(qmp_raw::none()),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn outgoing_cancel(&self, id: VmId) -> Result<(), HvError> {
+        migration::outgoing_cancel(self, id).await
+    }
+
+    async fn outgoing_complete(&self, id: VmId) -> Result<(), HvError> {
+        migration::outgoing_complete(self, id).await
     }
 
     async fn shutdown(&self, id: VmId, timeout: Duration) -> Result<(), HvError> {
@@ -443,6 +466,51 @@ impl Hypervisor for QemuHypervisor {
 }
 
 impl QemuHypervisor {
+    /// Starts QEMU for `spec` with `extra` arguments after the usual ones.
+    async fn launch(&self, spec: &RuntimeSpec, extra: &[&str]) -> Result<(), HvError> {
+        if self.handle(spec.id).is_some() || self.live_pid(spec.id).is_some() {
+            return Err(HvError::AlreadyRunning(spec.id));
+        }
+        let paths = self.paths(spec.id);
+        if !paths.root_disk().exists() {
+            return Err(HvError::StartFailed(format!(
+                "boot disk {} is missing",
+                paths.root_disk().display()
+            )));
+        }
+        let _ = std::fs::remove_file(paths.qmp_socket());
+        let _ = std::fs::remove_file(paths.pidfile());
+        let console = paths.console_log();
+        if std::fs::metadata(&console)
+            .map(|m| m.len() > CONSOLE_ROTATE_BYTES)
+            .unwrap_or(false)
+        {
+            let _ = std::fs::rename(&console, console.with_extension("log.1"));
+        }
+        let stderr = std::fs::File::create(paths.qemu_log())?;
+        let mut args = args::command_line(spec, &paths, self.cfg.accel);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        tracing::debug!(vm = %spec.id, ?args, "starting QEMU");
+        let child = Command::new(&self.cfg.qemu_binary)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            // Its own process group: Ctrl-C on `novacron` must not reach the guests.
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| {
+                HvError::StartFailed(format!("cannot run {}: {e}", self.cfg.qemu_binary))
+            })?;
+        let pid = child.id().map(|p| p as i32).unwrap_or(-1);
+        let state = self
+            .attach(spec.id, pid, Some(child), self.cfg.start_timeout)
+            .await?;
+        tracing::info!(vm = %spec.id, pid, state = state.as_str(), "QEMU started");
+        Ok(())
+    }
+
     /// Sends one QMP action and waits at most [`QMP_DEADLINE`] for it (the runner still owns the
     /// command, so nothing is cancelled mid-flight).
     async fn qmp_with_deadline(&self, id: VmId, action: QmpAction) -> Result<(), HvError> {

@@ -31,6 +31,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use novacron_types::{VmId, VmState};
 
+use super::qmp_raw::RawCommand;
 use super::state_map::{crash_reason, vm_state_from_run_state};
 use crate::{HvError, StateChange};
 
@@ -62,6 +63,11 @@ pub enum Request {
         action: QmpAction,
         reply: oneshot::Sender<Result<(), HvError>>,
     },
+    /// A command sent as plain JSON (migration); see `qmp_raw`.
+    Raw {
+        cmd: RawCommand,
+        reply: oneshot::Sender<Result<serde_json::Value, HvError>>,
+    },
     /// Stop watching; leave QEMU running (used when `novacron` shuts down).
     Detach,
 }
@@ -87,6 +93,21 @@ impl VmHandle {
             .await
             .map_err(|_| id_gone())?;
         rx.await.map_err(|_| id_gone())?
+    }
+
+    /// Sends a raw JSON command through the runner (which owns the QMP connection).
+    pub async fn raw(&self, cmd: RawCommand) -> Result<serde_json::Value, HvError> {
+        let command = cmd.name();
+        let gone = || HvError::Qmp {
+            command,
+            message: "QEMU exited".into(),
+        };
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Raw { cmd, reply })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
     }
 
     /// Waits until the process is gone (true) or `timeout` passes (false).
@@ -294,6 +315,24 @@ impl Runner {
                             self.stop_requested = false;
                         }
                         if r.is_ok() && matches!(action, QmpAction::Stop | QmpAction::Cont) {
+                            self.refresh().await;
+                        }
+                        let _ = reply.send(r);
+                    }
+                    Some(Request::Raw { cmd, reply }) => {
+                        let command = cmd.name();
+                        let r = if self.qmp_lost {
+                            Err(HvError::Qmp {
+                                command,
+                                message: "the QMP connection to QEMU is lost".into(),
+                            })
+                        } else {
+                            cmd.execute(&self.qmp).await.map_err(|e| HvError::Qmp {
+                                command,
+                                message: e.to_string(),
+                            })
+                        };
+                        if r.is_ok() && command == "cont" {
                             self.refresh().await;
                         }
                         let _ = reply.send(r);

@@ -142,9 +142,10 @@ impl Service {
 /// Maps a driver error to what a client sees.
 pub(crate) fn hv_error(e: HvError) -> ApiError {
     match e {
-        HvError::NotRunning(_) | HvError::AlreadyRunning(_) | HvError::WrongState { .. } => {
-            ApiError::conflict(e.to_string())
-        }
+        HvError::NotRunning(_)
+        | HvError::AlreadyRunning(_)
+        | HvError::WrongState { .. }
+        | HvError::Unsupported(_) => ApiError::conflict(e.to_string()),
         HvError::Timeout { .. } => ApiError::new(ErrorCode::Timeout, e.to_string()),
         HvError::StartFailed(_) | HvError::Qmp { .. } | HvError::Disk { .. } | HvError::Io(_) => {
             ApiError::internal(e.to_string())
