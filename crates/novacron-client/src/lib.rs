@@ -192,6 +192,26 @@ impl Client {
         .await
     }
 
+    /// Starts a live migration.
+    pub async fn migrate_vm(
+        &self,
+        key: &str,
+        req: &novacron_types::MigrateVmRequest,
+    ) -> Result<Operation, ClientError> {
+        self.post(&format!("/api/v1/vms/{}/actions/migrate", encode(key)), req)
+            .await
+    }
+
+    /// Cancels a running operation (a live migration).
+    pub async fn cancel_operation(&self, id: &str) -> Result<Operation, ClientError> {
+        self.call::<(), Operation>(
+            Method::DELETE,
+            &format!("/api/v1/operations/{}", encode(id)),
+            None,
+        )
+        .await
+    }
+
     pub async fn snapshot_vm(&self, key: &str, name: &str) -> Result<Operation, ClientError> {
         self.post(
             &format!("/api/v1/vms/{}/snapshots", encode(key)),

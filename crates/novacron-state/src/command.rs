@@ -7,8 +7,9 @@
 use serde::{Deserialize, Serialize};
 
 use novacron_types::{
-    ApiError, ApiToken, Image, ImageId, JoinToken, NodeId, NodeInfo, Operation, OperationId,
-    OperationStatus, PowerState, TokenId, UnixMillis, User, UserId, Vm, VmId, VmSnapshot, VmState,
+    ApiError, ApiToken, Image, ImageId, JoinToken, MigrationProgress, NodeId, NodeInfo, Operation,
+    OperationId, OperationStatus, PowerState, TokenId, UnixMillis, User, UserId, Vm, VmId,
+    VmSnapshot, VmState,
 };
 
 /// The envelope replicated through Raft.
@@ -63,6 +64,14 @@ pub enum CommandV1 {
     },
     DeleteVm {
         id: VmId,
+    },
+    /// A live migration finished: the VM now belongs to `to`. Rejected unless it belongs to
+    /// `from` (so a stale or repeated switch changes nothing) and fits on `to`.
+    MoveVm {
+        id: VmId,
+        from: NodeId,
+        to: NodeId,
+        at: UnixMillis,
     },
     SetVmDesired {
         id: VmId,
@@ -119,6 +128,14 @@ pub enum CommandV1 {
         progress: u8,
         message: String,
         error: Option<ApiError>,
+        at: UnixMillis,
+    },
+    /// A running migration's figures (with the operation's progress and step).
+    SetMigrationProgress {
+        id: OperationId,
+        progress: u8,
+        message: String,
+        migration: MigrationProgress,
         at: UnixMillis,
     },
     /// Drops finished operations older than `before`, to bound the state.

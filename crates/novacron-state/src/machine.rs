@@ -230,6 +230,24 @@ impl ClusterState {
                 self.vms.insert(vm.id, vm.clone());
                 Ok(vec![Touched::Vm(vm.id)])
             }
+            MoveVm { id, from, to, at } => {
+                let vm = self
+                    .vms
+                    .get(id)
+                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                if vm.node != *from {
+                    return Err(ApiError::conflict(format!(
+                        "VM '{}' is on host {}, not host {from}",
+                        vm.name, vm.node
+                    )));
+                }
+                let mut moved = vm.clone();
+                moved.node = *to;
+                moved.updated_at = *at;
+                self.check_placement(&moved)?;
+                self.vms.insert(*id, moved);
+                Ok(vec![Touched::Vm(*id)])
+            }
             DeleteVm { id } => {
                 let vm = self
                     .vms
@@ -419,6 +437,29 @@ impl ClusterState {
                 op.updated_at = *at;
                 Ok(vec![Touched::Operation(*id)])
             }
+            SetMigrationProgress {
+                id,
+                progress,
+                message,
+                migration,
+                at,
+            } => {
+                let op = self
+                    .operations
+                    .get_mut(id)
+                    .ok_or_else(|| ApiError::not_found("operation", id))?;
+                if op.status.is_final() {
+                    return Err(ApiError::conflict(format!(
+                        "operation {id} already finished ({:?})",
+                        op.status
+                    )));
+                }
+                op.progress = (*progress).min(100);
+                op.message = message.clone();
+                op.migration = Some(migration.clone());
+                op.updated_at = *at;
+                Ok(vec![Touched::Operation(*id)])
+            }
             PruneOperations { before } => {
                 let old: Vec<OperationId> = self
                     .operations
@@ -516,6 +557,7 @@ mod tests {
             requestor: "admin".into(),
             created_at: 0,
             updated_at: 0,
+            migration: None,
         }
     }
 
@@ -739,6 +781,7 @@ mod properties {
                     requestor: "p".into(),
                     created_at: at,
                     updated_at: at,
+                    migration: None,
                 },
             },
             7 => CommandV1::UpdateOperation {

@@ -461,6 +461,73 @@ pub struct Operation {
     pub requestor: String,
     pub created_at: UnixMillis,
     pub updated_at: UnixMillis,
+    /// A live migration's figures, updated while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationProgress>,
+}
+
+/// `POST /api/v1/vms/{vm}/actions/migrate`. Unset fields take the source host's defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateVmRequest {
+    /// The host to move to (default: the best by placement).
+    #[serde(default)]
+    #[schema(value_type = Option<u64>)]
+    pub target: Option<NodeId>,
+    /// RAM bandwidth cap, MiB/s.
+    #[serde(default)]
+    pub max_bandwidth_mib: Option<u64>,
+    /// Disk mirroring bandwidth cap, MiB/s.
+    #[serde(default)]
+    pub disk_bandwidth_mib: Option<u64>,
+    /// The longest pause QEMU may plan for the switch-over, ms.
+    #[serde(default)]
+    pub downtime_limit_ms: Option<u64>,
+    /// Throttle a guest that dirties memory faster than it can be sent.
+    #[serde(default)]
+    pub auto_converge: Option<bool>,
+    /// Give up (or switch to post-copy) when not done after this many seconds.
+    #[serde(default)]
+    pub timeout_seconds: Option<u64>,
+    #[serde(default)]
+    pub on_timeout: Option<MigrationTimeoutAction>,
+}
+
+/// What a migration that is not done in time does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationTimeoutAction {
+    /// Cancel: the VM stays where it was.
+    #[default]
+    Abort,
+    /// Switch to post-copy: the guest runs on the target at once and pulls the rest of its
+    /// memory (finishes for sure; a network failure then loses the guest).
+    Postcopy,
+}
+
+/// Live figures of a migration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationProgress {
+    #[schema(value_type = u64)]
+    pub source: NodeId,
+    #[schema(value_type = u64)]
+    pub target: NodeId,
+    /// `preparing`, `mirroring disks`, `copying memory`, `switching over`, `post-copy`,
+    /// `finishing`, `completed`, `cancelled`, `failed`.
+    pub phase: String,
+    pub ram_total_bytes: u64,
+    pub ram_remaining_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub disk_remaining_bytes: u64,
+    /// Bytes per second going over the network now.
+    pub transfer_rate_bytes: u64,
+    /// Bytes per second the guest dirties.
+    pub dirty_rate_bytes: u64,
+    pub expected_downtime_ms: Option<u64>,
+    /// Once done: the guest's real pause.
+    pub downtime_ms: Option<u64>,
+    pub eta_seconds: Option<u64>,
+    pub elapsed_ms: u64,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use novacron_client::{Client, encode};
 use novacron_types::{
-    CreateVmRequest, DiskRequest, Image, ImageFormat, ImportImageRequest, KernelBoot, Operation,
-    OperationStatus, PlacementReport, PlacementRequest, PlacementRules, PlacementStrategy, Vm,
+    CreateVmRequest, DiskRequest, Image, ImageFormat, ImportImageRequest, KernelBoot,
+    MigrateVmRequest, MigrationTimeoutAction, Operation, OperationStatus, PlacementReport,
+    PlacementRequest, PlacementRules, PlacementStrategy, Vm,
 };
 
 use crate::cluster_cli::{self, ClusterCommand};
@@ -237,6 +238,35 @@ pub enum VmCommand {
     Show {
         vm: String,
     },
+    /// Live-migrate a running VM to another host, with a progress bar (phase, memory and disk
+    /// left, rate, dirty rate, expected downtime, ETA). Ctrl-C stops watching, not the migration
+    /// (`novacron op cancel ID` cancels it).
+    Migrate {
+        vm: String,
+        /// Target host ID (default: the best host by placement).
+        #[arg(long)]
+        target: Option<u64>,
+        /// RAM bandwidth cap in MiB/s.
+        #[arg(long)]
+        bandwidth: Option<u64>,
+        /// Disk mirroring bandwidth cap in MiB/s.
+        #[arg(long)]
+        disk_bandwidth: Option<u64>,
+        /// Longest planned pause at the switch-over, in ms.
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+        /// Throttle a guest that dirties memory faster than it can be sent (default: on).
+        #[arg(long)]
+        auto_converge: Option<bool>,
+        /// Seconds before `--on-timeout` applies.
+        #[arg(long = "migration-timeout")]
+        migration_timeout: Option<u64>,
+        /// abort (the VM stays) or postcopy (finish by running it on the target at once).
+        #[arg(long)]
+        on_timeout: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     Start(ActionArgs),
     Stop(ActionArgs),
     #[command(name = "force-stop")]
@@ -283,6 +313,17 @@ pub struct ActionArgs {
     pub timeout: u64,
 }
 
+/// Waiting for an operation.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WaitArgs {
+    /// Return the operation at once instead of waiting for it.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum ImageCommand {
     List,
@@ -312,6 +353,10 @@ pub enum OpCommand {
         id: String,
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+    },
+    /// Cancel a running operation (a live migration, before post-copy).
+    Cancel {
+        id: String,
     },
 }
 
@@ -696,6 +741,59 @@ async fn vm(g: &Global, cmd: VmCommand) -> anyhow::Result<()> {
             output::table(&["FIELD", "VALUE"], rows);
             Ok(())
         }
+        VmCommand::Migrate {
+            vm,
+            target,
+            bandwidth,
+            disk_bandwidth,
+            downtime_ms,
+            auto_converge,
+            migration_timeout,
+            on_timeout,
+            wait,
+        } => {
+            let on_timeout = match on_timeout.as_deref() {
+                None => None,
+                Some("abort") => Some(MigrationTimeoutAction::Abort),
+                Some("postcopy") => Some(MigrationTimeoutAction::Postcopy),
+                Some(other) => bail!("--on-timeout must be abort or postcopy, not '{other}'"),
+            };
+            let c = client(g)?;
+            let op = c
+                .migrate_vm(
+                    &vm,
+                    &MigrateVmRequest {
+                        target: target.map(novacron_types::NodeId),
+                        max_bandwidth_mib: bandwidth,
+                        disk_bandwidth_mib: disk_bandwidth,
+                        downtime_limit_ms: downtime_ms,
+                        auto_converge,
+                        timeout_seconds: migration_timeout,
+                        on_timeout,
+                    },
+                )
+                .await?;
+            if wait.no_wait {
+                return print_op(&op, g);
+            }
+            let op = follow(&c, op, Duration::from_secs(wait.timeout), g).await?;
+            if g.output == Format::Json {
+                return output::json(&op);
+            }
+            let vm = c.get_vm(&vm).await?;
+            eprintln!(
+                "migrate {}: done ({}), now on host {}{}",
+                vm.name,
+                op.id,
+                vm.node,
+                op.migration
+                    .as_ref()
+                    .and_then(|m| m.downtime_ms)
+                    .map(|d| format!(", downtime {d} ms"))
+                    .unwrap_or_default()
+            );
+            Ok(())
+        }
         VmCommand::Start(a) => action(g, "start", a).await,
         VmCommand::Stop(a) => action(g, "stop", a).await,
         VmCommand::ForceStop(a) => action(g, "force-stop", a).await,
@@ -876,6 +974,11 @@ async fn op(g: &Global, cmd: OpCommand) -> anyhow::Result<()> {
         OpCommand::Wait { id, timeout } => {
             let op = c.get_operation(&id).await?;
             let op = follow(&c, op, Duration::from_secs(timeout), g).await?;
+            print_op(&op, g)
+        }
+        OpCommand::Cancel { id } => {
+            let op = c.cancel_operation(&id).await?;
+            eprintln!("cancelling {} ({})", op.id, op.kind);
             print_op(&op, g)
         }
     }

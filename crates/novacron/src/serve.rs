@@ -85,6 +85,21 @@ pub struct ServeArgs {
     /// How this host places VMs when a request names no host: spread or pack.
     #[arg(long, env = "NOVACRON_PLACEMENT")]
     pub placement: Option<String>,
+    /// Default RAM bandwidth cap of live migrations from this host, MiB/s (default 1024).
+    #[arg(long, env = "NOVACRON_MIGRATION_BANDWIDTH_MIB")]
+    pub migration_bandwidth_mib: Option<u64>,
+    /// Default planned switch-over pause of live migrations, ms (default 300).
+    #[arg(long, env = "NOVACRON_MIGRATION_DOWNTIME_MS")]
+    pub migration_downtime_ms: Option<u64>,
+    /// Default seconds a live migration may take before its timeout action (default 600).
+    #[arg(long, env = "NOVACRON_MIGRATION_TIMEOUT")]
+    pub migration_timeout: Option<u64>,
+    /// Live migrations this host sends at once (default 2).
+    #[arg(long, env = "NOVACRON_MAX_OUTGOING_MIGRATIONS")]
+    pub max_outgoing_migrations: Option<usize>,
+    /// Live migrations this host receives at once (default 2).
+    #[arg(long, env = "NOVACRON_MAX_INCOMING_MIGRATIONS")]
+    pub max_incoming_migrations: Option<usize>,
     /// Seconds a graceful stop waits for the guest before forcing it off.
     #[arg(long, env = "NOVACRON_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<u64>,
@@ -125,6 +140,11 @@ struct ServeFile {
     memory_overcommit: Option<f64>,
     reserved_memory_mib: Option<u64>,
     placement: Option<String>,
+    migration_bandwidth_mib: Option<u64>,
+    migration_downtime_ms: Option<u64>,
+    migration_timeout: Option<u64>,
+    max_outgoing_migrations: Option<usize>,
+    max_incoming_migrations: Option<usize>,
 }
 
 /// `2.5` → 250 (percent), for ratios between 0.1 and 100.
@@ -227,6 +247,36 @@ fn config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
         Some("spread") => service.placement = PlacementStrategy::Spread,
         Some("pack") => service.placement = PlacementStrategy::Pack,
         Some(other) => anyhow::bail!("--placement must be spread or pack, not '{other}'"),
+    }
+    let m = &mut service.migration;
+    if let Some(v) = args
+        .migration_bandwidth_mib
+        .or(file.migration_bandwidth_mib)
+    {
+        anyhow::ensure!(v >= 1, "--migration-bandwidth-mib must be at least 1");
+        m.max_bandwidth_mib = v;
+    }
+    if let Some(v) = args.migration_downtime_ms.or(file.migration_downtime_ms) {
+        anyhow::ensure!(v >= 1, "--migration-downtime-ms must be at least 1");
+        m.downtime_limit_ms = v;
+    }
+    if let Some(v) = args.migration_timeout.or(file.migration_timeout) {
+        anyhow::ensure!(v >= 1, "--migration-timeout must be at least 1");
+        m.timeout = Duration::from_secs(v);
+    }
+    if let Some(v) = args
+        .max_outgoing_migrations
+        .or(file.max_outgoing_migrations)
+    {
+        anyhow::ensure!(v >= 1, "--max-outgoing-migrations must be at least 1");
+        m.max_outgoing = v;
+    }
+    if let Some(v) = args
+        .max_incoming_migrations
+        .or(file.max_incoming_migrations)
+    {
+        anyhow::ensure!(v >= 1, "--max-incoming-migrations must be at least 1");
+        m.max_incoming = v;
     }
     if let Some(s) = args.shutdown_timeout.or(file.shutdown_timeout) {
         service.shutdown_timeout = Duration::from_secs(s);

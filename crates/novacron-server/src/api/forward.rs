@@ -108,10 +108,16 @@ pub async fn to_vm_owner(
     next: Next,
 ) -> Response {
     let svc = &st.service;
-    let owner = params
-        .get("vm")
-        .and_then(|key| svc.find_vm(key).ok())
-        .map(|vm| vm.node);
+    // The current owner, not this host's possibly older copy: the VM may have just been created
+    // through another host, or have just moved (live migration). Without a quorum, the local
+    // copy decides (and the handler reports what it can).
+    let owner = match params.get("vm") {
+        Some(key) => match svc.get_vm(key).await {
+            Ok(vm) => Some(vm.node),
+            Err(_) => svc.find_vm(key).ok().map(|vm| vm.node),
+        },
+        None => None,
+    };
     match owner {
         Some(node) if node != svc.node_id() => {
             let (parts, body) = req.into_parts();

@@ -13,8 +13,9 @@ use utoipa::ToSchema;
 
 use novacron_types::error::ErrorBody;
 use novacron_types::{
-    ApiError, CreateVmRequest, ErrorCode, Image, ImportImageRequest, NodeInfo, Operation,
-    PlacementReport, PlacementRequest, Role, TokenView, UpdateVmRequest, UserView, Vm, VmSnapshot,
+    ApiError, CreateVmRequest, ErrorCode, Image, ImportImageRequest, MigrateVmRequest, NodeInfo,
+    Operation, PlacementReport, PlacementRequest, Role, TokenView, UpdateVmRequest, UserView, Vm,
+    VmSnapshot,
 };
 
 use super::AppState;
@@ -394,6 +395,24 @@ pub async fn vm_action(
     Ok(accepted(st.service.vm_action(&vm, action, &who).await?))
 }
 
+#[utoipa::path(post, path = "/api/v1/vms/{vm}/actions/migrate", tag = "vms",
+    params(("vm" = String, Path, description = "ID or name")),
+    request_body = MigrateVmRequest,
+    responses((status = 202, body = Operation, description = "The migration runs; follow the operation"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "Pre-flight refused it; `reason` says why")),
+    security(("bearer" = [])))]
+/// Live-migrates a running VM. Pre-flight checks (target capacity and rules, QEMU version,
+/// accelerator, image, concurrency) answer 409 with a `reason` before anything moves.
+pub async fn migrate_vm(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(vm): Path<String>,
+    JsonBody(req): JsonBody<MigrateVmRequest>,
+) -> ApiResult<Response> {
+    Ok(accepted(st.service.migrate_vm(&vm, req, &who).await?))
+}
+
 #[utoipa::path(get, path = "/api/v1/vms/{vm}/console", tag = "vms",
     params(("vm" = String, Path, description = "ID or name"),
            ("offset" = Option<u64>, Query, description = "Start at this byte of the log"),
@@ -602,6 +621,38 @@ pub async fn get_operation(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Operation>> {
     Ok(Json(st.service.get_operation(&id).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/operations/{id}", tag = "operations",
+    responses((status = 202, body = Operation, description = "Cancelling; follow the operation"),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Cancels a running operation that can be cancelled (a live migration before post-copy).
+pub async fn cancel_operation(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let svc = &st.service;
+    let op = match svc.get_operation(&id).await {
+        Ok(op) => op,
+        Err(e) => return super::HttpError(e).into_response(),
+    };
+    if op.node != svc.node_id() {
+        return super::forward::to_node(
+            svc,
+            op.node,
+            axum::http::Method::DELETE,
+            &format!("/api/v1/operations/{id}"),
+            &headers,
+            bytes::Bytes::new(),
+        )
+        .await;
+    }
+    match svc.cancel_operation(&id).await {
+        Ok(op) => accepted(op),
+        Err(e) => super::HttpError(e).into_response(),
+    }
 }
 
 #[utoipa::path(get, path = "/api/v1/operations/{id}/wait", tag = "operations",

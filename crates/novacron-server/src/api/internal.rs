@@ -5,7 +5,7 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -14,13 +14,14 @@ use base64::Engine as _;
 use futures::StreamExt as _;
 
 use novacron_state::network::{ForwardedWrite, ForwardedWriteReply, RaftReply, RaftRequest};
-use novacron_types::{ApiError, ErrorCode};
+use novacron_types::{ApiError, ErrorCode, VmId};
 
 use super::AppState;
 use super::error::{ApiResult, HttpError};
 use crate::cluster::status::ClusterStatus;
 use crate::cluster::transport::{SECRET_HEADER, SNAPSHOT_HEADER, SnapshotHeader};
 use crate::cluster::{Heartbeat, LeaseGrant};
+use crate::service::IncomingRequest;
 
 /// Largest snapshot a host accepts (the whole replicated state, as JSON).
 const MAX_SNAPSHOT: usize = 1 << 30;
@@ -119,6 +120,29 @@ async fn transfer_leader(
     Ok(Json(serde_json::json!({ "to": t.to })))
 }
 
+async fn migration_incoming(
+    State(s): State<AppState>,
+    Json(req): Json<IncomingRequest>,
+) -> ApiResult<Json<novacron_hypervisor::IncomingPlan>> {
+    Ok(Json(s.service.incoming_prepare(req).await?))
+}
+
+async fn migration_finish(
+    State(s): State<AppState>,
+    Path(vm): Path<VmId>,
+) -> ApiResult<Json<serde_json::Value>> {
+    s.service.incoming_finish(vm).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn migration_abort(
+    State(s): State<AppState>,
+    Path(vm): Path<VmId>,
+) -> ApiResult<Json<serde_json::Value>> {
+    s.service.incoming_abort(vm).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
 pub fn router(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/internal/v1/raft", post(raft))
@@ -132,6 +156,12 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/internal/v1/ping", get(ping))
         .route("/internal/v1/cluster", get(status))
         .route("/internal/v1/transfer-leader", post(transfer_leader))
+        .route("/internal/v1/migrations/incoming", post(migration_incoming))
+        .route(
+            "/internal/v1/migrations/{vm}/finish",
+            post(migration_finish),
+        )
+        .route("/internal/v1/migrations/{vm}/abort", post(migration_abort))
         .layer(DefaultBodyLimit::max(256 * 1024 * 1024))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

@@ -236,6 +236,10 @@ pub fn router(state: AppState) -> Router {
                 .merge(operator(s, on_owner(s, delete(delete_vm)))),
         )
         .route(
+            "/api/v1/vms/{vm}/actions/migrate",
+            operator(s, on_owner(s, post(migrate_vm))),
+        )
+        .route(
             "/api/v1/vms/{vm}/actions/{action}",
             operator(s, on_owner(s, post(vm_action))),
         )
@@ -276,7 +280,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/cluster/leader", admin(s, post(transfer_leader)))
         .route("/api/v1/operations", viewer(s, get(list_operations)))
-        .route("/api/v1/operations/{id}", viewer(s, get(get_operation)))
+        .route(
+            "/api/v1/operations/{id}",
+            viewer(s, get(get_operation)).merge(operator(s, delete(cancel_operation))),
+        )
         .route(
             "/api/v1/operations/{id}/wait",
             viewer(s, get(wait_operation)),

@@ -8,11 +8,13 @@
 
 mod cluster;
 mod images;
+mod migration;
 mod ops;
 mod users;
 mod vms;
 
 pub use cluster::{JoinReply, JoinRequest, JoinTokenCreated, JoinTokenRequest};
+pub use migration::{IncomingRequest, MigrationSettings};
 pub use ops::OpCtx;
 pub use vms::{ConsoleChunk, VmAction, read_console};
 
@@ -37,6 +39,7 @@ pub struct ServiceSettings {
     pub session_ttl: Duration,
     /// How this host chooses among hosts that fit, when a request does not say.
     pub placement: novacron_types::PlacementStrategy,
+    pub migration: MigrationSettings,
 }
 
 impl Default for ServiceSettings {
@@ -45,6 +48,7 @@ impl Default for ServiceSettings {
             shutdown_timeout: Duration::from_secs(60),
             session_ttl: Duration::from_secs(12 * 3600),
             placement: Default::default(),
+            migration: MigrationSettings::default(),
         }
     }
 }
@@ -61,6 +65,7 @@ pub(crate) struct Inner {
     vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     /// Password checks in flight.
     login_permits: Arc<tokio::sync::Semaphore>,
+    migrations: migration::Migrations,
 }
 
 /// The application. Cheap to clone.
@@ -90,9 +95,10 @@ impl Service {
                 node,
                 images_dir,
                 metrics,
-                settings,
                 vm_locks: Mutex::new(HashMap::new()),
                 login_permits: Arc::new(tokio::sync::Semaphore::new(4)),
+                migrations: migration::Migrations::new(&settings.migration),
+                settings,
             }),
         }
     }

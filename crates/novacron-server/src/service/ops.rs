@@ -66,6 +66,7 @@ impl Service {
             requestor: who.username.clone(),
             created_at: now,
             updated_at: now,
+            migration: None,
         };
         // The records and the work start in one task, so a client that disconnects while the
         // records are being replicated cannot leave an operation that never runs.

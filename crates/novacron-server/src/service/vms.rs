@@ -90,7 +90,7 @@ pub struct ConsoleChunk {
     pub next_offset: u64,
 }
 
-fn vm_path(id: VmId) -> String {
+pub(crate) fn vm_path(id: VmId) -> String {
     format!("/api/v1/vms/{id}")
 }
 
@@ -106,7 +106,7 @@ impl Service {
 
     /// Looks the VM up, takes its action lock, and reads it again under the lock, so checks
     /// made on the result cannot be overtaken by the action that held the lock before.
-    async fn lock_current_vm(
+    pub(crate) async fn lock_current_vm(
         &self,
         key: &str,
     ) -> Result<(Vm, tokio::sync::OwnedMutexGuard<()>), ApiError> {
@@ -143,7 +143,7 @@ impl Service {
         })
     }
 
-    fn runtime_spec(&self, vm: &Vm) -> Result<RuntimeSpec, ApiError> {
+    pub(crate) fn runtime_spec(&self, vm: &Vm) -> Result<RuntimeSpec, ApiError> {
         let image = self
             .inner
             .state
@@ -187,22 +187,7 @@ impl Service {
                 .div_ceil(1 << 20),
             None => 0,
         };
-        let status = self.cluster_status(false).await?;
-        let live: BTreeMap<u64, placement::Live> = status
-            .members
-            .iter()
-            .map(|m| {
-                let inv = m.inventory.as_ref();
-                (
-                    m.id.0,
-                    placement::Live {
-                        health: m.health.clone(),
-                        disk_free_bytes: inv.and_then(|i| i.disk_free_bytes.get("data").copied()),
-                        load1: inv.map(|i| i.load1),
-                    },
-                )
-            })
-            .collect();
+        let live = self.live_view().await?;
         let demand = placement::Demand {
             vcpus: req.vcpus,
             memory_mib: req.memory_mib,
@@ -217,6 +202,26 @@ impl Service {
             .state
             .read_linearizable(|s| placement::rank(s, &live, &demand, strategy, req.node))
             .await
+    }
+
+    /// The leader's view of every host's health, free disk and load, for placement.
+    pub(crate) async fn live_view(&self) -> Result<BTreeMap<u64, placement::Live>, ApiError> {
+        let status = self.cluster_status(false).await?;
+        Ok(status
+            .members
+            .iter()
+            .map(|m| {
+                let inv = m.inventory.as_ref();
+                (
+                    m.id.0,
+                    placement::Live {
+                        health: m.health.clone(),
+                        disk_free_bytes: inv.and_then(|i| i.disk_free_bytes.get("data").copied()),
+                        load1: inv.map(|i| i.load1),
+                    },
+                )
+            })
+            .collect())
     }
 
     /// The placement question a create request asks: its vCPUs, memory, disks (the boot disk
@@ -505,6 +510,17 @@ impl Service {
                     tracing::warn!(vm = %id, "recording observed state: {e}");
                 }
             }
+        }
+    }
+
+    /// Records what the hypervisor reports now about a VM of this host.
+    pub(crate) async fn sync_vm_observed(&self, id: VmId) {
+        let ours = self
+            .inner
+            .state
+            .read(|s| s.vms.get(&id).map(|v| v.node == self.inner.node));
+        if ours == Some(true) {
+            self.sync_observed(id, None).await;
         }
     }
 

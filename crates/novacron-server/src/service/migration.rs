@@ -1,0 +1,914 @@
+//! Live migration. The VM's host (the source) drives it as an operation; the target answers
+//! `/internal/v1/migrations/*`. The QEMU steps are the driver's (`novacron_hypervisor`'s
+//! `incoming_*`/`outgoing_*`); this module decides, reports and cleans up.
+//!
+//! Invariants:
+//! - Ownership moves once, by one Raft command (`MoveVm`, checked against the source and the
+//!   target's capacity), after QEMU reported completion and the target's guest runs.
+//! - Until then any failure (source, target, network, cancel, timeout) ends with the guest
+//!   running on the source only: the source cancels, the target kills its waiting QEMU and
+//!   deletes its copies. If the target may have started the guest and cannot confirm it has
+//!   not, the source stays paused and says so, rather than risk two running copies.
+//! - A target never deletes files of a VM it owns.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use novacron_hypervisor::{HvError, IncomingPlan, MigrationStats, MigrationTuning};
+use novacron_state::{CommandV1, placement};
+use novacron_types::{
+    ApiError, ErrorCode, HostRole, MigrateVmRequest, MigrationProgress, MigrationTimeoutAction,
+    NodeId, Operation, OperationId, PlacementStrategy, Vm, VmId, VmState, now_millis,
+};
+
+use super::vms::vm_path;
+use super::{OpCtx, Service, hv_error};
+use crate::auth::Principal;
+
+/// Host defaults for migrations (`serve --migration-*`).
+#[derive(Clone, Debug)]
+pub struct MigrationSettings {
+    pub max_bandwidth_mib: u64,
+    pub disk_bandwidth_mib: Option<u64>,
+    pub downtime_limit_ms: u64,
+    pub auto_converge: bool,
+    pub timeout: Duration,
+    pub on_timeout: MigrationTimeoutAction,
+    /// Migrations this host sends at once.
+    pub max_outgoing: usize,
+    /// Migrations this host receives at once.
+    pub max_incoming: usize,
+}
+
+impl Default for MigrationSettings {
+    fn default() -> Self {
+        Self {
+            max_bandwidth_mib: 1024,
+            disk_bandwidth_mib: None,
+            downtime_limit_ms: 300,
+            auto_converge: true,
+            timeout: Duration::from_secs(600),
+            on_timeout: MigrationTimeoutAction::Abort,
+            max_outgoing: 2,
+            max_incoming: 2,
+        }
+    }
+}
+
+/// Per-host bookkeeping: concurrency permits and cancel switches.
+pub(crate) struct Migrations {
+    outgoing: Arc<tokio::sync::Semaphore>,
+    incoming: Arc<tokio::sync::Semaphore>,
+    /// Incoming migrations waiting here, each holding a permit until finished or aborted.
+    waiting: std::sync::Mutex<HashMap<VmId, tokio::sync::OwnedSemaphorePermit>>,
+    /// Running outgoing migrations by operation: set to true to cancel.
+    cancel: std::sync::Mutex<HashMap<OperationId, tokio::sync::watch::Sender<bool>>>,
+}
+
+impl Migrations {
+    pub(crate) fn new(s: &MigrationSettings) -> Self {
+        Self {
+            outgoing: Arc::new(tokio::sync::Semaphore::new(s.max_outgoing.max(1))),
+            incoming: Arc::new(tokio::sync::Semaphore::new(s.max_incoming.max(1))),
+            waiting: Default::default(),
+            cancel: Default::default(),
+        }
+    }
+}
+
+/// Source → target: get ready to receive `vm`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IncomingRequest {
+    pub vm: VmId,
+    pub source: NodeId,
+    pub postcopy: bool,
+}
+
+fn refused(reason: &str, message: impl Into<String>) -> ApiError {
+    ApiError::conflict(message).with_reason(reason)
+}
+
+/// The host part of `http://HOST:PORT`.
+fn host_of(api_address: &str) -> String {
+    let rest = api_address
+        .split_once("://")
+        .map(|(_, r)| r)
+        .unwrap_or(api_address);
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    match hostport.rsplit_once(':') {
+        Some((h, _)) => h.trim_matches(['[', ']']).to_string(),
+        None => hostport.to_string(),
+    }
+}
+
+fn free_port(host: &str) -> Result<u16, ApiError> {
+    std::net::TcpListener::bind((host, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| ApiError::internal(format!("no free port on {host}: {e}")))
+}
+
+impl Service {
+    fn migrations(&self) -> &Migrations {
+        &self.inner.migrations
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Target side
+
+    /// Starts a QEMU waiting for `req.vm`'s RAM, with empty disks exported for the mirror.
+    pub async fn incoming_prepare(&self, req: IncomingRequest) -> Result<IncomingPlan, ApiError> {
+        let me = self.inner.node;
+        let permit = self
+            .migrations()
+            .incoming
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                refused(
+                    "too_many_incoming",
+                    format!(
+                        "host {me} already receives {} migrations (--max-incoming-migrations)",
+                        self.inner.settings.migration.max_incoming
+                    ),
+                )
+            })?;
+        let (vm, info) = self
+            .inner
+            .state
+            .read_linearizable(|s| (s.vms.get(&req.vm).cloned(), s.nodes.get(&me.0).cloned()))
+            .await?;
+        let vm = vm.ok_or_else(|| ApiError::not_found("VM", req.vm))?;
+        if vm.node != req.source {
+            return Err(refused(
+                "not_on_source",
+                format!(
+                    "VM '{}' is on host {}, not host {}",
+                    vm.name, vm.node, req.source
+                ),
+            ));
+        }
+        let info = info.ok_or_else(|| ApiError::not_found("host", me))?;
+        if info.role == HostRole::Witness {
+            return Err(refused(
+                "witness",
+                format!("host {me} is a witness and runs no VMs"),
+            ));
+        }
+        let spec = self.runtime_spec(&vm)?;
+        if !spec.base_image.exists() {
+            return Err(refused(
+                "image_missing",
+                format!(
+                    "the image of VM '{}' is not at {} on host {me}; import it there first",
+                    vm.name,
+                    spec.base_image.display()
+                ),
+            ));
+        }
+        let host = host_of(&info.api_address);
+        let plan = IncomingPlan {
+            host: host.clone(),
+            migration_port: free_port(&host)?,
+            nbd_port: free_port(&host)?,
+            postcopy: req.postcopy,
+        };
+        self.inner
+            .hv
+            .incoming_start(&spec, &plan)
+            .await
+            .map_err(|e| match e {
+                HvError::WrongState { .. } | HvError::AlreadyRunning(_) => refused(
+                    "target_busy",
+                    format!("host {me} cannot receive VM '{}': {e}", vm.name),
+                ),
+                other => hv_error(other),
+            })?;
+        self.migrations()
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vm.id, permit);
+        tracing::info!(vm = %vm.id, source = %req.source, ?plan, "waiting for an incoming migration");
+        Ok(plan)
+    }
+
+    /// The source saw completion: run the guest here.
+    pub async fn incoming_finish(&self, vm: VmId) -> Result<(), ApiError> {
+        let r = self.inner.hv.incoming_finish(vm).await.map_err(hv_error);
+        self.migrations()
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vm);
+        r
+    }
+
+    /// The migration failed or was cancelled: end the waiting QEMU and delete its copies.
+    pub async fn incoming_abort(&self, vm: VmId) -> Result<(), ApiError> {
+        let owned = self
+            .inner
+            .state
+            .read(|s| s.vms.get(&vm).map(|v| v.node) == Some(self.inner.node));
+        if owned {
+            return Err(refused(
+                "owned_here",
+                format!("VM {vm} belongs to this host; its files stay"),
+            ));
+        }
+        let r = self.inner.hv.incoming_abort(vm).await.map_err(hv_error);
+        self.migrations()
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vm);
+        r
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Source side
+
+    /// Checks everything that can be checked before anything moves, and picks the target.
+    async fn migration_target(&self, vm: &Vm, asked: Option<NodeId>) -> Result<NodeId, ApiError> {
+        let me = self.inner.node;
+        if asked == Some(me) {
+            return Err(refused(
+                "same_host",
+                format!("VM '{}' is already on host {me}", vm.name),
+            ));
+        }
+        let live = self.live_view().await?;
+        let demand = placement::Demand {
+            vcpus: vm.spec.vcpus,
+            memory_mib: vm.spec.memory_mib,
+            disk_mib: vm.spec.disks.iter().map(|d| d.size_mib).sum(),
+            rules: &vm.spec.placement,
+            vm: Some(vm.id),
+        };
+        let report = self
+            .inner
+            .state
+            .read_linearizable(|s| {
+                placement::rank(s, &live, &demand, PlacementStrategy::Spread, asked)
+            })
+            .await?;
+        let target = report.candidates.iter().map(|c| c.node).find(|n| *n != me);
+        let Some(target) = target else {
+            let why: Vec<String> = report
+                .rejected
+                .iter()
+                .filter(|r| r.node != me && r.reasons.iter().all(|x| x.code != "not_requested"))
+                .map(|r| {
+                    let m: Vec<&str> = r.reasons.iter().map(|x| x.message.as_str()).collect();
+                    format!("host {} ({}): {}", r.node, r.name, m.join(", "))
+                })
+                .collect();
+            let code = report
+                .rejected
+                .iter()
+                .filter(|r| r.node != me)
+                .flat_map(|r| r.reasons.iter())
+                .find(|x| x.code != "not_requested")
+                .map(|x| x.code.clone())
+                .unwrap_or_else(|| "no_host".into());
+            return Err(refused(
+                &code,
+                format!(
+                    "VM '{}' cannot move{}: {}",
+                    vm.name,
+                    asked.map(|n| format!(" to host {n}")).unwrap_or_default(),
+                    if why.is_empty() {
+                        "no other host runs VMs".to_string()
+                    } else {
+                        why.join("; ")
+                    }
+                ),
+            ));
+        };
+        // Same accelerator, and never to an older QEMU (its machine type may lack what the
+        // guest was started with).
+        let here = self.inner.hv.info();
+        let status = self.cluster_status(false).await?;
+        if let Some(inv) = status
+            .members
+            .iter()
+            .find(|m| m.id == target)
+            .and_then(|m| m.inventory.as_ref())
+        {
+            if !inv.accelerator.is_empty() && inv.accelerator != here.accelerator {
+                return Err(refused(
+                    "accelerator",
+                    format!(
+                        "host {target} runs guests with {}, this host with {}: a running guest \
+                         cannot change accelerator; choose a host with {}",
+                        inv.accelerator, here.accelerator, here.accelerator
+                    ),
+                ));
+            }
+            if version_less(&inv.qemu_version, &here.qemu_version) {
+                return Err(refused(
+                    "qemu_version",
+                    format!(
+                        "host {target} has QEMU {}, older than {} here; upgrade it or choose \
+                         another host",
+                        inv.qemu_version, here.qemu_version
+                    ),
+                ));
+            }
+        }
+        Ok(target)
+    }
+
+    /// Starts a live migration of `key` as an operation.
+    pub async fn migrate_vm(
+        &self,
+        key: &str,
+        req: MigrateVmRequest,
+        who: &Principal,
+    ) -> Result<Operation, ApiError> {
+        validate_migrate(&req)?;
+        let vm = self.get_vm(key).await?;
+        if vm.node != self.inner.node {
+            return Err(ApiError::unavailable(format!(
+                "VM '{}' is on node {}; send the request there",
+                vm.name, vm.node
+            )));
+        }
+        let (vm, guard) = self.lock_current_vm(&vm.id.to_string()).await?;
+        if !matches!(vm.state, VmState::Running | VmState::Paused) {
+            return Err(refused(
+                "not_running",
+                format!(
+                    "VM '{}' is {}; live migration moves a running (or paused) VM",
+                    vm.name,
+                    vm.state.as_str()
+                ),
+            ));
+        }
+        let target = self.migration_target(&vm, req.target).await?;
+        let permit = self
+            .migrations()
+            .outgoing
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                refused(
+                    "too_many_outgoing",
+                    format!(
+                        "host {} already sends {} migrations (--max-outgoing-migrations); \
+                         retry when one ends",
+                        self.inner.node, self.inner.settings.migration.max_outgoing
+                    ),
+                )
+            })?;
+        let d = &self.inner.settings.migration;
+        let on_timeout = req.on_timeout.unwrap_or(d.on_timeout);
+        let tuning = MigrationTuning {
+            max_bandwidth: Some(req.max_bandwidth_mib.unwrap_or(d.max_bandwidth_mib) << 20),
+            downtime_limit_ms: Some(req.downtime_limit_ms.unwrap_or(d.downtime_limit_ms)),
+            auto_converge: req.auto_converge.unwrap_or(d.auto_converge),
+            postcopy: on_timeout == MigrationTimeoutAction::Postcopy,
+            disk_bandwidth: req
+                .disk_bandwidth_mib
+                .or(d.disk_bandwidth_mib)
+                .map(|m| m << 20),
+        };
+        let timeout = req
+            .timeout_seconds
+            .map(Duration::from_secs)
+            .unwrap_or(d.timeout);
+        let svc = self.clone();
+        self.spawn_operation(
+            "vm.migrate",
+            vec![vm_path(vm.id), format!("/api/v1/nodes/{target}")],
+            who,
+            Vec::new(),
+            move |ctx| async move {
+                let _guard = guard;
+                let _permit = permit;
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                svc.migrations()
+                    .cancel
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(ctx.id, tx);
+                let mut run = Run {
+                    svc: svc.clone(),
+                    ctx: ctx.clone(),
+                    vm,
+                    target,
+                    tuning,
+                    timeout,
+                    on_timeout,
+                    cancel: rx,
+                    started: Instant::now(),
+                    progress: MigrationProgress {
+                        source: svc.inner.node,
+                        target,
+                        phase: "preparing".into(),
+                        ..Default::default()
+                    },
+                    last_report: None,
+                };
+                let r = run.run().await;
+                svc.migrations()
+                    .cancel
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&ctx.id);
+                r
+            },
+        )
+        .await
+    }
+
+    /// Cancels a running operation, if it can be cancelled (live migrations, in every phase
+    /// before post-copy). Answered by the operation's host.
+    pub async fn cancel_operation(&self, id: &str) -> Result<Operation, ApiError> {
+        let op = self.get_operation(id).await?;
+        if op.status.is_final() {
+            return Err(ApiError::conflict(format!(
+                "operation {id} already finished ({})",
+                op.message
+            )));
+        }
+        let sent = self
+            .migrations()
+            .cancel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&op.id)
+            .map(|tx| tx.send(true).is_ok());
+        match sent {
+            Some(true) => Ok(op),
+            _ => Err(ApiError::conflict(format!(
+                "operation {id} ({}) cannot be cancelled",
+                op.kind
+            ))),
+        }
+    }
+}
+
+fn validate_migrate(req: &MigrateVmRequest) -> Result<(), ApiError> {
+    let check = |field: &str, v: Option<u64>, lo: u64, hi: u64| match v {
+        Some(x) if x < lo || x > hi => Err(ApiError::invalid(
+            field,
+            format!("{field} must be between {lo} and {hi} (got {x})"),
+        )),
+        _ => Ok(()),
+    };
+    check("max_bandwidth_mib", req.max_bandwidth_mib, 1, 100_000)?;
+    check("disk_bandwidth_mib", req.disk_bandwidth_mib, 1, 100_000)?;
+    check("downtime_limit_ms", req.downtime_limit_ms, 1, 60_000)?;
+    check("timeout_seconds", req.timeout_seconds, 1, 86_400)
+}
+
+/// `7.2.1` < `8.0`: compares dotted numbers; anything unparsable compares equal.
+fn version_less(a: &str, b: &str) -> bool {
+    let parse = |v: &str| -> Option<Vec<u64>> {
+        v.split('.')
+            .map(|p| p.parse().ok())
+            .collect::<Option<Vec<u64>>>()
+    };
+    match (parse(a), parse(b)) {
+        (Some(x), Some(y)) => x < y,
+        _ => false,
+    }
+}
+
+/// One outgoing migration.
+struct Run {
+    svc: Service,
+    ctx: OpCtx,
+    vm: Vm,
+    target: NodeId,
+    tuning: MigrationTuning,
+    timeout: Duration,
+    on_timeout: MigrationTimeoutAction,
+    cancel: tokio::sync::watch::Receiver<bool>,
+    started: Instant,
+    progress: MigrationProgress,
+    last_report: Option<Instant>,
+}
+
+/// How a run ended before the switch of ownership.
+enum Stop {
+    /// Nothing may be running on the target: clean it up, the guest stays here.
+    Undo(ApiError),
+    /// The target may have started the guest: do not resume here.
+    Unsure(ApiError),
+}
+
+impl Run {
+    fn addr(&self) -> Result<String, ApiError> {
+        self.svc
+            .inner
+            .state
+            .read(|s| s.nodes.get(&self.target.0).map(|n| n.api_address.clone()))
+            .ok_or_else(|| ApiError::not_found("host", self.target))
+    }
+
+    async fn report(&mut self, percent: u8, force: bool) {
+        let due = self
+            .last_report
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(500));
+        if !(force || due) {
+            return;
+        }
+        self.last_report = Some(Instant::now());
+        self.progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
+        let message = describe(&self.progress);
+        let cmd = CommandV1::SetMigrationProgress {
+            id: self.ctx.id,
+            progress: percent,
+            message,
+            migration: self.progress.clone(),
+            at: now_millis(),
+        };
+        if let Err(e) = self.svc.inner.state.propose(cmd).await {
+            tracing::warn!(op = %self.ctx.id, "recording migration progress: {e}");
+        }
+    }
+
+    fn absorb(&mut self, st: &MigrationStats) {
+        let p = &mut self.progress;
+        p.ram_total_bytes = st.ram_total_bytes;
+        p.ram_remaining_bytes = st.ram_remaining_bytes;
+        // The mirrors end at the switch-over; keep the figures they last had.
+        if st.disk_total_bytes > 0 {
+            p.disk_total_bytes = st.disk_total_bytes;
+            p.disk_remaining_bytes = st.disk_remaining_bytes;
+        }
+        p.transfer_rate_bytes = (st.mbps * 1_000_000.0 / 8.0) as u64;
+        p.dirty_rate_bytes = st.dirty_bytes_rate;
+        p.expected_downtime_ms = st.expected_downtime_ms;
+        p.downtime_ms = st.downtime_ms;
+        let net = p.transfer_rate_bytes.saturating_sub(p.dirty_rate_bytes);
+        p.eta_seconds =
+            (net > 0).then(|| (p.ram_remaining_bytes + p.disk_remaining_bytes).div_ceil(net));
+    }
+
+    fn percent(&self) -> u8 {
+        let p = &self.progress;
+        let frac = |done: u64, total: u64| {
+            if total == 0 {
+                0.0
+            } else {
+                done.min(total) as f64 / total as f64
+            }
+        };
+        match p.phase.as_str() {
+            "mirroring disks" => {
+                (5.0 + 20.0
+                    * frac(
+                        p.disk_total_bytes - p.disk_remaining_bytes,
+                        p.disk_total_bytes,
+                    )) as u8
+            }
+            "copying memory" => {
+                (25.0 + 65.0 * frac(p.ram_total_bytes - p.ram_remaining_bytes, p.ram_total_bytes))
+                    as u8
+            }
+            "switching over" | "post-copy" => 92,
+            "finishing" => 96,
+            _ => 2,
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+
+    fn timed_out(&self) -> bool {
+        self.started.elapsed() >= self.timeout
+    }
+
+    async fn status(&mut self) -> Result<MigrationStats, Stop> {
+        let st = self
+            .svc
+            .inner
+            .hv
+            .outgoing_status(self.vm.id)
+            .await
+            .map_err(|e| Stop::Undo(hv_error(e)))?;
+        self.absorb(&st);
+        Ok(st)
+    }
+
+    async fn run(&mut self) -> Result<(), ApiError> {
+        self.report(2, true).await;
+        let outcome = self.drive().await;
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(stop) => {
+                let hv = &self.svc.inner.hv;
+                let (err, resume_safe) = match stop {
+                    Stop::Undo(e) => (e, true),
+                    Stop::Unsure(e) => (e, false),
+                };
+                let _ = hv.outgoing_cancel(self.vm.id).await;
+                // The target's copy goes; only when it confirms may the guest run here again.
+                let aborted = match self.addr() {
+                    Ok(addr) => self
+                        .svc
+                        .cluster()
+                        .transport
+                        .call::<_, serde_json::Value>(
+                            &addr,
+                            &format!("/internal/v1/migrations/{}/abort", self.vm.id),
+                            &serde_json::json!({}),
+                            Duration::from_secs(30),
+                        )
+                        .await
+                        .is_ok(),
+                    Err(_) => false,
+                };
+                let mut err = err;
+                if !resume_safe {
+                    if aborted && hv.resume(self.vm.id).await.is_ok() {
+                        err.message
+                            .push_str("; the target's copy was removed and the VM runs here again");
+                    } else {
+                        err.message.push_str(&format!(
+                            "; the VM is paused on host {} and host {} did not confirm it removed \
+                             its copy: check host {} before resuming it here",
+                            self.svc.inner.node, self.target, self.target
+                        ));
+                    }
+                }
+                self.svc.sync_vm_observed(self.vm.id).await;
+                self.progress.phase = if err.reason.as_deref() == Some("cancelled") {
+                    "cancelled".into()
+                } else {
+                    "failed".into()
+                };
+                let pct = self.percent();
+                self.report(pct, true).await;
+                Err(err)
+            }
+        }
+    }
+
+    async fn drive(&mut self) -> Result<(), Stop> {
+        let hv = self.svc.inner.hv.clone();
+        let id = self.vm.id;
+        let spec = self.svc.runtime_spec(&self.vm).map_err(Stop::Undo)?;
+        let addr = self.addr().map_err(Stop::Undo)?;
+        let transport = self.svc.cluster().transport.clone();
+        let plan: IncomingPlan = transport
+            .call(
+                &addr,
+                "/internal/v1/migrations/incoming",
+                &IncomingRequest {
+                    vm: id,
+                    source: self.svc.inner.node,
+                    postcopy: self.tuning.postcopy,
+                },
+                Duration::from_secs(60),
+            )
+            .await
+            .map_err(|e| {
+                Stop::Undo(refused(
+                    "target_refused",
+                    format!("host {} cannot receive the VM: {e}", self.target),
+                ))
+            })?;
+
+        self.progress.phase = "mirroring disks".into();
+        hv.outgoing_mirror(&spec, &plan, &self.tuning)
+            .await
+            .map_err(|e| Stop::Undo(hv_error(e)))?;
+        loop {
+            let st = self.status().await?;
+            if st.disks_ready {
+                break;
+            }
+            self.checkpoint(false).await?;
+            let pct = self.percent();
+            self.report(pct, false).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        self.progress.phase = "copying memory".into();
+        hv.outgoing_migrate(id, &plan, &self.tuning)
+            .await
+            .map_err(|e| Stop::Undo(hv_error(e)))?;
+        let mut postcopy = false;
+        let st = loop {
+            let st = self.status().await?;
+            match st.status.as_str() {
+                "completed" => break st,
+                "pre-switchover" => {
+                    self.progress.phase = "switching over".into();
+                    hv.outgoing_switchover(id)
+                        .await
+                        .map_err(|e| Stop::Undo(hv_error(e)))?;
+                }
+                "postcopy-active" => {
+                    postcopy = true;
+                    self.progress.phase = "post-copy".into();
+                }
+                "failed" | "cancelled" => {
+                    return Err(Stop::Undo(refused(
+                        "qemu_failed",
+                        format!(
+                            "QEMU's migration {}: {}",
+                            st.status,
+                            st.error.as_deref().unwrap_or("no reason given")
+                        ),
+                    )));
+                }
+                _ => {}
+            }
+            if !postcopy {
+                self.checkpoint(true).await?;
+            }
+            let pct = self.percent();
+            self.report(pct, false).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+
+        // Completed: the guest is paused here with everything sent. From now on the target may
+        // run it, so a failure must not resume it here unless the target confirms.
+        self.progress.phase = "finishing".into();
+        self.absorb(&st);
+        let finish = transport
+            .call::<_, serde_json::Value>(
+                &addr,
+                &format!("/internal/v1/migrations/{id}/finish"),
+                &serde_json::json!({}),
+                Duration::from_secs(30),
+            )
+            .await;
+        if let Err(e) = finish {
+            return Err(Stop::Unsure(ApiError::new(
+                ErrorCode::Internal,
+                format!("host {} did not start the migrated guest: {e}", self.target),
+            )));
+        }
+        // The switch of ownership, once; the guest's state recorded in the same batch.
+        let batch = vec![
+            CommandV1::MoveVm {
+                id,
+                from: self.svc.inner.node,
+                to: self.target,
+                at: now_millis(),
+            },
+            CommandV1::RecordVmObserved {
+                id,
+                state: VmState::Running,
+                reason: None,
+                at: now_millis(),
+            },
+        ];
+        let mut tries = 0;
+        loop {
+            match self.svc.inner.state.propose_many(batch.clone()).await {
+                Ok(results) => {
+                    if let Some(Err(e)) = results.into_iter().next() {
+                        tracing::error!(vm = %id, "the switch of ownership was refused: {e:?}");
+                        return Err(Stop::Unsure(e));
+                    }
+                    break;
+                }
+                Err(e) if tries < 20 => {
+                    tries += 1;
+                    tracing::warn!(vm = %id, "recording the switch of ownership: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => {
+                    return Err(Stop::Unsure(ApiError::new(
+                        e.code,
+                        format!(
+                            "the VM runs on host {} but the switch of ownership could not be \
+                             recorded: {}",
+                            self.target, e.message
+                        ),
+                    )));
+                }
+            }
+        }
+        // The source's copy goes: mirror targets, the paused QEMU, its files.
+        let _ = hv.outgoing_complete(id).await;
+        if let Err(e) = hv.force_stop(id).await {
+            tracing::warn!(vm = %id, "stopping the source QEMU after migrating: {e}");
+        }
+        if let Err(e) = hv.undefine(id).await {
+            tracing::warn!(vm = %id, "removing the source's copy after migrating: {e}");
+        }
+        self.progress.phase = "completed".into();
+        self.progress.ram_remaining_bytes = 0;
+        self.progress.disk_remaining_bytes = 0;
+        self.progress.eta_seconds = Some(0);
+        tracing::info!(
+            vm = %id, target = %self.target,
+            total_ms = ?st.total_time_ms, downtime_ms = ?st.downtime_ms,
+            "live migration completed"
+        );
+        self.report(100, true).await;
+        Ok(())
+    }
+
+    /// Between polls: a cancel, or the completion timeout and its action.
+    async fn checkpoint(&mut self, ram_phase: bool) -> Result<(), Stop> {
+        if self.cancelled() {
+            return Err(Stop::Undo(refused(
+                "cancelled",
+                format!("cancelled during '{}'", self.progress.phase),
+            )));
+        }
+        if self.timed_out() {
+            if ram_phase && self.on_timeout == MigrationTimeoutAction::Postcopy {
+                self.svc
+                    .inner
+                    .hv
+                    .outgoing_postcopy(self.vm.id)
+                    .await
+                    .map_err(|e| Stop::Undo(hv_error(e)))?;
+                self.progress.phase = "post-copy".into();
+                // No further timeouts: post-copy always finishes.
+                self.timeout = Duration::MAX;
+                return Ok(());
+            }
+            let p = &self.progress;
+            return Err(Stop::Undo(refused(
+                "timeout",
+                format!(
+                    "not done after {}s in '{}' ({} MiB of memory and {} MiB of disk left; sending \
+                     {} MiB/s while the guest dirties {} MiB/s): raise max_bandwidth_mib or \
+                     timeout_seconds, enable auto_converge, or use on_timeout=postcopy",
+                    self.timeout.as_secs(),
+                    p.phase,
+                    p.ram_remaining_bytes >> 20,
+                    p.disk_remaining_bytes >> 20,
+                    p.transfer_rate_bytes >> 20,
+                    p.dirty_rate_bytes >> 20
+                ),
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A one-line summary for the operation's message and the CLI's progress bar.
+pub fn describe(p: &MigrationProgress) -> String {
+    let mut s = format!("{} → host {}: {}", p.source, p.target, p.phase);
+    if p.disk_total_bytes > 0 && p.phase == "mirroring disks" {
+        s.push_str(&format!(
+            ", disks {} of {} MiB left",
+            p.disk_remaining_bytes >> 20,
+            p.disk_total_bytes >> 20
+        ));
+    }
+    if p.ram_total_bytes > 0 && p.phase != "mirroring disks" {
+        s.push_str(&format!(
+            ", memory {} of {} MiB left",
+            p.ram_remaining_bytes >> 20,
+            p.ram_total_bytes >> 20
+        ));
+    }
+    if p.transfer_rate_bytes > 0 {
+        s.push_str(&format!(", {} MiB/s", p.transfer_rate_bytes >> 20));
+    }
+    if p.dirty_rate_bytes > 0 {
+        s.push_str(&format!(", dirtying {} MiB/s", p.dirty_rate_bytes >> 20));
+    }
+    if let Some(d) = p.downtime_ms {
+        s.push_str(&format!(", downtime {d} ms"));
+    } else if let Some(d) = p.expected_downtime_ms {
+        s.push_str(&format!(", expected downtime {d} ms"));
+    }
+    if let Some(eta) = p.eta_seconds.filter(|e| *e > 0) {
+        s.push_str(&format!(", ETA {eta}s"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_and_versions_parse() {
+        assert_eq!(host_of("http://127.0.0.12:8080"), "127.0.0.12");
+        assert_eq!(host_of("http://[::1]:8080/"), "::1");
+        assert!(version_less("7.1.0", "7.2.0"));
+        assert!(!version_less("7.2.0", "7.2.0"));
+        assert!(!version_less("8.0", "7.2.9"));
+        assert!(!version_less("unknown", "7.2"));
+    }
+
+    #[test]
+    fn bad_settings_name_their_field() {
+        let e = validate_migrate(&MigrateVmRequest {
+            max_bandwidth_mib: Some(0),
+            ..Default::default()
+        })
+        .expect_err("zero bandwidth");
+        assert_eq!(e.field.as_deref(), Some("max_bandwidth_mib"));
+        assert!(validate_migrate(&MigrateVmRequest::default()).is_ok());
+    }
+}

@@ -1,0 +1,237 @@
+//! Live migration on a real cluster (two full hosts and a witness) with the demo guest: the VM moves with its disks and
+//! keeps ticking without a reboot, ownership switches once, the source's copy goes; a cancel
+//! mid-copy and a target killed mid-copy both leave the guest running where it was, with no
+//! leftovers on the target; pre-flight refusals carry a reason.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::TestCluster;
+use common::{console_text, demo_vm, wait_console, wait_state};
+use novacron_client::{Client, ClientError};
+use novacron_types::{
+    CreateVmRequest, MigrateVmRequest, NodeId, Operation, OperationStatus, VmState,
+};
+
+/// The highest `tick N` in a console text.
+fn last_tick(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("tick "))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits for the operation to finish; rides out an election (503) on the way.
+async fn wait_op(c: &Client, op: &Operation, timeout: Duration) -> Operation {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match c.wait_operation(&op.id.to_string(), 5).await {
+            Ok(now) if now.status.is_final() => return now,
+            Ok(_) => {}
+            Err(e) if e.status() == Some(503) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("waiting for {}: {e}", op.id),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "operation {} still running",
+            op.id
+        );
+    }
+}
+
+/// Polls the operation until its migration reaches `phase`.
+async fn wait_phase(c: &Client, op: &Operation, phase: &str) -> Operation {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = c.get_operation(&op.id.to_string()).await.expect("op");
+        if now.migration.as_ref().is_some_and(|m| m.phase == phase) {
+            return now;
+        }
+        assert!(!now.status.is_final(), "ended before '{phase}': {now:?}");
+        assert!(
+            Instant::now() < deadline,
+            "never reached '{phase}': {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn reason(e: &ClientError) -> Option<String> {
+    match e {
+        ClientError::Api { error, .. } => error.reason.clone(),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_guest_moves_between_hosts_and_back_out_of_failures() {
+    // A witness keeps the quorum when host 1 is killed below.
+    let mut cluster = TestCluster::start(&["full", "full", "witness"], &[]).await;
+    let c = cluster.admin(1).await;
+    let vm = c
+        .create_vm(&CreateVmRequest {
+            node: Some(NodeId(1)),
+            disks: vec![novacron_types::DiskRequest { size_mib: 16 }],
+            ..demo_vm("mover")
+        })
+        .await
+        .expect("create");
+    let op = c.vm_action("mover", "start").await.expect("start");
+    assert_eq!(
+        wait_op(&c, &op, Duration::from_secs(60)).await.status,
+        OperationStatus::Success
+    );
+    wait_console(&c, "mover", "tick 2", 1, Duration::from_secs(60)).await;
+
+    // Pre-flight refusals, before anything moves.
+    let e = c
+        .migrate_vm(
+            "mover",
+            &MigrateVmRequest {
+                target: Some(NodeId(1)),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("same host");
+    assert_eq!(reason(&e).as_deref(), Some("same_host"), "{e}");
+    let e = c
+        .migrate_vm(
+            "mover",
+            &MigrateVmRequest {
+                max_bandwidth_mib: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("zero bandwidth");
+    assert_eq!(e.status(), Some(400), "{e}");
+
+    // 1. Live migration (asked through host 2, which forwards to the VM's host).
+    let before = last_tick(&console_text(&c, "mover").await);
+    let op = c
+        .migrate_vm("mover", &MigrateVmRequest::default())
+        .await
+        .expect("migrate");
+    let done = wait_op(&c, &op, Duration::from_secs(120)).await;
+    assert_eq!(done.status, OperationStatus::Success, "{done:?}");
+    let m = done.migration.clone().expect("migration figures");
+    assert_eq!(
+        (m.source, m.target, m.phase.as_str()),
+        (NodeId(1), NodeId(2), "completed")
+    );
+    assert!(m.downtime_ms.is_some() && m.ram_total_bytes > 0, "{m:?}");
+    println!("migration: {m:?}");
+    let moved = c.get_vm("mover").await.expect("vm");
+    assert_eq!(moved.node, NodeId(2));
+    assert_eq!(moved.state, VmState::Running);
+    // The guest goes on: later ticks on host 2's console, and no second boot.
+    let text = wait_console(
+        &c,
+        "mover",
+        &format!("tick {}", before + 3),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(!text.contains("READY"), "rebooted on the target:\n{text}");
+    let id = vm.id.to_string();
+    assert!(
+        !cluster.nodes[0].data_dir().join("vms").join(&id).exists(),
+        "the source's copy is gone"
+    );
+    assert!(
+        cluster.nodes[0].qemu_pids().is_empty(),
+        "no QEMU left on host 1"
+    );
+    assert_eq!(cluster.nodes[1].qemu_pids().len(), 1);
+
+    // 2. Cancel mid-copy (1 MiB/s: the RAM would take minutes): the guest stays on host 2.
+    let op = c
+        .migrate_vm(
+            "mover",
+            &MigrateVmRequest {
+                max_bandwidth_mib: Some(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("migrate back");
+    wait_phase(&c, &op, "copying memory").await;
+    c.cancel_operation(&op.id.to_string())
+        .await
+        .expect("cancel");
+    let done = wait_op(&c, &op, Duration::from_secs(60)).await;
+    assert_eq!(done.status, OperationStatus::Failure, "{done:?}");
+    assert_eq!(
+        done.error.as_ref().and_then(|e| e.reason.as_deref()),
+        Some("cancelled")
+    );
+    assert_eq!(
+        done.migration.as_ref().map(|m| m.phase.as_str()),
+        Some("cancelled")
+    );
+    let vm_now = c.get_vm("mover").await.expect("vm");
+    assert_eq!((vm_now.node, vm_now.state), (NodeId(2), VmState::Running));
+    let t = last_tick(&console_text(&c, "mover").await);
+    wait_console(
+        &c,
+        "mover",
+        &format!("tick {}", t + 2),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        !cluster.nodes[0].data_dir().join("vms").join(&id).exists(),
+        "the target's copy is gone after the cancel"
+    );
+    assert!(cluster.nodes[0].qemu_pids().is_empty());
+    // A finished operation cannot be cancelled.
+    let e = c
+        .cancel_operation(&op.id.to_string())
+        .await
+        .expect_err("already over");
+    assert_eq!(e.status(), Some(409), "{e}");
+
+    // 3. The target dies mid-copy (novacron and its QEMUs): the guest keeps running on host 2.
+    let op = c
+        .migrate_vm(
+            "mover",
+            &MigrateVmRequest {
+                max_bandwidth_mib: Some(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("migrate to a host about to die");
+    wait_phase(&c, &op, "copying memory").await;
+    let doomed = cluster.nodes[0].qemu_pids();
+    assert_eq!(doomed.len(), 1, "the incoming QEMU waits on host 1");
+    cluster.nodes[0].kill();
+    for pid in doomed {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let done = wait_op(&c, &op, Duration::from_secs(120)).await;
+    assert_eq!(done.status, OperationStatus::Failure, "{done:?}");
+    let vm_now = wait_state(&c, "mover", VmState::Running, Duration::from_secs(10)).await;
+    assert_eq!(vm_now.node, NodeId(2));
+    let t = last_tick(&console_text(&c, "mover").await);
+    wait_console(
+        &c,
+        "mover",
+        &format!("tick {}", t + 2),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    let op = c.vm_action("mover", "force-stop").await.expect("stop");
+    wait_op(&c, &op, Duration::from_secs(30)).await;
+}
