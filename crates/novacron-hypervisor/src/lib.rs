@@ -175,13 +175,14 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Stops watching every VM without touching the QEMU processes (they outlive `novacron`).
     async fn detach_all(&self);
 
-    // Live migration, incoming side (the target host): start QEMU paused and waiting for the
-    // RAM, with the VM's disks created empty and exported over NBD for the source to mirror into.
+    // Live migration, incoming side (the target host): start QEMU waiting for the RAM, with the
+    // VM's disks created empty and exported over NBD for the source to mirror into.
     async fn incoming_start(&self, spec: &RuntimeSpec, plan: &IncomingPlan) -> Result<(), HvError> {
         let _ = (spec, plan);
         Err(unsupported("live migration"))
     }
-    /// After the source reported completion: stop exporting and run the guest.
+    /// After the source reported completion: checks the guest runs here (QEMU starts it once
+    /// loaded) and stops exporting the disks.
     async fn incoming_finish(&self, id: VmId) -> Result<(), HvError> {
         let _ = id;
         Err(unsupported("live migration"))
@@ -216,6 +217,13 @@ pub trait Hypervisor: Send + Sync + 'static {
     async fn outgoing_status(&self, id: VmId) -> Result<MigrationStats, HvError> {
         let _ = id;
         Err(unsupported("live migration"))
+    }
+    /// Waits until the VM's count of migration and block-job events differs from `seen` (an
+    /// event happened since), or `at_most` passed; returns the count.
+    async fn outgoing_wait(&self, id: VmId, seen: u64, at_most: Duration) -> u64 {
+        let _ = id;
+        tokio::time::sleep(at_most).await;
+        seen
     }
     /// At `pre-switchover` (the guest here is paused, its disks quiet): ends the disk mirrors,
     /// leaving the target's disks complete, and lets QEMU send the device state.

@@ -3,7 +3,7 @@
 //! ```text
 //!  target                                   source
 //!  incoming_start: disks created empty,
-//!    QEMU -S -incoming defer, NBD server,
+//!    QEMU -incoming defer, NBD server,
 //!    each disk exported, migrate-incoming
 //!                                           outgoing_mirror: blockdev-add nbd:<disk>,
 //!                                             blockdev-mirror (root: top layer only, the
@@ -17,8 +17,9 @@
 //!                                             (the target's disks are now complete, the guest
 //!                                             is paused), migrate-continue
 //!                                           outgoing_status … until `completed`
-//!  incoming_finish: NBD server stopped,
-//!    cont
+//!  (the guest runs here once loaded)
+//!  incoming_finish: checks it runs, NBD
+//!    server stopped
 //!                                           outgoing_complete: mirror targets removed
 //! ```
 //!
@@ -87,7 +88,11 @@ pub(super) async fn incoming_start(
     // Empty disks: the root an overlay on the same image, the others blank of the same size.
     hv.define(spec).await?;
     let result = async {
-        hv.launch(spec, &["-S", "-incoming", "defer"]).await?;
+        // No -S: the guest runs here the moment its device state has loaded, so the pause is
+        // QEMU's alone. That is safe because the disk mirrors end before the device state is
+        // sent (pause-before-switchover), and the source never resumes unless this QEMU is
+        // confirmed gone (see the server's migration module).
+        hv.launch(spec, &["-incoming", "defer"]).await?;
         if plan.postcopy {
             raw(
                 hv,
@@ -136,26 +141,24 @@ pub(super) async fn incoming_start(
 }
 
 pub(super) async fn incoming_finish(hv: &QemuHypervisor, id: VmId) -> Result<(), HvError> {
-    // The RAM and device state have arrived when QEMU leaves `inmigrate` (it stays paused: -S).
+    // The RAM and device state have arrived when QEMU leaves `inmigrate`; it then runs the
+    // guest by itself (or leaves it paused if it was paused on the source).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         match run_state(hv, id).await?.as_str() {
             "inmigrate" if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            "paused" | "postmigrate" | "prelaunch" => break,
-            // Post-copy: the guest already runs here and pulls the rest.
-            "running" => return Ok(()),
+            "running" | "paused" => break,
             other => {
                 return Err(HvError::Qmp {
                     command: "migrate-incoming",
-                    message: format!("the incoming VM is '{other}', not ready to run"),
+                    message: format!("the incoming VM is '{other}', not running"),
                 });
             }
         }
     }
     raw(hv, id, RawCommand::NbdServerStop(none())).await?;
-    raw(hv, id, RawCommand::Cont(none())).await?;
     Ok(())
 }
 
@@ -216,6 +219,8 @@ pub(super) async fn outgoing_migrate(
         // Stop before the device state goes, so the disk mirrors can be ended while the guest
         // is paused and its disks are quiet.
         { "capability": "pause-before-switchover", "state": true },
+        // MIGRATION events, so the switch-over is handled the moment QEMU reaches it.
+        { "capability": "events", "state": true },
         { "capability": "auto-converge", "state": tuning.auto_converge },
         { "capability": "postcopy-ram", "state": tuning.postcopy },
     ]});

@@ -160,6 +160,7 @@ impl QemuHypervisor {
             }
         };
         let (state_tx, state_rx) = watch::channel(state);
+        let (jobs_tx, jobs_rx) = watch::channel(0);
         let (tx, rx) = mpsc::channel(16);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let handle = VmHandle {
@@ -167,6 +168,7 @@ impl QemuHypervisor {
             pid,
             tx,
             state: state_rx,
+            job_events: jobs_rx,
         };
         self.registry
             .lock()
@@ -183,6 +185,7 @@ impl QemuHypervisor {
             qemu_log: paths.qemu_log(),
             pidfile: paths.pidfile(),
             state_tx,
+            jobs_tx,
             bus: self.bus.clone(),
             registry: self.registry.clone(),
             stop_requested: false,
@@ -293,6 +296,16 @@ impl Hypervisor for QemuHypervisor {
 
     async fn outgoing_status(&self, id: VmId) -> Result<crate::MigrationStats, HvError> {
         migration::outgoing_status(self, id).await
+    }
+
+    async fn outgoing_wait(&self, id: VmId, seen: u64, at_most: Duration) -> u64 {
+        let Some(h) = self.handle(id) else {
+            tokio::time::sleep(at_most).await;
+            return seen;
+        };
+        let mut rx = h.job_events.clone();
+        let _ = tokio::time::timeout(at_most, rx.wait_for(|n| *n != seen)).await;
+        *rx.borrow()
     }
 
     async fn outgoing_switchover(&self, id: VmId) -> Result<(), HvError> {

@@ -79,6 +79,8 @@ pub struct VmHandle {
     pub pid: i32,
     pub tx: mpsc::Sender<Request>,
     pub state: watch::Receiver<VmState>,
+    /// Bumped on every migration or block-job event, so a migration can react at once.
+    pub job_events: watch::Receiver<u64>,
 }
 
 impl VmHandle {
@@ -219,6 +221,7 @@ pub struct Runner {
     pub qemu_log: PathBuf,
     pub pidfile: PathBuf,
     pub state_tx: watch::Sender<VmState>,
+    pub jobs_tx: watch::Sender<u64>,
     pub bus: broadcast::Sender<StateChange>,
     pub registry: Registry,
     pub stop_requested: bool,
@@ -274,6 +277,15 @@ impl Runner {
                     self.guest_shutdown = true;
                 }
                 self.set_state(VmState::Stopping, None);
+            }
+            qmp::Event::MIGRATION { .. }
+            | qmp::Event::MIGRATION_PASS { .. }
+            | qmp::Event::BLOCK_JOB_READY { .. }
+            | qmp::Event::BLOCK_JOB_COMPLETED { .. }
+            | qmp::Event::BLOCK_JOB_CANCELLED { .. }
+            | qmp::Event::BLOCK_JOB_ERROR { .. }
+            | qmp::Event::JOB_STATUS_CHANGE { .. } => {
+                self.jobs_tx.send_modify(|n| *n += 1);
             }
             qmp::Event::GUEST_PANICKED { .. } => {
                 // QEMU lives on with the guest halted; see `state_map`.

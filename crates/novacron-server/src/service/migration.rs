@@ -678,6 +678,8 @@ impl Run {
             })?;
 
         self.progress.phase = "mirroring disks".into();
+        // Polls are cut short by QEMU's events (a mirror ready, a migration state change).
+        let mut seen = 0;
         hv.outgoing_mirror(&spec, &plan, &self.tuning)
             .await
             .map_err(|e| Stop::Undo(hv_error(e)))?;
@@ -689,7 +691,7 @@ impl Run {
             self.checkpoint(false).await?;
             let pct = self.percent();
             self.report(pct, false).await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            seen = hv.outgoing_wait(id, seen, Duration::from_millis(100)).await;
         }
 
         self.progress.phase = "copying memory".into();
@@ -728,7 +730,7 @@ impl Run {
             }
             let pct = self.percent();
             self.report(pct, false).await;
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            seen = hv.outgoing_wait(id, seen, Duration::from_millis(100)).await;
         };
 
         // Completed: the guest is paused here with everything sent. From now on the target may
