@@ -528,6 +528,18 @@ pub struct MigrationProgress {
     pub downtime_ms: Option<u64>,
     pub eta_seconds: Option<u64>,
     pub elapsed_ms: u64,
+    /// RAM bytes sent so far, and for how long RAM has been moving: their ratio is the
+    /// achieved bandwidth.
+    #[serde(default)]
+    pub ram_transferred_bytes: u64,
+    #[serde(default)]
+    pub ram_copy_ms: u64,
+    /// The same, up to the switch-over: the phase the bandwidth cap governs (QEMU sends what
+    /// is left at the switch-over unthrottled, within the downtime limit).
+    #[serde(default)]
+    pub precopy_bytes: u64,
+    #[serde(default)]
+    pub precopy_ms: u64,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -304,6 +304,9 @@ pub(super) async fn outgoing_status(
 /// Cancels the mirror jobs and waits until they are gone. A ready mirror that is cancelled
 /// leaves its target complete as of that moment.
 async fn end_mirrors(hv: &QemuHypervisor, id: VmId, force: bool) -> Result<(), HvError> {
+    // At the switch-over this runs while the guest is paused: every round trip is downtime. So
+    // look once, cancel, and look again only when QEMU reports a job event.
+    let mut seen = hv.job_events(id);
     for (job, ..) in mirror_jobs(hv, id).await? {
         raw(
             hv,
@@ -320,7 +323,7 @@ async fn end_mirrors(hv: &QemuHypervisor, id: VmId, force: bool) -> Result<(), H
                 after: Duration::from_secs(30),
             });
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        seen = hv.outgoing_wait(id, seen, Duration::from_millis(20)).await;
     }
     Ok(())
 }

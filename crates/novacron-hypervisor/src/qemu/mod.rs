@@ -479,6 +479,11 @@ impl Hypervisor for QemuHypervisor {
 }
 
 impl QemuHypervisor {
+    /// The VM's count of migration and block-job events so far (0 without a runner).
+    fn job_events(&self, id: VmId) -> u64 {
+        self.handle(id).map(|h| *h.job_events.borrow()).unwrap_or(0)
+    }
+
     /// Starts QEMU for `spec` with `extra` arguments after the usual ones.
     async fn launch(&self, spec: &RuntimeSpec, extra: &[&str]) -> Result<(), HvError> {
         if self.handle(spec.id).is_some() || self.live_pid(spec.id).is_some() {

@@ -537,6 +537,7 @@ impl Run {
         let p = &mut self.progress;
         p.ram_total_bytes = st.ram_total_bytes;
         p.ram_remaining_bytes = st.ram_remaining_bytes;
+        p.ram_transferred_bytes = st.ram_transferred_bytes;
         // The mirrors end at the switch-over; keep the figures they last had.
         if st.disk_total_bytes > 0 {
             p.disk_total_bytes = st.disk_total_bytes;
@@ -698,12 +699,18 @@ impl Run {
         hv.outgoing_migrate(id, &plan, &self.tuning)
             .await
             .map_err(|e| Stop::Undo(hv_error(e)))?;
+        let ram_started = Instant::now();
         let mut postcopy = false;
         let st = loop {
             let st = self.status().await?;
+            self.progress.ram_copy_ms = ram_started.elapsed().as_millis() as u64;
             match st.status.as_str() {
                 "completed" => break st,
                 "pre-switchover" => {
+                    if self.progress.precopy_ms == 0 {
+                        self.progress.precopy_bytes = st.ram_transferred_bytes;
+                        self.progress.precopy_ms = self.progress.ram_copy_ms.max(1);
+                    }
                     self.progress.phase = "switching over".into();
                     hv.outgoing_switchover(id)
                         .await
