@@ -3,17 +3,23 @@
 #   - vmlinuz    : the kernel inside linux-image-*-cloud-amd64 (taken with apt-get download + dpkg -x)
 #   - initrd.img : a gzip'd newc cpio with busybox-static, the few kernel modules the guest needs
 #                  (virtio block, ACPI power button, evdev) and an /init that prints
-#                  "NOVACRON-DEMO-GUEST READY" and then "tick N" once a second.
+#                  "NOVACRON-DEMO-GUEST READY" and then "tick N" once a second. With
+#                  `novacron.dirty=N` on the kernel command line it also rewrites N MiB of memory
+#                  in a loop (a guest that dirties memory fast, for migration tests; it needs 2N
+#                  MiB of the initramfs, which gets half the guest's memory).
 #   - disk.qcow2 : a small blank data disk, so every demo VM has a real block device (/dev/vda)
 #                  that tests can write to and read back.
 #   - image.json : the boot parameters NovaCron registers the image with.
 #
 # Usage: scripts/build-demo-image.sh OUTPUT_DIR
-# Idempotent: an existing, complete OUTPUT_DIR is left alone.
+# Idempotent: a complete OUTPUT_DIR of this version is left alone. An older version is rebuilt,
+# except disk.qcow2 (other VMs' disks may be overlays on it; it is blank either way).
 set -euo pipefail
 
+version=2
 out=${1:?usage: build-demo-image.sh OUTPUT_DIR}
-if [[ -f "$out/image.json" && -f "$out/vmlinuz" && -f "$out/initrd.img" && -f "$out/disk.qcow2" ]]; then
+if [[ -f "$out/image.json" && -f "$out/vmlinuz" && -f "$out/initrd.img" && -f "$out/disk.qcow2" ]] &&
+   grep -q "\"version\": $version" "$out/image.json"; then
   echo "demo image already built in $out"
   exit 0
 fi
@@ -74,6 +80,13 @@ mount -t devtmpfs dev /dev
 while read -r m; do insmod "/lib/modules/$m" 2>/dev/null; done < /lib/modules/order
 acpid -c /etc/acpi -a /etc/acpid.conf -l /tmp/acpid.log
 echo "NOVACRON-DEMO-GUEST READY"
+dirty=$(sed -n 's/.*novacron\.dirty=\([0-9][0-9]*\).*/\1/p' /proc/cmdline)
+if [ -n "$dirty" ]; then
+  # Random data (zero pages would migrate for free), rewritten over and over.
+  dd if=/dev/urandom of=/tmp/seed bs=1M count="$dirty" 2>/dev/null
+  (while true; do cp /tmp/seed /tmp/dirty; done) &
+  echo "dirtying $dirty MiB"
+fi
 for d in /sys/block/vd*; do [ -e "$d" ] && echo "disk ${d##*/} $(cat "$d/size") sectors"; done
 i=1
 while true; do
@@ -86,9 +99,14 @@ chmod +x "$root/init"
 
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -9) > "$work/initrd.img"
 cp "$work/kernel/boot/vmlinuz-$kver" "$work/vmlinuz"
-qemu-img create -q -f qcow2 "$work/disk.qcow2" 64M
+if [[ -f "$out/disk.qcow2" ]]; then
+  cp "$out/disk.qcow2" "$work/disk.qcow2"
+else
+  qemu-img create -q -f qcow2 "$work/disk.qcow2" 64M
+fi
 cat > "$work/image.json" <<JSON
 {
+  "version": $version,
   "name": "demo",
   "description": "NovaCron demo guest (Debian kernel $kver, busybox initramfs)",
   "disk": "disk.qcow2",

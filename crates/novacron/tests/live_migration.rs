@@ -60,6 +60,23 @@ async fn wait_phase(c: &Client, op: &Operation, phase: &str) -> Operation {
     }
 }
 
+/// Waits until the VM's console shows ticks beyond `after + 1`: the counter kept going.
+async fn wait_ticks_past(c: &Client, vm: &str, after: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = console_text(c, vm).await;
+        if last_tick(&text) > after + 1 {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no tick past {} on {vm}'s console:\n{text}",
+            after + 1
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn reason(e: &ClientError) -> Option<String> {
     match e {
         ClientError::Api { error, .. } => error.reason.clone(),
@@ -130,14 +147,7 @@ async fn a_running_guest_moves_between_hosts_and_back_out_of_failures() {
     assert_eq!(moved.node, NodeId(2));
     assert_eq!(moved.state, VmState::Running);
     // The guest goes on: later ticks on host 2's console, and no second boot.
-    let text = wait_console(
-        &c,
-        "mover",
-        &format!("tick {}", before + 3),
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
+    let text = wait_ticks_past(&c, "mover", before + 1).await;
     assert!(!text.contains("READY"), "rebooted on the target:\n{text}");
     let id = vm.id.to_string();
     assert!(
@@ -178,14 +188,7 @@ async fn a_running_guest_moves_between_hosts_and_back_out_of_failures() {
     let vm_now = c.get_vm("mover").await.expect("vm");
     assert_eq!((vm_now.node, vm_now.state), (NodeId(2), VmState::Running));
     let t = last_tick(&console_text(&c, "mover").await);
-    wait_console(
-        &c,
-        "mover",
-        &format!("tick {}", t + 2),
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
+    wait_ticks_past(&c, "mover", t).await;
     assert!(
         !cluster.nodes[0].data_dir().join("vms").join(&id).exists(),
         "the target's copy is gone after the cancel"
@@ -224,14 +227,65 @@ async fn a_running_guest_moves_between_hosts_and_back_out_of_failures() {
     let vm_now = wait_state(&c, "mover", VmState::Running, Duration::from_secs(10)).await;
     assert_eq!(vm_now.node, NodeId(2));
     let t = last_tick(&console_text(&c, "mover").await);
-    wait_console(
-        &c,
-        "mover",
-        &format!("tick {}", t + 2),
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
+    wait_ticks_past(&c, "mover", t).await;
     let op = c.vm_action("mover", "force-stop").await.expect("stop");
+    wait_op(&c, &op, Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_dirtying_memory_faster_than_the_cap_finishes_by_post_copy() {
+    let cluster = TestCluster::start(&["full", "full"], &[]).await;
+    let c = cluster.admin(0).await;
+    let demo = common::demo_dir();
+    let path = |f: &str| demo.join(f).to_string_lossy().into_owned();
+    // The demo guest rewrites 16 MiB of random data in a loop (`novacron.dirty`).
+    c.create_vm(&CreateVmRequest {
+        node: Some(NodeId(1)),
+        boot: Some(novacron_types::KernelBoot {
+            kernel: path("vmlinuz"),
+            initrd: Some(path("initrd.img")),
+            cmdline: Some("console=ttyS0 quiet panic=-1 novacron.dirty=16".into()),
+        }),
+        ..demo_vm("dirty")
+    })
+    .await
+    .expect("create");
+    let op = c.vm_action("dirty", "start").await.expect("start");
+    assert_eq!(
+        wait_op(&c, &op, Duration::from_secs(60)).await.status,
+        OperationStatus::Success
+    );
+    wait_console(&c, "dirty", "dirtying 16 MiB", 1, Duration::from_secs(60)).await;
+    wait_console(&c, "dirty", "tick 2", 1, Duration::from_secs(60)).await;
+    let before = last_tick(&console_text(&c, "dirty").await);
+
+    // 8 MiB/s cannot keep up with the guest: after 3 s the migration switches to post-copy.
+    let op = c
+        .migrate_vm(
+            "dirty",
+            &MigrateVmRequest {
+                max_bandwidth_mib: Some(8),
+                auto_converge: Some(false),
+                timeout_seconds: Some(3),
+                on_timeout: Some(novacron_types::MigrationTimeoutAction::Postcopy),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("migrate");
+    let mid = wait_phase(&c, &op, "copying memory").await;
+    let done = wait_op(&c, &op, Duration::from_secs(120)).await;
+    assert_eq!(done.status, OperationStatus::Success, "{done:?}");
+    let m = done.migration.expect("figures");
+    println!("dirty guest: {m:?} (mid-way: {:?})", mid.migration);
+    assert!(
+        m.elapsed_ms >= 3000,
+        "it should have needed the post-copy switch: {m:?}"
+    );
+    let vm = c.get_vm("dirty").await.expect("vm");
+    assert_eq!((vm.node, vm.state), (NodeId(2), VmState::Running));
+    let text = wait_ticks_past(&c, "dirty", before).await;
+    assert!(!text.contains("READY"), "rebooted:\n{text}");
+    let op = c.vm_action("dirty", "force-stop").await.expect("stop");
     wait_op(&c, &op, Duration::from_secs(30)).await;
 }

@@ -412,6 +412,7 @@ impl Service {
                         ..Default::default()
                     },
                     last_report: None,
+                    postcopy: false,
                 };
                 let r = run.run().await;
                 svc.migrations()
@@ -492,6 +493,8 @@ struct Run {
     started: Instant,
     progress: MigrationProgress,
     last_report: Option<Instant>,
+    /// Post-copy began: from then on nothing is undone.
+    postcopy: bool,
 }
 
 /// How a run ended before the switch of ownership.
@@ -500,6 +503,9 @@ enum Stop {
     Undo(ApiError),
     /// The target may have started the guest: do not resume here.
     Unsure(ApiError),
+    /// Post-copy had begun: the guest runs on the target with part of its memory still here.
+    /// Neither side may be stopped or resumed; a person decides.
+    Postcopy(ApiError),
 }
 
 impl Run {
@@ -601,14 +607,30 @@ impl Run {
 
     async fn run(&mut self) -> Result<(), ApiError> {
         self.report(2, true).await;
-        let outcome = self.drive().await;
+        let mut outcome = self.drive().await;
+        if self.postcopy
+            && let Err(Stop::Undo(e) | Stop::Unsure(e)) = outcome
+        {
+            outcome = Err(Stop::Postcopy(e));
+        }
         match outcome {
             Ok(()) => Ok(()),
+            Err(Stop::Postcopy(mut err)) => {
+                err.message.push_str(&format!(
+                    "; post-copy had begun, so the guest runs on host {} with part of its memory \
+                     still on host {}: neither was stopped; check both hosts",
+                    self.target, self.svc.inner.node
+                ));
+                self.progress.phase = "failed".into();
+                let pct = self.percent();
+                self.report(pct, true).await;
+                Err(err)
+            }
             Err(stop) => {
                 let hv = &self.svc.inner.hv;
                 let (err, resume_safe) = match stop {
                     Stop::Undo(e) => (e, true),
-                    Stop::Unsure(e) => (e, false),
+                    Stop::Unsure(e) | Stop::Postcopy(e) => (e, false),
                 };
                 let _ = hv.outgoing_cancel(self.vm.id).await;
                 // The target's copy goes; only when it confirms may the guest run here again.
@@ -700,7 +722,6 @@ impl Run {
             .await
             .map_err(|e| Stop::Undo(hv_error(e)))?;
         let ram_started = Instant::now();
-        let mut postcopy = false;
         let st = loop {
             let st = self.status().await?;
             self.progress.ram_copy_ms = ram_started.elapsed().as_millis() as u64;
@@ -717,7 +738,7 @@ impl Run {
                         .map_err(|e| Stop::Undo(hv_error(e)))?;
                 }
                 "postcopy-active" => {
-                    postcopy = true;
+                    self.postcopy = true;
                     self.progress.phase = "post-copy".into();
                 }
                 "failed" | "cancelled" => {
@@ -732,7 +753,7 @@ impl Run {
                 }
                 _ => {}
             }
-            if !postcopy {
+            if !self.postcopy {
                 self.checkpoint(true).await?;
             }
             let pct = self.percent();
@@ -838,6 +859,7 @@ impl Run {
                     .await
                     .map_err(|e| Stop::Undo(hv_error(e)))?;
                 self.progress.phase = "post-copy".into();
+                self.postcopy = true;
                 // No further timeouts: post-copy always finishes.
                 self.timeout = Duration::MAX;
                 return Ok(());
