@@ -172,6 +172,13 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Path of the VM's serial console log.
     fn console_path(&self, id: VmId) -> PathBuf;
 
+    /// The VM's disk files, boot disk first (for copying a stopped VM to another host). Empty
+    /// for a driver that keeps no files.
+    fn disk_files(&self, id: VmId, extra_disks: usize) -> Vec<PathBuf> {
+        let _ = (id, extra_disks);
+        Vec::new()
+    }
+
     /// Stops watching every VM without touching the QEMU processes (they outlive `novacron`).
     async fn detach_all(&self);
 

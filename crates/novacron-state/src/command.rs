@@ -65,6 +65,11 @@ pub enum CommandV1 {
     DeleteVm {
         id: VmId,
     },
+    /// Puts a host in or out of maintenance (no new VMs are placed there while in).
+    SetNodeMaintenance {
+        node: NodeId,
+        maintenance: bool,
+    },
     /// A live migration finished: the VM now belongs to `to`. Rejected unless it belongs to
     /// `from` (so a stale or repeated switch changes nothing) and fits on `to`.
     MoveVm {

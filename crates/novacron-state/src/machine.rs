@@ -230,6 +230,14 @@ impl ClusterState {
                 self.vms.insert(vm.id, vm.clone());
                 Ok(vec![Touched::Vm(vm.id)])
             }
+            SetNodeMaintenance { node, maintenance } => {
+                let n = self
+                    .nodes
+                    .get_mut(&node.0)
+                    .ok_or_else(|| ApiError::not_found("host", node))?;
+                n.maintenance = *maintenance;
+                Ok(vec![Touched::Node(node.0)])
+            }
             MoveVm { id, from, to, at } => {
                 let vm = self
                     .vms

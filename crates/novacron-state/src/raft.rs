@@ -527,18 +527,43 @@ impl StateHandle {
         // A host that knows it is cut off says so instead of timing out.
         self.write_refused()?;
         let timeout = Duration::from_millis(self.settings.forward_timeout_ms);
-        let index = match self.leader() {
-            Some((id, _)) if id == self.node_id.0 => self.serve_read_index().await?,
-            Some((_, addr)) => self
-                .transport
-                .read_index(&addr, timeout)
-                .await
-                .map_err(|e| ApiError::unavailable(format!("linearizable read failed: {e}")))?,
-            None => {
-                return Err(ApiError::unavailable(
+        // Like writes, ride out a leader change (a transfer, an election) for a while.
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.settings.leaderless_wait_ms);
+        let index = loop {
+            let attempt = match self.leader() {
+                Some((id, _)) if id == self.node_id.0 => match self.serve_read_index().await {
+                    Ok(i) => Ok(i),
+                    Err(e) if e.code == novacron_types::ErrorCode::NotLeader => Err(e),
+                    Err(e) => return Err(e),
+                },
+                Some((_, addr)) => match self.transport.read_index(&addr, timeout).await {
+                    Ok(i) => Ok(i),
+                    Err(e @ TransportError::Unreachable { .. }) => {
+                        Err(ApiError::unavailable(format!("linearizable read failed: {e}")))
+                    }
+                    Err(TransportError::Remote { message, .. })
+                        if message.starts_with(NOT_LEADER) =>
+                    {
+                        Err(ApiError::unavailable(format!(
+                            "linearizable read failed: {message}"
+                        )))
+                    }
+                    Err(e) => {
+                        return Err(ApiError::unavailable(format!(
+                            "linearizable read failed: {e}"
+                        )));
+                    }
+                },
+                None => Err(ApiError::unavailable(
                     "no Raft leader is known (election in progress or no quorum); \
                      retry, or ask for a stale read",
-                ));
+                )),
+            };
+            match attempt {
+                Ok(i) => break i,
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => self.wait_leader_change(Duration::from_millis(50)).await,
             }
         };
         self.wait_applied(index, timeout).await

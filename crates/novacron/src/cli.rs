@@ -390,6 +390,17 @@ pub enum UserCommand {
 #[derive(Subcommand, Debug)]
 pub enum NodeCommand {
     List,
+    /// Put a host in maintenance and move its VMs away (running ones live, stopped ones cold);
+    /// a leader hands leadership over first.
+    Evacuate {
+        id: u64,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// End a host's maintenance: VMs may be placed there again.
+    Restore {
+        id: u64,
+    },
 }
 
 pub(crate) fn client(g: &Global) -> anyhow::Result<Client> {
@@ -474,7 +485,11 @@ pub async fn run(g: Global, command: Command) -> anyhow::Result<()> {
                     vec![
                         s(n, "id"),
                         s(n, "name"),
-                        s(n, "status"),
+                        if n["maintenance"] == true {
+                            format!("{} (maintenance)", s(n, "status"))
+                        } else {
+                            s(n, "status")
+                        },
                         n["raft"]["role"].as_str().unwrap_or("").into(),
                         s(n, "api_address"),
                         s(n, "accelerator"),
@@ -486,6 +501,38 @@ pub async fn run(g: Global, command: Command) -> anyhow::Result<()> {
                 &["ID", "NAME", "STATUS", "RAFT", "API", "ACCEL", "QEMU"],
                 rows,
             );
+            Ok(())
+        }
+        Command::Node(NodeCommand::Evacuate { id, wait }) => {
+            let c = client(&g)?;
+            let op: Operation = c
+                .post(
+                    &format!("/api/v1/nodes/{id}/evacuate"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            if wait.no_wait {
+                return print_op(&op, &g);
+            }
+            let op = follow(&c, op, Duration::from_secs(wait.timeout), &g).await?;
+            if g.output == Format::Json {
+                return output::json(&op);
+            }
+            eprintln!("host {id} is empty and in maintenance ({})", op.id);
+            Ok(())
+        }
+        Command::Node(NodeCommand::Restore { id }) => {
+            let c = client(&g)?;
+            let node: serde_json::Value = c
+                .post(
+                    &format!("/api/v1/nodes/{id}/restore"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            if g.output == Format::Json {
+                return output::json(&node);
+            }
+            eprintln!("host {id} is out of maintenance");
             Ok(())
         }
     }
@@ -542,7 +589,16 @@ async fn follow(
                 timeout.as_secs()
             );
         }
-        current = c.wait_operation(&id, 2).await?;
+        current = match c.wait_operation(&id, 2).await {
+            Ok(op) => op,
+            // A leader change (an evacuation hands leadership over) makes reads 503 for a
+            // moment: keep following.
+            Err(e) if e.status() == Some(503) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                current
+            }
+            Err(e) => return Err(e.into()),
+        };
     }
     if let Some(b) = &bar {
         b.finish_and_clear();

@@ -289,3 +289,145 @@ async fn a_guest_dirtying_memory_faster_than_the_cap_finishes_by_post_copy() {
     let op = c.vm_action("dirty", "force-stop").await.expect("stop");
     wait_op(&c, &op, Duration::from_secs(30)).await;
 }
+
+fn qemu_io(args: &[&str]) -> String {
+    let out = std::process::Command::new("qemu-io")
+        .args(args)
+        .output()
+        .expect("qemu-io");
+    assert!(out.status.success(), "qemu-io {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The file of a VM's first extra disk on a host.
+fn disk1(node: &common::Node, vm: &str) -> String {
+    node.data_dir()
+        .join("vms")
+        .join(vm)
+        .join("disk1.qcow2")
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evacuating_a_host_moves_running_vms_live_and_stopped_ones_cold() {
+    let cluster = TestCluster::start(&["full", "full", "full"], &[]).await;
+    let c = cluster.admin(1).await;
+    let on_1 = |name: &str| CreateVmRequest {
+        node: Some(NodeId(1)),
+        disks: vec![novacron_types::DiskRequest { size_mib: 8 }],
+        ..demo_vm(name)
+    };
+    let mut ids = std::collections::BTreeMap::new();
+    for name in ["ev-a", "ev-b", "ev-c"] {
+        let vm = c.create_vm(&on_1(name)).await.expect("create");
+        ids.insert(name, vm.id.to_string());
+    }
+    // Data on the stopped VM's disk, to find on its new host.
+    qemu_io(&[
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x5c 0 1M",
+        &disk1(&cluster.nodes[0], &ids["ev-c"]),
+    ]);
+    for name in ["ev-a", "ev-b"] {
+        let op = c.vm_action(name, "start").await.expect("start");
+        assert_eq!(
+            wait_op(&c, &op, Duration::from_secs(60)).await.status,
+            OperationStatus::Success
+        );
+    }
+    for name in ["ev-a", "ev-b"] {
+        wait_console(&c, name, "tick 1", 1, Duration::from_secs(60)).await;
+    }
+    let before: Vec<u64> = {
+        let mut v = Vec::new();
+        for name in ["ev-a", "ev-b"] {
+            v.push(last_tick(&console_text(&c, name).await));
+        }
+        v
+    };
+
+    // The CLI, through host 2 (host 1 carries the evacuation).
+    let cli = common::Cli {
+        server: cluster.nodes[1].url.clone(),
+        config: cluster.nodes[1].dir.path().join("client.toml"),
+    };
+    let (code, _, err) = cli.run(&["login", "--password-stdin"], Some(common::ADMIN_PASSWORD));
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = cli.run(&["node", "evacuate", "1", "--timeout", "300"], None);
+    assert_eq!(code, 0, "evacuate failed: {err}");
+    assert!(err.contains("host 1 is empty and in maintenance"), "{err}");
+
+    for name in ["ev-a", "ev-b", "ev-c"] {
+        let vm = c.get_vm(name).await.expect("vm");
+        assert_ne!(vm.node, NodeId(1), "{name} is still on host 1");
+    }
+    for (name, t) in ["ev-a", "ev-b"].iter().zip(before) {
+        assert_eq!(c.get_vm(name).await.expect("vm").state, VmState::Running);
+        let text = wait_ticks_past(&c, name, t).await;
+        assert!(!text.contains("READY"), "{name} rebooted:\n{text}");
+    }
+    let ev_c = c.get_vm("ev-c").await.expect("vm");
+    assert_eq!(ev_c.state, VmState::Stopped);
+    let there = &cluster.nodes[ev_c.node.0 as usize - 1];
+    let out = qemu_io(&[
+        "-r",
+        "-f",
+        "qcow2",
+        "-c",
+        "read -P 0x5c 0 1M",
+        &disk1(there, &ids["ev-c"]),
+    ]);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(
+        cluster.nodes[0].qemu_pids().is_empty(),
+        "QEMUs left on host 1"
+    );
+    for id in ids.values() {
+        assert!(
+            !cluster.nodes[0].data_dir().join("vms").join(id).exists(),
+            "files of {id} left on host 1"
+        );
+    }
+    // In maintenance: not a leader, and placement keeps new VMs away.
+    let s: serde_json::Value = c.get("/api/v1/cluster").await.expect("status");
+    assert_ne!(s["leader"]["id"], 1, "{s}");
+    let e = c
+        .create_vm(&on_1("not-now"))
+        .await
+        .expect_err("maintenance");
+    assert_eq!(reason(&e).as_deref(), Some("maintenance"), "{e}");
+
+    // Restored, it takes VMs again: the stopped one moves back cold, data and all.
+    let out = cli.ok(&["node", "restore", "1"]);
+    let _ = out;
+    let op = c
+        .migrate_vm(
+            "ev-c",
+            &MigrateVmRequest {
+                target: Some(NodeId(1)),
+                disk_bandwidth_mib: Some(64),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("cold back");
+    let done = wait_op(&c, &op, Duration::from_secs(60)).await;
+    assert_eq!(done.status, OperationStatus::Success, "{done:?}");
+    assert_eq!(c.get_vm("ev-c").await.expect("vm").node, NodeId(1));
+    let out = qemu_io(&[
+        "-r",
+        "-f",
+        "qcow2",
+        "-c",
+        "read -P 0x5c 0 1M",
+        &disk1(&cluster.nodes[0], &ids["ev-c"]),
+    ]);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    for name in ["ev-a", "ev-b"] {
+        let op = c.vm_action(name, "force-stop").await.expect("stop");
+        wait_op(&c, &op, Duration::from_secs(30)).await;
+    }
+}

@@ -464,6 +464,10 @@ impl Hypervisor for QemuHypervisor {
         self.paths(id).console_log()
     }
 
+    fn disk_files(&self, id: VmId, extra_disks: usize) -> Vec<PathBuf> {
+        self.paths(id).disks(extra_disks)
+    }
+
     async fn detach_all(&self) {
         let handles: Vec<VmHandle> = self
             .registry

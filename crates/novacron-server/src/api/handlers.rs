@@ -655,6 +655,57 @@ pub async fn cancel_operation(
     }
 }
 
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/evacuate", tag = "nodes",
+    params(("id" = u64, Path, description = "Host ID")),
+    responses((status = 202, body = Operation, description = "Evacuating; follow the operation"),
+        (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Puts the host in maintenance and moves its VMs away (running ones live, stopped ones cold).
+pub async fn evacuate_node(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> Response {
+    let svc = &st.service;
+    if !svc.state().read(|s| s.nodes.contains_key(&id)) {
+        return super::HttpError(ApiError::not_found("host", id)).into_response();
+    }
+    if id != svc.node_id().0 {
+        return super::forward::to_node(
+            svc,
+            novacron_types::NodeId(id),
+            axum::http::Method::POST,
+            &format!("/api/v1/nodes/{id}/evacuate"),
+            &headers,
+            bytes::Bytes::new(),
+        )
+        .await;
+    }
+    match svc.evacuate(&who).await {
+        Ok(op) => accepted(op),
+        Err(e) => super::HttpError(e).into_response(),
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/restore", tag = "nodes",
+    params(("id" = u64, Path, description = "Host ID")),
+    responses((status = 200, body = NodeInfo), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Ends maintenance: VMs may be placed on the host again.
+pub async fn restore_node(
+    State(st): State<AppState>,
+    Path(id): Path<u64>,
+) -> ApiResult<Json<NodeInfo>> {
+    st.service.restore(novacron_types::NodeId(id)).await?;
+    let node = st
+        .service
+        .state()
+        .read(|s| s.nodes.get(&id).cloned())
+        .ok_or_else(|| ApiError::not_found("host", id))?;
+    Ok(Json(node))
+}
+
 #[utoipa::path(get, path = "/api/v1/operations/{id}/wait", tag = "operations",
     params(("timeout" = Option<u64>, Query, description = "Seconds to wait (default 60, at most 3600)")),
     responses((status = 200, body = Operation, description = "Finished, or still running at the timeout"),

@@ -21,7 +21,7 @@ use super::error::{ApiResult, HttpError};
 use crate::cluster::status::ClusterStatus;
 use crate::cluster::transport::{SECRET_HEADER, SNAPSHOT_HEADER, SnapshotHeader};
 use crate::cluster::{Heartbeat, LeaseGrant};
-use crate::service::IncomingRequest;
+use crate::service::{ColdCopied, ColdRequest, IncomingRequest};
 
 /// Largest snapshot a host accepts (the whole replicated state, as JSON).
 const MAX_SNAPSHOT: usize = 1 << 30;
@@ -143,6 +143,26 @@ async fn migration_abort(
     Ok(Json(serde_json::json!({})))
 }
 
+async fn migration_cold(
+    State(s): State<AppState>,
+    Json(req): Json<ColdRequest>,
+) -> ApiResult<Json<ColdCopied>> {
+    Ok(Json(s.service.cold_receive(req).await?))
+}
+
+/// A stopped VM's disk file, streamed (the target of a cold migration pulls it).
+async fn vm_disk(
+    State(s): State<AppState>,
+    Path((vm, n)): Path<(VmId, usize)>,
+) -> ApiResult<Response> {
+    let file = s.service.serve_disk(vm, n).await?;
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        file,
+        256 * 1024,
+    ));
+    Ok(body.into_response())
+}
+
 pub fn router(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/internal/v1/raft", post(raft))
@@ -157,6 +177,8 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/internal/v1/cluster", get(status))
         .route("/internal/v1/transfer-leader", post(transfer_leader))
         .route("/internal/v1/migrations/incoming", post(migration_incoming))
+        .route("/internal/v1/migrations/cold", post(migration_cold))
+        .route("/internal/v1/vms/{vm}/disks/{n}", get(vm_disk))
         .route(
             "/internal/v1/migrations/{vm}/finish",
             post(migration_finish),

@@ -271,6 +271,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/placement", viewer(s, post(place)))
         .route("/api/v1/nodes", viewer(s, get(list_nodes)))
+        .route("/api/v1/nodes/{id}/evacuate", admin(s, post(evacuate_node)))
+        .route("/api/v1/nodes/{id}/restore", admin(s, post(restore_node)))
         .route("/api/v1/cluster", viewer(s, get(cluster_status)))
         .route("/api/v1/cluster/tokens", admin(s, post(create_join_token)))
         .route("/api/v1/cluster/join", post(join_cluster))

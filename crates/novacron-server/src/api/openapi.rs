@@ -35,7 +35,8 @@ impl Modify for BearerAuth {
         handlers::list_operations, handlers::get_operation, handlers::cancel_operation,
         handlers::wait_operation,
         handlers::cluster_status, handlers::create_join_token, handlers::join_cluster,
-        handlers::remove_member, handlers::transfer_leader,
+        handlers::remove_member, handlers::transfer_leader, handlers::evacuate_node,
+        handlers::restore_node,
     ),
 )]
 pub struct ApiDoc;

@@ -88,6 +88,35 @@ impl HttpTransport {
         self.finish(addr, req, timeout).await
     }
 
+    /// GETs `addr` + `path` and returns the response to read as a stream (a large body); an
+    /// error status is an error.
+    pub async fn get_stream(
+        &self,
+        addr: &str,
+        path: &str,
+    ) -> Result<reqwest::Response, TransportError> {
+        let resp = self
+            .client
+            .get(format!("{addr}{path}"))
+            .header(SECRET_HEADER, &self.secret)
+            .send()
+            .await
+            .map_err(|e| send_error(addr, e, Duration::ZERO))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = resp.bytes().await.unwrap_or_default();
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| b.error.message)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(TransportError::Remote {
+                addr: addr.to_string(),
+                status: status.as_u16(),
+                message,
+            });
+        }
+        Ok(resp)
+    }
+
     async fn finish<R: DeserializeOwned>(
         &self,
         addr: &str,

@@ -87,6 +87,20 @@ pub struct IncomingRequest {
     pub postcopy: bool,
 }
 
+/// Source → target: copy the stopped `vm`'s disks from the source, at most `bandwidth` bytes/s.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ColdRequest {
+    pub vm: VmId,
+    pub source: NodeId,
+    pub bandwidth: u64,
+}
+
+/// What a cold copy moved.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ColdCopied {
+    pub bytes: u64,
+}
+
 fn refused(reason: &str, message: impl Into<String>) -> ApiError {
     ApiError::conflict(message).with_reason(reason)
 }
@@ -228,6 +242,149 @@ impl Service {
         r
     }
 
+    /// Copies a stopped VM's disk files from its host, rate-limited, into this host's VM
+    /// directory (each file complete and synced before it gets its name).
+    pub async fn cold_receive(&self, req: ColdRequest) -> Result<ColdCopied, ApiError> {
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let me = self.inner.node;
+        let _permit = self
+            .migrations()
+            .incoming
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                refused(
+                    "too_many_incoming",
+                    format!("host {me} already receives its limit of migrations"),
+                )
+            })?;
+        let (vm, source_addr) = self
+            .inner
+            .state
+            .read_linearizable(|s| {
+                (
+                    s.vms.get(&req.vm).cloned(),
+                    s.nodes.get(&req.source.0).map(|n| n.api_address.clone()),
+                )
+            })
+            .await?;
+        let vm = vm.ok_or_else(|| ApiError::not_found("VM", req.vm))?;
+        let source_addr = source_addr.ok_or_else(|| ApiError::not_found("host", req.source))?;
+        if vm.node != req.source {
+            return Err(refused(
+                "not_on_source",
+                format!(
+                    "VM '{}' is on host {}, not host {}",
+                    vm.name, vm.node, req.source
+                ),
+            ));
+        }
+        let spec = self.runtime_spec(&vm)?;
+        if !spec.base_image.exists() {
+            return Err(refused(
+                "image_missing",
+                format!(
+                    "the image of VM '{}' is not at {} on host {me}; import it there first",
+                    vm.name,
+                    spec.base_image.display()
+                ),
+            ));
+        }
+        let files = self.inner.hv.disk_files(vm.id, spec.extra_disks_mib.len());
+        let Some(dir) = files
+            .first()
+            .and_then(|f| f.parent())
+            .map(|d| d.to_path_buf())
+        else {
+            return Err(refused("witness", format!("host {me} keeps no VM files")));
+        };
+        if dir.exists() {
+            return Err(refused(
+                "target_busy",
+                format!(
+                    "host {me} already has files of VM '{}' at {}",
+                    vm.name,
+                    dir.display()
+                ),
+            ));
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| ApiError::internal(e.to_string()))?;
+        // One cell per KiB; bursts of 1/10 s so a chunk never exceeds what can be granted.
+        let kib = (req.bandwidth / 1024).max(1);
+        let burst = std::num::NonZeroU32::new(((kib / 10).max(256)).min(u32::MAX as u64) as u32)
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let per_sec = std::num::NonZeroU32::new(kib.min(u32::MAX as u64) as u32)
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let limiter =
+            governor::RateLimiter::direct(governor::Quota::per_second(per_sec).allow_burst(burst));
+        let copy = async {
+            let mut bytes = 0u64;
+            for (n, file) in files.iter().enumerate() {
+                let url = format!("/internal/v1/vms/{}/disks/{n}", vm.id);
+                let resp = self
+                    .cluster()
+                    .transport
+                    .get_stream(&source_addr, &url)
+                    .await
+                    .map_err(|e| ApiError::unavailable(format!("copying {url}: {e}")))?;
+                let part = file.with_extension("qcow2.part");
+                let mut out = tokio::fs::File::create(&part)
+                    .await
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                let mut stream = resp.bytes_stream();
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(|e| {
+                        ApiError::unavailable(format!("copying {url}: the stream broke: {e}"))
+                    })?;
+                    for piece in chunk.chunks(burst.get() as usize * 1024) {
+                        let cells = piece.len().div_ceil(1024) as u32;
+                        if let Some(n) = std::num::NonZeroU32::new(cells) {
+                            let _ = limiter.until_n_ready(n).await;
+                        }
+                        out.write_all(piece)
+                            .await
+                            .map_err(|e| ApiError::internal(e.to_string()))?;
+                        bytes += piece.len() as u64;
+                    }
+                }
+                out.sync_all()
+                    .await
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                tokio::fs::rename(&part, file)
+                    .await
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+            }
+            Ok::<_, ApiError>(bytes)
+        };
+        match copy.await {
+            Ok(bytes) => Ok(ColdCopied { bytes }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Source side of a cold copy: the `n`th disk file of a stopped VM of this host.
+    pub async fn serve_disk(&self, vm: VmId, n: usize) -> Result<tokio::fs::File, ApiError> {
+        let v = self.find_vm(&vm.to_string())?;
+        if v.node != self.inner.node {
+            return Err(ApiError::not_found("VM on this host", vm));
+        }
+        if self.inner.hv.observe(vm).await.has_process() {
+            return Err(ApiError::conflict(format!("VM '{}' is running", v.name)));
+        }
+        let files = self
+            .inner
+            .hv
+            .disk_files(vm, v.spec.disks.len().saturating_sub(1));
+        let file = files.get(n).ok_or_else(|| ApiError::not_found("disk", n))?;
+        tokio::fs::File::open(file)
+            .await
+            .map_err(|e| ApiError::internal(format!("opening {}: {e}", file.display())))
+    }
+
     // -----------------------------------------------------------------------------------------
     // Source side
 
@@ -338,16 +495,23 @@ impl Service {
             )));
         }
         let (vm, guard) = self.lock_current_vm(&vm.id.to_string()).await?;
-        if !matches!(vm.state, VmState::Running | VmState::Paused) {
-            return Err(refused(
-                "not_running",
-                format!(
-                    "VM '{}' is {}; live migration moves a running (or paused) VM",
-                    vm.name,
-                    vm.state.as_str()
-                ),
-            ));
-        }
+        let observed = self.inner.hv.observe(vm.id).await;
+        let cold = match (vm.state, observed) {
+            (VmState::Running | VmState::Paused, VmState::Running | VmState::Paused) => false,
+            (VmState::Stopped | VmState::Crashed, s) if !s.has_process() => true,
+            _ => {
+                return Err(refused(
+                    "wrong_state",
+                    format!(
+                        "VM '{}' is {} (QEMU: {}); a running or paused VM moves live, a \
+                         stopped one cold; wait until it settles",
+                        vm.name,
+                        vm.state.as_str(),
+                        observed.as_str()
+                    ),
+                ));
+            }
+        };
         let target = self.migration_target(&vm, req.target).await?;
         let permit = self
             .migrations()
@@ -395,6 +559,17 @@ impl Service {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(ctx.id, tx);
+                if cold {
+                    let r = svc
+                        .cold_migrate(&ctx, &vm, target, tuning.disk_bandwidth, rx)
+                        .await;
+                    svc.migrations()
+                        .cancel
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&ctx.id);
+                    return r;
+                }
                 let mut run = Run {
                     svc: svc.clone(),
                     ctx: ctx.clone(),
@@ -424,6 +599,222 @@ impl Service {
             },
         )
         .await
+    }
+
+    /// Moves a stopped VM: the target copies its disk files (rate-limited), then ownership
+    /// switches and the source's copy goes.
+    async fn cold_migrate(
+        &self,
+        ctx: &OpCtx,
+        vm: &Vm,
+        target: NodeId,
+        bandwidth: Option<u64>,
+        cancel: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), ApiError> {
+        let me = self.inner.node;
+        let addr = self
+            .inner
+            .state
+            .read(|s| s.nodes.get(&target.0).map(|n| n.api_address.clone()))
+            .ok_or_else(|| ApiError::not_found("host", target))?;
+        let bandwidth = bandwidth.unwrap_or(self.inner.settings.migration.max_bandwidth_mib << 20);
+        let total_mib: u64 = vm.spec.disks.iter().map(|d| d.size_mib).sum();
+        let mut progress = MigrationProgress {
+            source: me,
+            target,
+            phase: "copying disks".into(),
+            disk_total_bytes: total_mib << 20,
+            disk_remaining_bytes: total_mib << 20,
+            transfer_rate_bytes: bandwidth,
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let set = |progress: &MigrationProgress, pct: u8| CommandV1::SetMigrationProgress {
+            id: ctx.id,
+            progress: pct,
+            message: format!("{} (cold: the VM is stopped)", describe(progress)),
+            migration: progress.clone(),
+            at: now_millis(),
+        };
+        let _ = self.inner.state.propose(set(&progress, 5)).await;
+        // The disks are at most their virtual size: allow that at the bandwidth, plus a minute.
+        let timeout = Duration::from_secs(((total_mib << 20) / bandwidth.max(1)) + 60);
+        let req = ColdRequest {
+            vm: vm.id,
+            source: me,
+            bandwidth,
+        };
+        let copy = self.cluster().transport.call::<_, ColdCopied>(
+            &addr,
+            "/internal/v1/migrations/cold",
+            &req,
+            timeout,
+        );
+        let mut cancel = cancel;
+        let copied = tokio::select! {
+            r = copy => r,
+            _ = cancel.wait_for(|c| *c) => Err(novacron_state::network::TransportError::Timeout {
+                addr: addr.clone(),
+                timeout_ms: 0,
+            }),
+        };
+        let undo = |why: ApiError| async move {
+            let _ = self
+                .cluster()
+                .transport
+                .call::<_, serde_json::Value>(
+                    &addr,
+                    &format!("/internal/v1/migrations/{}/abort", vm.id),
+                    &serde_json::json!({}),
+                    Duration::from_secs(30),
+                )
+                .await;
+            why
+        };
+        let copied = match copied {
+            Ok(c) => c,
+            Err(_) if *cancel.borrow() => {
+                return Err(undo(refused("cancelled", "cancelled while copying disks")).await);
+            }
+            Err(e) => {
+                return Err(undo(refused(
+                    "target_refused",
+                    format!("host {target} could not copy the disks: {e}"),
+                ))
+                .await);
+            }
+        };
+        let moved = self
+            .inner
+            .state
+            .propose(CommandV1::MoveVm {
+                id: vm.id,
+                from: me,
+                to: target,
+                at: now_millis(),
+            })
+            .await;
+        if let Err(e) = moved {
+            return Err(undo(e).await);
+        }
+        if let Err(e) = self.inner.hv.undefine(vm.id).await {
+            tracing::warn!(vm = %vm.id, "removing the source's copy after a cold migration: {e}");
+        }
+        progress.phase = "completed".into();
+        progress.disk_remaining_bytes = 0;
+        progress.elapsed_ms = started.elapsed().as_millis() as u64;
+        progress.transfer_rate_bytes =
+            (copied.bytes as f64 / started.elapsed().as_secs_f64().max(0.001)) as u64;
+        let _ = self.inner.state.propose(set(&progress, 100)).await;
+        Ok(())
+    }
+
+    /// Puts this host in maintenance and moves every VM away: running ones live, stopped ones
+    /// cold, as many at once as `--max-outgoing-migrations` allows. A leader hands leadership
+    /// over first. The host stays in maintenance (also when some VMs could not move: the
+    /// operation's error lists them) until `restore`.
+    pub async fn evacuate(&self, who: &Principal) -> Result<Operation, ApiError> {
+        let me = self.inner.node;
+        let svc = self.clone();
+        let who = who.clone();
+        self.spawn_operation(
+            "node.evacuate",
+            vec![format!("/api/v1/nodes/{me}")],
+            &who.clone(),
+            vec![CommandV1::SetNodeMaintenance {
+                node: me,
+                maintenance: true,
+            }],
+            move |ctx| async move { svc.run_evacuation(&ctx, &who).await },
+        )
+        .await
+    }
+
+    async fn run_evacuation(&self, ctx: &OpCtx, who: &Principal) -> Result<(), ApiError> {
+        let me = self.inner.node;
+        if self.inner.state.leader().map(|l| l.0) == Some(me.0) {
+            ctx.progress(2, "handing Raft leadership to another host")
+                .await;
+            match self.transfer_leader(None).await {
+                Ok(to) => tracing::info!(to = %to.id, "evacuation: leadership handed over"),
+                Err(e) => tracing::warn!("evacuation: keeping leadership: {}", e.message),
+            }
+        }
+        let mut pending: Vec<Vm> = self
+            .inner
+            .state
+            .read_linearizable(|s| s.vms.values().filter(|v| v.node == me).cloned().collect())
+            .await?;
+        pending.sort_by(|a, b| a.name.cmp(&b.name));
+        let total = pending.len();
+        let mut running: Vec<(String, Operation)> = Vec::new();
+        let mut failed: Vec<String> = Vec::new();
+        let mut moved = 0usize;
+        while !pending.is_empty() || !running.is_empty() {
+            // Start what the outgoing limit allows.
+            while let Some(vm) = pending.first().cloned() {
+                match self
+                    .migrate_vm(&vm.id.to_string(), MigrateVmRequest::default(), who)
+                    .await
+                {
+                    Ok(op) => {
+                        pending.remove(0);
+                        running.push((vm.name.clone(), op));
+                    }
+                    Err(e) if e.reason.as_deref() == Some("too_many_outgoing") => break,
+                    Err(e) => {
+                        pending.remove(0);
+                        failed.push(format!("{}: {}", vm.name, e.message));
+                    }
+                }
+            }
+            // Wait for one to end.
+            let mut still = Vec::new();
+            for (name, op) in running.drain(..) {
+                let now = self
+                    .wait_operation(&op.id.to_string(), Duration::from_millis(500))
+                    .await?;
+                match now.status {
+                    s if !s.is_final() => still.push((name, now)),
+                    novacron_types::OperationStatus::Success => moved += 1,
+                    _ => failed.push(format!(
+                        "{name}: {}",
+                        now.error.map(|e| e.message).unwrap_or(now.message)
+                    )),
+                }
+            }
+            running = still;
+            if running.is_empty() && !pending.is_empty() {
+                // Other migrations hold this host's outgoing slots: wait for one to end.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let done = moved + failed.len();
+            ctx.progress(
+                (5 + 90 * done / total.max(1)) as u8,
+                format!("{moved} of {total} VMs moved, {} failed", failed.len()),
+            )
+            .await;
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::conflict(format!(
+                "{moved} of {total} VMs moved; host {me} stays in maintenance; not moved: {}",
+                failed.join("; ")
+            ))
+            .with_reason("evacuation_incomplete"))
+        }
+    }
+
+    /// Ends maintenance: new VMs may be placed on this host again.
+    pub async fn restore(&self, node: NodeId) -> Result<(), ApiError> {
+        self.inner
+            .state
+            .propose(CommandV1::SetNodeMaintenance {
+                node,
+                maintenance: false,
+            })
+            .await
     }
 
     /// Cancels a running operation, if it can be cancelled (live migrations, in every phase

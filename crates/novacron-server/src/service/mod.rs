@@ -14,7 +14,7 @@ mod users;
 mod vms;
 
 pub use cluster::{JoinReply, JoinRequest, JoinTokenCreated, JoinTokenRequest};
-pub use migration::{IncomingRequest, MigrationSettings};
+pub use migration::{ColdCopied, ColdRequest, IncomingRequest, MigrationSettings};
 pub use ops::OpCtx;
 pub use vms::{ConsoleChunk, VmAction, read_console};
 
