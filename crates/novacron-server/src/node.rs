@@ -265,6 +265,7 @@ pub async fn run(
         }
     }
     service.fail_interrupted_operations().await;
+    service.clean_up_after_restart().await;
     // Finished operations are kept for a week, then pruned, so the state stays bounded.
     let pruner = service.clone();
     tokio::spawn(async move {

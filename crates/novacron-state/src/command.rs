@@ -70,6 +70,17 @@ pub enum CommandV1 {
         node: NodeId,
         maintenance: bool,
     },
+    /// A migration of the VM to `to` begins: its resources are held there too. Rejected if
+    /// the VM is not on `from`, already migrating, or does not fit on `to`.
+    BeginMigration {
+        id: VmId,
+        from: NodeId,
+        to: NodeId,
+    },
+    /// A migration ended without moving the VM: the hold on the target goes.
+    EndMigration {
+        id: VmId,
+    },
     /// A live migration finished: the VM now belongs to `to`. Rejected unless it belongs to
     /// `from` (so a stale or repeated switch changes nothing) and fits on `to`.
     MoveVm {

@@ -238,6 +238,42 @@ impl ClusterState {
                 n.maintenance = *maintenance;
                 Ok(vec![Touched::Node(node.0)])
             }
+            BeginMigration { id, from, to } => {
+                let vm = self
+                    .vms
+                    .get(id)
+                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                if vm.node != *from {
+                    return Err(ApiError::conflict(format!(
+                        "VM '{}' is on host {}, not host {from}",
+                        vm.name, vm.node
+                    )));
+                }
+                if let Some(t) = vm.migrating_to {
+                    return Err(ApiError::conflict(format!(
+                        "VM '{}' is already migrating to host {t}",
+                        vm.name
+                    ))
+                    .with_reason("already_migrating"));
+                }
+                let mut there = vm.clone();
+                there.node = *to;
+                self.check_placement(&there)?;
+                let vm = self
+                    .vms
+                    .get_mut(id)
+                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                vm.migrating_to = Some(*to);
+                Ok(vec![Touched::Vm(*id)])
+            }
+            EndMigration { id } => {
+                let vm = self
+                    .vms
+                    .get_mut(id)
+                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                vm.migrating_to = None;
+                Ok(vec![Touched::Vm(*id)])
+            }
             MoveVm { id, from, to, at } => {
                 let vm = self
                     .vms
@@ -252,6 +288,7 @@ impl ClusterState {
                 let mut moved = vm.clone();
                 moved.node = *to;
                 moved.updated_at = *at;
+                moved.migrating_to = None;
                 self.check_placement(&moved)?;
                 self.vms.insert(*id, moved);
                 Ok(vec![Touched::Vm(*id)])
@@ -549,6 +586,7 @@ mod tests {
             labels: Default::default(),
             created_at: 0,
             updated_at: 0,
+            migrating_to: None,
         }
     }
 
@@ -604,6 +642,60 @@ mod tests {
         .expect_err("img");
         assert_eq!(err.code, ErrorCode::NotFound);
         assert_eq!(s, before);
+    }
+
+    #[test]
+    fn migrations_hold_room_on_the_target_until_they_end() {
+        let mut s = with_host(4096);
+        let mut small = s.nodes[&1].clone();
+        small.id = NodeId(2);
+        small.memory_mib = 200;
+        s.nodes.insert(2, small);
+        let img = image("demo");
+        apply(&mut s, CommandV1::CreateImage { image: img.clone() }).expect("image");
+        let (a, b) = (vm("a", img.id), vm("b", img.id));
+        apply(&mut s, CommandV1::CreateVm { vm: a.clone() }).expect("a");
+        apply(&mut s, CommandV1::CreateVm { vm: b.clone() }).expect("b");
+        let begin = |id| CommandV1::BeginMigration {
+            id,
+            from: NodeId(1),
+            to: NodeId(2),
+        };
+        apply(&mut s, begin(a.id)).expect("a fits on host 2");
+        let e = apply(&mut s, begin(a.id)).expect_err("twice");
+        assert_eq!(e.reason.as_deref(), Some("already_migrating"));
+        // 128 + 128 > 200: the second move does not fit while the first holds its room.
+        let before = s.clone();
+        let e = apply(&mut s, begin(b.id)).expect_err("no room");
+        assert_eq!(e.reason.as_deref(), Some("not_enough_memory"), "{e:?}");
+        assert_eq!(s, before);
+        apply(&mut s, CommandV1::EndMigration { id: a.id }).expect("end");
+        apply(&mut s, begin(b.id)).expect("room again");
+        apply(
+            &mut s,
+            CommandV1::MoveVm {
+                id: b.id,
+                from: NodeId(1),
+                to: NodeId(2),
+                at: 9,
+            },
+        )
+        .expect("move");
+        assert_eq!(
+            (s.vms[&b.id].node, s.vms[&b.id].migrating_to),
+            (NodeId(2), None)
+        );
+        let e = apply(
+            &mut s,
+            CommandV1::MoveVm {
+                id: b.id,
+                from: NodeId(1),
+                to: NodeId(2),
+                at: 10,
+            },
+        )
+        .expect_err("a repeated switch changes nothing");
+        assert_eq!(e.code, ErrorCode::Conflict);
     }
 
     #[test]
@@ -766,6 +858,7 @@ mod properties {
                     labels: Default::default(),
                     created_at: at,
                     updated_at: at,
+                    migrating_to: None,
                 },
             },
             3 => CommandV1::DeleteVm { id: vm },

@@ -9,8 +9,8 @@
 //!   for the last room on a host cannot both succeed: accounting is derived from the VM records,
 //!   never kept as counters that could drift.
 //!
-//! Accounting: every VM recorded on a host reserves its vCPUs and memory there, whatever its
-//! power state (a stopped VM may be started at any time; Proxmox-style "only running VMs count"
+//! Accounting: every VM recorded on a host reserves its vCPUs and memory there (and, while it
+//! migrates, on its target too), whatever its power state (a stopped VM may be started at any time; Proxmox-style "only running VMs count"
 //! lets a host be promised twice). A host's capacity is its CPUs times its CPU overcommit, and
 //! its memory less the reserve, times its memory overcommit ([`NodeInfo::vcpu_capacity`],
 //! [`NodeInfo::memory_capacity_mib`]).
@@ -62,6 +62,12 @@ pub fn reserved(state: &ClusterState, except: Option<VmId>) -> BTreeMap<u64, Res
         r.vcpus += u64::from(vm.spec.vcpus);
         r.memory_mib += vm.spec.memory_mib;
         r.vms += 1;
+        // A VM on its way somewhere holds room there too, until the move ends either way.
+        if let Some(to) = vm.migrating_to {
+            let r = out.entry(to.0).or_default();
+            r.vcpus += u64::from(vm.spec.vcpus);
+            r.memory_mib += vm.spec.memory_mib;
+        }
     }
     out
 }
@@ -340,6 +346,7 @@ mod tests {
                 labels: Default::default(),
                 created_at: 0,
                 updated_at: 0,
+                migrating_to: None,
             },
         );
         id
@@ -650,5 +657,10 @@ mod tests {
         assert_eq!((r[&1].vcpus, r[&2].vcpus), (1, 2));
         s.vms.remove(&a);
         assert!(!reserved(&s, None).contains_key(&2));
+        // Migrating: held on both hosts.
+        let b = s.vms.values().next().expect("b").id;
+        s.vms.get_mut(&b).expect("b").migrating_to = Some(NodeId(3));
+        let r = reserved(&s, None);
+        assert_eq!((r[&1].memory_mib, r[&3].memory_mib), (500, 500));
     }
 }

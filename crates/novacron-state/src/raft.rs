@@ -539,9 +539,9 @@ impl StateHandle {
                 },
                 Some((_, addr)) => match self.transport.read_index(&addr, timeout).await {
                     Ok(i) => Ok(i),
-                    Err(e @ TransportError::Unreachable { .. }) => {
-                        Err(ApiError::unavailable(format!("linearizable read failed: {e}")))
-                    }
+                    Err(e @ TransportError::Unreachable { .. }) => Err(ApiError::unavailable(
+                        format!("linearizable read failed: {e}"),
+                    )),
                     Err(TransportError::Remote { message, .. })
                         if message.starts_with(NOT_LEADER) =>
                     {

@@ -260,6 +260,10 @@ pub struct Vm {
     pub labels: BTreeMap<String, String>,
     pub created_at: UnixMillis,
     pub updated_at: UnixMillis,
+    /// While a migration runs: the target, where the VM's resources are reserved too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    pub migrating_to: Option<NodeId>,
 }
 
 /// `PATCH /api/v1/vms/{vm}`: a merge patch of the VM's labels (`null` removes a label).

@@ -172,6 +172,11 @@ async fn a_running_guest_moves_between_hosts_and_back_out_of_failures() {
         .await
         .expect("migrate back");
     wait_phase(&c, &op, "copying memory").await;
+    assert_eq!(
+        c.get_vm("mover").await.expect("vm").migrating_to,
+        Some(NodeId(1)),
+        "the target's room is held while the VM moves"
+    );
     c.cancel_operation(&op.id.to_string())
         .await
         .expect("cancel");
@@ -187,6 +192,7 @@ async fn a_running_guest_moves_between_hosts_and_back_out_of_failures() {
     );
     let vm_now = c.get_vm("mover").await.expect("vm");
     assert_eq!((vm_now.node, vm_now.state), (NodeId(2), VmState::Running));
+    assert_eq!(vm_now.migrating_to, None, "the hold on the target is released");
     let t = last_tick(&console_text(&c, "mover").await);
     wait_ticks_past(&c, "mover", t).await;
     assert!(

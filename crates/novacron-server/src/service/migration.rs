@@ -389,7 +389,13 @@ impl Service {
     // Source side
 
     /// Checks everything that can be checked before anything moves, and picks the target.
-    async fn migration_target(&self, vm: &Vm, asked: Option<NodeId>) -> Result<NodeId, ApiError> {
+    /// `keeps_running`: a live move, so the target must also match accelerator and QEMU.
+    async fn migration_target(
+        &self,
+        vm: &Vm,
+        asked: Option<NodeId>,
+        keeps_running: bool,
+    ) -> Result<NodeId, ApiError> {
         let me = self.inner.node;
         if asked == Some(me) {
             return Err(refused(
@@ -445,8 +451,10 @@ impl Service {
                 ),
             ));
         };
-        // Same accelerator, and never to an older QEMU (its machine type may lack what the
-        // guest was started with).
+        if !keeps_running {
+            return Ok(target);
+        }
+        // Same accelerator and the same QEMU (the machine type must match exactly).
         let here = self.inner.hv.info();
         let status = self.cluster_status(false).await?;
         if let Some(inv) = status
@@ -465,12 +473,13 @@ impl Service {
                     ),
                 ));
             }
-            if version_less(&inv.qemu_version, &here.qemu_version) {
+            if !inv.qemu_version.is_empty() && inv.qemu_version != here.qemu_version {
                 return Err(refused(
                     "qemu_version",
                     format!(
-                        "host {target} has QEMU {}, older than {} here; upgrade it or choose \
-                         another host",
+                        "host {target} has QEMU {}, this host {}: guests run the `q35` machine \
+                         of their QEMU, which differs between versions, so both hosts need the \
+                         same QEMU; upgrade one or choose another host",
                         inv.qemu_version, here.qemu_version
                     ),
                 ));
@@ -512,7 +521,7 @@ impl Service {
                 ));
             }
         };
-        let target = self.migration_target(&vm, req.target).await?;
+        let target = self.migration_target(&vm, req.target, !cold).await?;
         let permit = self
             .migrations()
             .outgoing
@@ -549,7 +558,12 @@ impl Service {
             "vm.migrate",
             vec![vm_path(vm.id), format!("/api/v1/nodes/{target}")],
             who,
-            Vec::new(),
+            // The target's room is held from the start, so racing moves cannot overfill it.
+            vec![CommandV1::BeginMigration {
+                id: vm.id,
+                from: self.inner.node,
+                to: target,
+            }],
             move |ctx| async move {
                 let _guard = guard;
                 let _permit = permit;
@@ -599,6 +613,64 @@ impl Service {
             },
         )
         .await
+    }
+
+    /// Releases the hold a failed migration had on its target.
+    async fn end_migration(&self, vm: VmId) {
+        if let Err(e) = self
+            .inner
+            .state
+            .propose(CommandV1::EndMigration { id: vm })
+            .await
+        {
+            tracing::warn!(%vm, "releasing the migration's hold on its target: {e}");
+        }
+    }
+
+    /// After a restart: migrations this host was sending died with it. Release their holds,
+    /// and remove what is left here of VMs that live elsewhere (a waiting incoming QEMU whose
+    /// source gave up, or the source's copy of a VM that moved while the cleanup was cut short).
+    pub async fn clean_up_after_restart(&self) {
+        let me = self.inner.node;
+        let Ok((ours, stray)) = self
+            .inner
+            .state
+            .read_linearizable(|s| {
+                let ours: Vec<VmId> = s
+                    .vms
+                    .values()
+                    .filter(|v| v.node == me && v.migrating_to.is_some())
+                    .map(|v| v.id)
+                    .collect();
+                // VMs that do not live here and are not on their way here.
+                let elsewhere: std::collections::BTreeSet<VmId> = s
+                    .vms
+                    .values()
+                    .filter(|v| v.node != me && v.migrating_to != Some(me))
+                    .map(|v| v.id)
+                    .collect();
+                (ours, elsewhere)
+            })
+            .await
+        else {
+            return;
+        };
+        for id in ours {
+            tracing::info!(vm = %id, "a migration was interrupted by a restart; releasing its hold");
+            self.end_migration(id).await;
+        }
+        for id in stray {
+            let files = self.inner.hv.disk_files(id, 0);
+            let Some(dir) = files.first().and_then(|f| f.parent()) else {
+                continue;
+            };
+            if dir.exists() {
+                tracing::warn!(vm = %id, dir = %dir.display(), "removing a copy of a VM that lives on another host");
+                if let Err(e) = self.inner.hv.incoming_abort(id).await {
+                    tracing::warn!(vm = %id, "removing the stray copy: {e}");
+                }
+            }
+        }
     }
 
     /// Moves a stopped VM: the target copies its disk files (rate-limited), then ownership
@@ -669,6 +741,7 @@ impl Service {
                     Duration::from_secs(30),
                 )
                 .await;
+            self.end_migration(vm.id).await;
             why
         };
         let copied = match copied {
@@ -858,19 +931,6 @@ fn validate_migrate(req: &MigrateVmRequest) -> Result<(), ApiError> {
     check("timeout_seconds", req.timeout_seconds, 1, 86_400)
 }
 
-/// `7.2.1` < `8.0`: compares dotted numbers; anything unparsable compares equal.
-fn version_less(a: &str, b: &str) -> bool {
-    let parse = |v: &str| -> Option<Vec<u64>> {
-        v.split('.')
-            .map(|p| p.parse().ok())
-            .collect::<Option<Vec<u64>>>()
-    };
-    match (parse(a), parse(b)) {
-        (Some(x), Some(y)) => x < y,
-        _ => false,
-    }
-}
-
 /// One outgoing migration.
 struct Run {
     svc: Service,
@@ -1054,6 +1114,7 @@ impl Run {
                     }
                 }
                 self.svc.sync_vm_observed(self.vm.id).await;
+                self.svc.end_migration(self.vm.id).await;
                 self.progress.phase = if err.reason.as_deref() == Some("cancelled") {
                     "cancelled".into()
                 } else {
@@ -1314,13 +1375,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hosts_and_versions_parse() {
+    fn hosts_parse() {
         assert_eq!(host_of("http://127.0.0.12:8080"), "127.0.0.12");
         assert_eq!(host_of("http://[::1]:8080/"), "::1");
-        assert!(version_less("7.1.0", "7.2.0"));
-        assert!(!version_less("7.2.0", "7.2.0"));
-        assert!(!version_less("8.0", "7.2.9"));
-        assert!(!version_less("unknown", "7.2"));
     }
 
     #[test]

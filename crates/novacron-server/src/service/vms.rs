@@ -327,6 +327,7 @@ impl Service {
             labels: Default::default(),
             created_at: now,
             updated_at: now,
+            migrating_to: None,
         };
         let spec = self.runtime_spec(&vm)?;
         self.inner.hv.define(&spec).await.map_err(hv_error)?;
