@@ -287,6 +287,32 @@ pub fn rank(
     }
 }
 
+/// Why no host was chosen, for an error: the first reason's code (`no_host` if none) and every
+/// considered host's reasons (`host 2 (b): needs ..., ...; host 3 ...`). Hosts not asked for, and
+/// `skip` (the VM's own host when it moves), are left out.
+pub fn explain(report: &PlacementReport, skip: Option<NodeId>) -> (String, String) {
+    let considered = || {
+        report
+            .rejected
+            .iter()
+            .filter(|r| Some(r.node) != skip)
+            .filter(|r| r.reasons.iter().all(|x| x.code != "not_requested"))
+    };
+    let code = considered()
+        .flat_map(|r| r.reasons.iter())
+        .map(|x| x.code.clone())
+        .next()
+        .unwrap_or_else(|| "no_host".into());
+    let text = considered()
+        .map(|r| {
+            let why: Vec<&str> = r.reasons.iter().map(|x| x.message.as_str()).collect();
+            format!("host {} ({}): {}", r.node, r.name, why.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    (code, text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -611,6 +637,12 @@ mod tests {
         assert_eq!(r.chosen, None);
         assert_eq!(codes(&r, 2), vec!["not_enough_cpus", "not_enough_memory"]);
         assert_eq!(codes(&r, 1), vec!["not_requested"]);
+        let (code, text) = explain(&r, None);
+        assert_eq!(code, "not_enough_cpus");
+        assert!(
+            text.starts_with("host 2 (h2): needs 1 vCPUs") && !text.contains("host 1"),
+            "{text}"
+        );
         let r = rank(
             &s,
             &live,

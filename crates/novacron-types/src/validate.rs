@@ -130,6 +130,26 @@ fn labels_at<'a>(
 
 pub const MAX_LABELS: usize = 64;
 
+/// A VM's vCPUs and memory, in range.
+fn size(vcpus: u32, memory_mib: u64) -> ValidationResult<()> {
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(ApiError::invalid(
+            "vcpus",
+            format!("vcpus must be between 1 and {MAX_VCPUS} (got {})", vcpus),
+        ));
+    }
+    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+        return Err(ApiError::invalid(
+            "memory_mib",
+            format!(
+                "memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} (got {})",
+                memory_mib
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Placement rules: label requirements like labels, group names like VM names.
 pub fn placement_rules(rules: &PlacementRules) -> ValidationResult<()> {
     if rules.host_labels.len() > MAX_LABELS {
@@ -153,24 +173,7 @@ pub fn placement_rules(rules: &PlacementRules) -> ValidationResult<()> {
 
 /// A placement dry run asks what a VM would: the same bounds as [`create_vm`].
 pub fn placement(req: &PlacementRequest) -> ValidationResult<()> {
-    if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
-        return Err(ApiError::invalid(
-            "vcpus",
-            format!(
-                "vcpus must be between 1 and {MAX_VCPUS} (got {})",
-                req.vcpus
-            ),
-        ));
-    }
-    if req.memory_mib < MIN_MEMORY_MIB || req.memory_mib > MAX_MEMORY_MIB {
-        return Err(ApiError::invalid(
-            "memory_mib",
-            format!(
-                "memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} (got {})",
-                req.memory_mib
-            ),
-        ));
-    }
+    size(req.vcpus, req.memory_mib)?;
     if req.disk_mib > MAX_DISK_MIB * (MAX_EXTRA_DISKS as u64 + 1) {
         return Err(ApiError::invalid(
             "disk_mib",
@@ -188,24 +191,7 @@ pub fn create_vm(req: &CreateVmRequest) -> ValidationResult<()> {
             "image must name an image (name or ID)",
         ));
     }
-    if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
-        return Err(ApiError::invalid(
-            "vcpus",
-            format!(
-                "vcpus must be between 1 and {MAX_VCPUS} (got {})",
-                req.vcpus
-            ),
-        ));
-    }
-    if req.memory_mib < MIN_MEMORY_MIB || req.memory_mib > MAX_MEMORY_MIB {
-        return Err(ApiError::invalid(
-            "memory_mib",
-            format!(
-                "memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} (got {})",
-                req.memory_mib
-            ),
-        ));
-    }
+    size(req.vcpus, req.memory_mib)?;
     if req.disks.len() > MAX_EXTRA_DISKS {
         return Err(ApiError::invalid(
             "disks",

@@ -6,6 +6,10 @@
 //!
 //! Usage: bench [--runs N] [--clients C] [--seconds S]
 
+#[path = "bench_util/mod.rs"]
+mod bench_util;
+
+use bench_util::percentile;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,14 +28,6 @@ fn arg(name: &str, default: u64) -> u64 {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx]
 }
 
 fn summary(mut v: Vec<f64>) -> (f64, f64, f64) {

@@ -12,6 +12,10 @@
 //! Usage: cluster_bench [--seconds S] [--kills K] [--novacron PATH] [--etcd PATH]
 //!                      [--demo-image DIR] [--clients 1,16,64]
 
+#[path = "bench_util/mod.rs"]
+mod bench_util;
+
+use bench_util::{arg, free_port, percentile};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -22,28 +26,6 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 const PASSWORD: &str = "bench-password";
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 /// The processes of one system's members; all killed when dropped.
 struct Members(Vec<Option<Child>>);

@@ -13,6 +13,10 @@
 //!
 //! Usage: migration_bench [--runs N] [--caps 10,50,200] [--novacron PATH] [--demo-image DIR]
 
+#[path = "bench_util/mod.rs"]
+mod bench_util;
+
+use bench_util::{arg, free_port, percentile};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,28 +30,6 @@ use novacron_types::{
 };
 
 const PASSWORD: &str = "bench-password";
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 fn summary(name: &str, v: &mut [f64]) -> (f64, f64) {
     v.sort_by(f64::total_cmp);

@@ -192,7 +192,10 @@ async fn a_running_guest_moves_between_hosts_and_back_out_of_failures() {
     );
     let vm_now = c.get_vm("mover").await.expect("vm");
     assert_eq!((vm_now.node, vm_now.state), (NodeId(2), VmState::Running));
-    assert_eq!(vm_now.migrating_to, None, "the hold on the target is released");
+    assert_eq!(
+        vm_now.migrating_to, None,
+        "the hold on the target is released"
+    );
     let t = last_tick(&console_text(&c, "mover").await);
     wait_ticks_past(&c, "mover", t).await;
     assert!(

@@ -105,14 +105,7 @@ impl HttpTransport {
         let status = resp.status();
         if !status.is_success() {
             let bytes = resp.bytes().await.unwrap_or_default();
-            let message = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|b| b.error.message)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(TransportError::Remote {
-                addr: addr.to_string(),
-                status: status.as_u16(),
-                message,
-            });
+            return Err(remote_error(addr, status.as_u16(), &bytes));
         }
         Ok(resp)
     }
@@ -130,20 +123,24 @@ impl HttpTransport {
             .await
             .map_err(|e| send_error(addr, e, timeout))?;
         if !status.is_success() {
-            let message = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|b| b.error.message)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(TransportError::Remote {
-                addr: addr.to_string(),
-                status: status.as_u16(),
-                message,
-            });
+            return Err(remote_error(addr, status.as_u16(), &bytes));
         }
         serde_json::from_slice(&bytes).map_err(|e| TransportError::Remote {
             addr: addr.to_string(),
             status: status.as_u16(),
             message: format!("undecodable answer: {e}"),
         })
+    }
+}
+
+/// A peer's error answer: its JSON error's message, or the body as text.
+fn remote_error(addr: &str, status: u16, body: &[u8]) -> TransportError {
+    TransportError::Remote {
+        addr: addr.to_string(),
+        status,
+        message: serde_json::from_slice::<ErrorBody>(body)
+            .map(|b| b.error.message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned()),
     }
 }
 

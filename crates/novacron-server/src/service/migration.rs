@@ -133,11 +133,9 @@ impl Service {
     // -----------------------------------------------------------------------------------------
     // Target side
 
-    /// Starts a QEMU waiting for `req.vm`'s RAM, with empty disks exported for the mirror.
-    pub async fn incoming_prepare(&self, req: IncomingRequest) -> Result<IncomingPlan, ApiError> {
-        let me = self.inner.node;
-        let permit = self
-            .migrations()
+    /// One of this host's incoming-migration slots, or 409 `too_many_incoming`.
+    fn incoming_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.migrations()
             .incoming
             .clone()
             .try_acquire_owned()
@@ -145,11 +143,17 @@ impl Service {
                 refused(
                     "too_many_incoming",
                     format!(
-                        "host {me} already receives {} migrations (--max-incoming-migrations)",
-                        self.inner.settings.migration.max_incoming
+                        "host {} already receives {} migrations (--max-incoming-migrations)",
+                        self.inner.node, self.inner.settings.migration.max_incoming
                     ),
                 )
-            })?;
+            })
+    }
+
+    /// Starts a QEMU waiting for `req.vm`'s RAM, with empty disks exported for the mirror.
+    pub async fn incoming_prepare(&self, req: IncomingRequest) -> Result<IncomingPlan, ApiError> {
+        let me = self.inner.node;
+        let permit = self.incoming_slot()?;
         let (vm, info) = self
             .inner
             .state
@@ -248,17 +252,7 @@ impl Service {
         use futures::StreamExt;
         use tokio::io::AsyncWriteExt;
         let me = self.inner.node;
-        let _permit = self
-            .migrations()
-            .incoming
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| {
-                refused(
-                    "too_many_incoming",
-                    format!("host {me} already receives its limit of migrations"),
-                )
-            })?;
+        let _permit = self.incoming_slot()?;
         let (vm, source_addr) = self
             .inner
             .state
@@ -420,23 +414,7 @@ impl Service {
             .await?;
         let target = report.candidates.iter().map(|c| c.node).find(|n| *n != me);
         let Some(target) = target else {
-            let why: Vec<String> = report
-                .rejected
-                .iter()
-                .filter(|r| r.node != me && r.reasons.iter().all(|x| x.code != "not_requested"))
-                .map(|r| {
-                    let m: Vec<&str> = r.reasons.iter().map(|x| x.message.as_str()).collect();
-                    format!("host {} ({}): {}", r.node, r.name, m.join(", "))
-                })
-                .collect();
-            let code = report
-                .rejected
-                .iter()
-                .filter(|r| r.node != me)
-                .flat_map(|r| r.reasons.iter())
-                .find(|x| x.code != "not_requested")
-                .map(|x| x.code.clone())
-                .unwrap_or_else(|| "no_host".into());
+            let (code, why) = placement::explain(&report, Some(me));
             return Err(refused(
                 &code,
                 format!(
@@ -446,7 +424,7 @@ impl Service {
                     if why.is_empty() {
                         "no other host runs VMs".to_string()
                     } else {
-                        why.join("; ")
+                        why
                     }
                 ),
             ));

@@ -246,27 +246,12 @@ impl Service {
         if let Some(n) = report.chosen {
             return Ok(n);
         }
-        let reasons: Vec<String> = report
-            .rejected
-            .iter()
-            .filter(|r| r.reasons.iter().all(|x| x.code != "not_requested"))
-            .map(|r| {
-                let why: Vec<&str> = r.reasons.iter().map(|x| x.message.as_str()).collect();
-                format!("host {} ({}): {}", r.node, r.name, why.join(", "))
-            })
-            .collect();
-        let first = report
-            .rejected
-            .iter()
-            .flat_map(|r| r.reasons.iter())
-            .find(|x| x.code != "not_requested")
-            .map(|x| x.code.clone())
-            .unwrap_or_else(|| "no_host".into());
+        let (first, reasons) = placement::explain(&report, None);
         let what = match req.node {
             Some(n) => format!("VM '{}' cannot go to host {n}", req.name),
             None => format!("no host can take VM '{}'", req.name),
         };
-        Err(ApiError::conflict(format!("{what}: {}", reasons.join("; "))).with_reason(first))
+        Err(ApiError::conflict(format!("{what}: {reasons}")).with_reason(first))
     }
 
     pub async fn create_vm(&self, req: CreateVmRequest, who: &Principal) -> Result<Vm, ApiError> {
