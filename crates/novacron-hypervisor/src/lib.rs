@@ -120,8 +120,10 @@ pub struct MigrationStats {
     pub total_time_ms: Option<u64>,
     pub disk_total_bytes: u64,
     pub disk_remaining_bytes: u64,
-    /// Every disk mirror has caught up (writes are now mirrored synchronously).
+    /// Every disk mirror still running has caught up (writes are now mirrored synchronously).
     pub disks_ready: bool,
+    /// Disk mirrors still running (one per disk while all is well).
+    pub disk_jobs: usize,
     pub error: Option<String>,
 }
 
@@ -188,8 +190,8 @@ pub trait Hypervisor: Send + Sync + 'static {
         let _ = (spec, plan);
         Err(unsupported("live migration"))
     }
-    /// After the source reported completion: checks the guest runs here (QEMU starts it once
-    /// loaded) and stops exporting the disks.
+    /// Once ownership moved here: stops exporting the disks and runs the guest (kept paused
+    /// since it loaded).
     async fn incoming_finish(&self, id: VmId) -> Result<(), HvError> {
         let _ = id;
         Err(unsupported("live migration"))
@@ -234,8 +236,8 @@ pub trait Hypervisor: Send + Sync + 'static {
     }
     /// At `pre-switchover` (the guest here is paused, its disks quiet): ends the disk mirrors,
     /// leaving the target's disks complete, and lets QEMU send the device state.
-    async fn outgoing_switchover(&self, id: VmId) -> Result<(), HvError> {
-        let _ = id;
+    async fn outgoing_switchover(&self, spec: &RuntimeSpec) -> Result<(), HvError> {
+        let _ = spec;
         Err(unsupported("live migration"))
     }
     /// Switches a running migration to post-copy.
@@ -243,7 +245,8 @@ pub trait Hypervisor: Send + Sync + 'static {
         let _ = id;
         Err(unsupported("live migration"))
     }
-    /// Stops the migration and the mirrors; the guest keeps running here.
+    /// Stops the migration and the mirrors; the guest keeps running here (or, after completion,
+    /// stays paused for the caller to resume or stop).
     async fn outgoing_cancel(&self, id: VmId) -> Result<(), HvError> {
         let _ = id;
         Err(unsupported("live migration"))

@@ -120,7 +120,7 @@ async fn a_running_guest_moves_with_its_disks_and_keeps_ticking() {
     .await;
     assert!(s.ram_total_bytes >= 128 << 20, "{s:?}");
     let before = last_tick(&a, id);
-    a.outgoing_switchover(id).await.expect("switchover");
+    a.outgoing_switchover(&spec).await.expect("switchover");
     let s = wait_status(&a, id, "completion", Duration::from_secs(30), |s| {
         s.status == "completed"
     })

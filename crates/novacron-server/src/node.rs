@@ -265,7 +265,6 @@ pub async fn run(
         }
     }
     service.fail_interrupted_operations().await;
-    service.clean_up_after_restart().await;
     // Finished operations are kept for a week, then pruned, so the state stays bounded.
     let pruner = service.clone();
     tokio::spawn(async move {
@@ -281,6 +280,9 @@ pub async fn run(
         }
     });
     service.readopt_vms().await;
+    // Needs the re-adopted QEMUs; may wait on other hosts, so it does not hold up the start.
+    let cleaner = service.clone();
+    tokio::spawn(async move { cleaner.clean_up_after_restart().await });
     tokio::spawn(lease::run(service.clone()));
     tokio::spawn(manager::run(cluster.clone()));
 

@@ -101,6 +101,16 @@ pub enum CommandV1 {
         reason: Option<String>,
         at: UnixMillis,
     },
+    /// What host `node` observed from QEMU about one of its VMs. Rejected when the VM is no
+    /// longer that host's (it moved meanwhile), so a late report cannot overwrite the new
+    /// host's.
+    RecordVmObservedOn {
+        node: NodeId,
+        id: VmId,
+        state: VmState,
+        reason: Option<String>,
+        at: UnixMillis,
+    },
     /// Sets (`Some`) or removes (`None`) labels. Rejected if the VM would have more than
     /// [`novacron_types::validate::MAX_LABELS`].
     SetVmLabels {

@@ -332,6 +332,28 @@ impl ClusterState {
                 vm.updated_at = *at;
                 Ok(vec![Touched::Vm(*id)])
             }
+            RecordVmObservedOn {
+                node,
+                id,
+                state,
+                reason,
+                at,
+            } => {
+                let vm = self
+                    .vms
+                    .get_mut(id)
+                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                if vm.node != *node {
+                    return Err(ApiError::conflict(format!(
+                        "VM '{}' is on host {} now, not host {node}",
+                        vm.name, vm.node
+                    )));
+                }
+                vm.state = *state;
+                vm.state_reason = reason.clone();
+                vm.updated_at = *at;
+                Ok(vec![Touched::Vm(*id)])
+            }
             SetVmLabels { id, changes, at } => {
                 let vm = self
                     .vms

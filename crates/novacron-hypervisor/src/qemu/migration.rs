@@ -3,7 +3,7 @@
 //! ```text
 //!  target                                   source
 //!  incoming_start: disks created empty,
-//!    QEMU -incoming defer, NBD server,
+//!    QEMU -S -incoming defer, NBD server,
 //!    each disk exported, migrate-incoming
 //!                                           outgoing_mirror: blockdev-add nbd:<disk>,
 //!                                             blockdev-mirror (root: top layer only, the
@@ -17,9 +17,9 @@
 //!                                             (the target's disks are now complete, the guest
 //!                                             is paused), migrate-continue
 //!                                           outgoing_status … until `completed`
-//!  (the guest runs here once loaded)
-//!  incoming_finish: checks it runs, NBD
-//!    server stopped
+//!                                           (the server records the new owner here)
+//!  incoming_finish: NBD server stopped,
+//!    cont
 //!                                           outgoing_complete: mirror targets removed
 //! ```
 //!
@@ -88,11 +88,10 @@ pub(super) async fn incoming_start(
     // Empty disks: the root an overlay on the same image, the others blank of the same size.
     hv.define(spec).await?;
     let result = async {
-        // No -S: the guest runs here the moment its device state has loaded, so the pause is
-        // QEMU's alone. That is safe because the disk mirrors end before the device state is
-        // sent (pause-before-switchover), and the source never resumes unless this QEMU is
-        // confirmed gone (see the server's migration module).
-        hv.launch(spec, &["-incoming", "defer"]).await?;
+        // -S: the guest stays paused here after loading until `incoming_finish`, which the
+        // source calls only once ownership has moved. Until then the source may always resume
+        // its own copy: this one cannot have run.
+        hv.launch(spec, &["-S", "-incoming", "defer"]).await?;
         if plan.postcopy {
             raw(
                 hv,
@@ -141,25 +140,34 @@ pub(super) async fn incoming_start(
 }
 
 pub(super) async fn incoming_finish(hv: &QemuHypervisor, id: VmId) -> Result<(), HvError> {
-    // The RAM and device state have arrived when QEMU leaves `inmigrate`; it then runs the
-    // guest by itself (or leaves it paused if it was paused on the source).
+    // The RAM and device state have arrived when QEMU leaves `inmigrate` (paused: -S; running
+    // already in post-copy, which starts the guest here).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         match run_state(hv, id).await?.as_str() {
             "inmigrate" if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            "running" | "paused" => break,
+            "paused" | "prelaunch" | "postmigrate" => break,
+            "running" => return stop_exports(hv, id).await,
             other => {
                 return Err(HvError::Qmp {
                     command: "migrate-incoming",
-                    message: format!("the incoming VM is '{other}', not running"),
+                    message: format!("the incoming VM is '{other}', not ready to run"),
                 });
             }
         }
     }
-    raw(hv, id, RawCommand::NbdServerStop(none())).await?;
+    stop_exports(hv, id).await?;
+    raw(hv, id, RawCommand::Cont(none())).await?;
     Ok(())
+}
+
+/// The disks are complete here: nobody writes to them over NBD any more.
+async fn stop_exports(hv: &QemuHypervisor, id: VmId) -> Result<(), HvError> {
+    raw(hv, id, RawCommand::NbdServerStop(none()))
+        .await
+        .map(drop)
 }
 
 pub(super) async fn incoming_abort(hv: &QemuHypervisor, id: VmId) -> Result<(), HvError> {
@@ -297,6 +305,7 @@ pub(super) async fn outgoing_status(
         disk_total_bytes: jobs.iter().map(|j| j.1).sum(),
         disk_remaining_bytes: jobs.iter().map(|j| j.1.saturating_sub(j.2)).sum(),
         disks_ready: !jobs.is_empty() && jobs.iter().all(|j| j.3),
+        disk_jobs: jobs.len(),
         error: m["error-desc"].as_str().map(str::to_string),
     })
 }
@@ -356,7 +365,32 @@ async fn drop_targets(hv: &QemuHypervisor, id: VmId) -> Result<(), HvError> {
     Ok(())
 }
 
-pub(super) async fn outgoing_switchover(hv: &QemuHypervisor, id: VmId) -> Result<(), HvError> {
+pub(super) async fn outgoing_switchover(
+    hv: &QemuHypervisor,
+    spec: &RuntimeSpec,
+) -> Result<(), HvError> {
+    let id = spec.id;
+    // Every disk's mirror must still be there and caught up: a mirror that failed has vanished
+    // (auto-dismissed), and cancelling one that is not ready aborts it. Either way the target's
+    // disk would be incomplete, so refuse here, where the migration can still be cancelled.
+    let jobs = mirror_jobs(hv, id).await?;
+    for node in disk_nodes(spec.extra_disks_mib.len()) {
+        match jobs.iter().find(|j| j.0 == mig(&node)) {
+            Some(j) if j.3 => {}
+            Some(_) => {
+                return Err(HvError::WrongState {
+                    op: "switching over",
+                    state: "with a disk mirror not caught up",
+                });
+            }
+            None => {
+                return Err(HvError::Disk {
+                    action: "mirror",
+                    message: format!("the mirror of disk '{node}' ended early (an I/O error?)"),
+                });
+            }
+        }
+    }
     end_mirrors(hv, id, false).await?;
     raw(
         hv,
@@ -376,19 +410,13 @@ pub(super) async fn outgoing_cancel(hv: &QemuHypervisor, id: VmId) -> Result<(),
                 state: "in post-copy (the target already runs the guest)",
             });
         }
-        "completed" => {
-            return Err(HvError::WrongState {
-                op: "cancelling the migration",
-                state: "completed",
-            });
-        }
         "setup" | "active" | "pre-switchover" | "device" | "wait-unplug" => {
             raw(hv, id, RawCommand::MigrateCancel(none())).await?;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             loop {
                 let m = raw(hv, id, RawCommand::QueryMigrate(none())).await?;
                 match m["status"].as_str().unwrap_or("none") {
-                    "cancelled" | "failed" | "none" => break,
+                    "cancelled" | "failed" | "none" | "completed" => break,
                     _ if tokio::time::Instant::now() >= deadline => {
                         return Err(HvError::Timeout {
                             what: "cancelling the migration",
@@ -399,9 +427,12 @@ pub(super) async fn outgoing_cancel(hv: &QemuHypervisor, id: VmId) -> Result<(),
                 }
             }
         }
+        // Completed, failed, cancelled or never started: nothing to stop; QEMU resumes a guest
+        // that ran before a failed or cancelled migration by itself.
         _ => {}
     }
-    // QEMU itself resumes a guest that was running when the migration began.
+    // The mirrors and their NBD nodes go in every case, or the next migration of this VM
+    // would find their names taken.
     end_mirrors(hv, id, true).await?;
     drop_targets(hv, id).await
 }

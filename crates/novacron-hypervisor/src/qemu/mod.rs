@@ -308,8 +308,8 @@ impl Hypervisor for QemuHypervisor {
         *rx.borrow()
     }
 
-    async fn outgoing_switchover(&self, id: VmId) -> Result<(), HvError> {
-        migration::outgoing_switchover(self, id).await
+    async fn outgoing_switchover(&self, spec: &RuntimeSpec) -> Result<(), HvError> {
+        migration::outgoing_switchover(self, spec).await
     }
 
     async fn outgoing_postcopy(&self, id: VmId) -> Result<(), HvError> {

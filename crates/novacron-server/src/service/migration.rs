@@ -62,8 +62,9 @@ impl Default for MigrationSettings {
 pub(crate) struct Migrations {
     outgoing: Arc<tokio::sync::Semaphore>,
     incoming: Arc<tokio::sync::Semaphore>,
-    /// Incoming migrations waiting here, each holding a permit until finished or aborted.
-    waiting: std::sync::Mutex<HashMap<VmId, tokio::sync::OwnedSemaphorePermit>>,
+    /// Incoming migrations waiting here (by attempt), each holding a permit until finished or
+    /// aborted.
+    waiting: std::sync::Mutex<HashMap<VmId, (u64, tokio::sync::OwnedSemaphorePermit)>>,
     /// Running outgoing migrations by operation: set to true to cancel.
     cancel: std::sync::Mutex<HashMap<OperationId, tokio::sync::watch::Sender<bool>>>,
 }
@@ -105,6 +106,23 @@ fn refused(reason: &str, message: impl Into<String>) -> ApiError {
     ApiError::conflict(message).with_reason(reason)
 }
 
+/// A target only receives a VM its source recorded as moving there (`BeginMigration`).
+fn check_announced(vm: &Vm, source: NodeId, me: NodeId) -> Result<(), ApiError> {
+    if vm.node != source {
+        return Err(refused(
+            "not_on_source",
+            format!("VM '{}' is on host {}, not host {source}", vm.name, vm.node),
+        ));
+    }
+    if vm.migrating_to != Some(me) {
+        return Err(refused(
+            "not_announced",
+            format!("no migration of VM '{}' to host {me} is recorded", vm.name),
+        ));
+    }
+    Ok(())
+}
+
 /// The host part of `http://HOST:PORT`.
 fn host_of(api_address: &str) -> String {
     let rest = api_address
@@ -118,11 +136,19 @@ fn host_of(api_address: &str) -> String {
     }
 }
 
-fn free_port(host: &str) -> Result<u16, ApiError> {
-    std::net::TcpListener::bind((host, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| ApiError::internal(format!("no free port on {host}: {e}")))
+/// Two distinct free ports (both held open while they are picked).
+fn two_free_ports(host: &str) -> Result<(u16, u16), ApiError> {
+    let bind = || {
+        std::net::TcpListener::bind((host, 0))
+            .map_err(|e| ApiError::internal(format!("no free port on {host}: {e}")))
+    };
+    let (a, b) = (bind()?, bind()?);
+    let port = |l: &std::net::TcpListener| {
+        l.local_addr()
+            .map(|a| a.port())
+            .map_err(|e| ApiError::internal(e.to_string()))
+    };
+    Ok((port(&a)?, port(&b)?))
 }
 
 impl Service {
@@ -160,15 +186,8 @@ impl Service {
             .read_linearizable(|s| (s.vms.get(&req.vm).cloned(), s.nodes.get(&me.0).cloned()))
             .await?;
         let vm = vm.ok_or_else(|| ApiError::not_found("VM", req.vm))?;
-        if vm.node != req.source {
-            return Err(refused(
-                "not_on_source",
-                format!(
-                    "VM '{}' is on host {}, not host {}",
-                    vm.name, vm.node, req.source
-                ),
-            ));
-        }
+        check_announced(&vm, req.source, me)?;
+        let _lock = self.lock_vm(vm.id, &vm.name)?;
         let info = info.ok_or_else(|| ApiError::not_found("host", me))?;
         if info.role == HostRole::Witness {
             return Err(refused(
@@ -188,10 +207,11 @@ impl Service {
             ));
         }
         let host = host_of(&info.api_address);
+        let (migration_port, nbd_port) = two_free_ports(&host)?;
         let plan = IncomingPlan {
             host: host.clone(),
-            migration_port: free_port(&host)?,
-            nbd_port: free_port(&host)?,
+            migration_port,
+            nbd_port,
             postcopy: req.postcopy,
         };
         self.inner
@@ -205,11 +225,30 @@ impl Service {
                 ),
                 other => hv_error(other),
             })?;
+        let attempt: u64 = rand::random();
         self.migrations()
             .waiting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(vm.id, permit);
+            .insert(vm.id, (attempt, permit));
+        // If the source never finishes or aborts (it died), this copy goes by itself.
+        let svc = self.clone();
+        let give_up = self.inner.settings.migration.timeout * 2 + Duration::from_secs(60);
+        let id = vm.id;
+        tokio::spawn(async move {
+            tokio::time::sleep(give_up).await;
+            let stale = svc
+                .migrations()
+                .waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .is_some_and(|(a, _)| *a == attempt);
+            if stale {
+                tracing::warn!(vm = %id, "an incoming migration was never finished; removing it");
+                let _ = svc.incoming_abort(id).await;
+            }
+        });
         tracing::info!(vm = %vm.id, source = %req.source, ?plan, "waiting for an incoming migration");
         Ok(plan)
     }
@@ -227,10 +266,14 @@ impl Service {
 
     /// The migration failed or was cancelled: end the waiting QEMU and delete its copies.
     pub async fn incoming_abort(&self, vm: VmId) -> Result<(), ApiError> {
+        // After whatever else touches this VM here (a prepare, a copy), and on current records:
+        // a copy that became this host's own must never be deleted.
+        let _lock = self.lock_vm_waiting(vm).await;
         let owned = self
             .inner
             .state
-            .read(|s| s.vms.get(&vm).map(|v| v.node) == Some(self.inner.node));
+            .read_linearizable(|s| s.vms.get(&vm).map(|v| v.node) == Some(self.inner.node))
+            .await?;
         if owned {
             return Err(refused(
                 "owned_here",
@@ -265,15 +308,8 @@ impl Service {
             .await?;
         let vm = vm.ok_or_else(|| ApiError::not_found("VM", req.vm))?;
         let source_addr = source_addr.ok_or_else(|| ApiError::not_found("host", req.source))?;
-        if vm.node != req.source {
-            return Err(refused(
-                "not_on_source",
-                format!(
-                    "VM '{}' is on host {}, not host {}",
-                    vm.name, vm.node, req.source
-                ),
-            ));
-        }
+        check_announced(&vm, req.source, me)?;
+        let _lock = self.lock_vm(vm.id, &vm.name)?;
         let spec = self.runtime_spec(&vm)?;
         if !spec.base_image.exists() {
             return Err(refused(
@@ -351,13 +387,27 @@ impl Service {
             }
             Ok::<_, ApiError>(bytes)
         };
-        match copy.await {
-            Ok(bytes) => Ok(ColdCopied { bytes }),
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                Err(e)
-            }
+        let result = match copy.await {
+            // The source may have given up meanwhile: keep the copy only if still expected.
+            Ok(bytes) => match self
+                .inner
+                .state
+                .read_linearizable(|s| s.vms.get(&vm.id).and_then(|v| v.migrating_to))
+                .await
+            {
+                Ok(Some(to)) if to == me => Ok(ColdCopied { bytes }),
+                Ok(_) => Err(refused(
+                    "not_announced",
+                    "the source gave up this migration while the disks were copied",
+                )),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
         }
+        result
     }
 
     /// Source side of a cold copy: the `n`th disk file of a stopped VM of this host.
@@ -499,6 +549,18 @@ impl Service {
                 ));
             }
         };
+        if !cold && !vm.snapshots.is_empty() {
+            // Snapshots live inside the disk files; a live move mirrors only the current data.
+            return Err(refused(
+                "has_snapshots",
+                format!(
+                    "VM '{}' has {} disk snapshot(s), which a live move would lose; stop it and \
+                     move it stopped (its files are copied whole), or delete the snapshots",
+                    vm.name,
+                    vm.snapshots.len()
+                ),
+            ));
+        }
         let target = self.migration_target(&vm, req.target, !cold).await?;
         let permit = self
             .migrations()
@@ -580,6 +642,9 @@ impl Service {
                     },
                     last_report: None,
                     postcopy: false,
+                    switched: false,
+                    started_on_target: false,
+                    paused_at: None,
                 };
                 let r = run.run().await;
                 svc.migrations()
@@ -605,8 +670,8 @@ impl Service {
         }
     }
 
-    /// After a restart: migrations this host was sending died with it. Release their holds,
-    /// and remove what is left here of VMs that live elsewhere (a waiting incoming QEMU whose
+    /// After a restart (and re-adoption): migrations this host was sending died with it. Undo
+    /// them and release their holds, and remove what is left here of VMs that live elsewhere (a waiting incoming QEMU whose
     /// source gave up, or the source's copy of a VM that moved while the cleanup was cut short).
     pub async fn clean_up_after_restart(&self) {
         let me = self.inner.node;
@@ -634,8 +699,37 @@ impl Service {
             return;
         };
         for id in ours {
-            tracing::info!(vm = %id, "a migration was interrupted by a restart; releasing its hold");
+            tracing::info!(vm = %id, "a migration was interrupted by a restart; undoing it");
+            // The QEMU (re-adopted by now) may still be migrating: stop it, remove the target's
+            // copy (it never ran: targets start paused), and resume a guest left paused by a
+            // completed migration whose switch of ownership never came.
+            let hv = &self.inner.hv;
+            let _ = hv.outgoing_cancel(id).await;
+            let target = self.inner.state.read(|s| {
+                let to = s.vms.get(&id)?.migrating_to?;
+                s.nodes.get(&to.0).map(|n| n.api_address.clone())
+            });
+            if let Some(addr) = target {
+                let _ = self
+                    .cluster()
+                    .transport
+                    .call::<_, serde_json::Value>(
+                        &addr,
+                        &format!("/internal/v1/migrations/{id}/abort"),
+                        &serde_json::json!({}),
+                        Duration::from_secs(30),
+                    )
+                    .await;
+            }
+            if hv
+                .outgoing_status(id)
+                .await
+                .is_ok_and(|st| st.status == "completed")
+            {
+                let _ = hv.resume(id).await;
+            }
             self.end_migration(id).await;
+            self.sync_vm_observed(id).await;
         }
         for id in stray {
             let files = self.inner.hv.disk_files(id, 0);
@@ -662,11 +756,14 @@ impl Service {
         cancel: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), ApiError> {
         let me = self.inner.node;
-        let addr = self
+        let Some(addr) = self
             .inner
             .state
             .read(|s| s.nodes.get(&target.0).map(|n| n.api_address.clone()))
-            .ok_or_else(|| ApiError::not_found("host", target))?;
+        else {
+            self.end_migration(vm.id).await;
+            return Err(ApiError::not_found("host", target));
+        };
         let bandwidth = bandwidth.unwrap_or(self.inner.settings.migration.max_bandwidth_mib << 20);
         let total_mib: u64 = vm.spec.disks.iter().map(|d| d.size_mib).sum();
         let mut progress = MigrationProgress {
@@ -924,14 +1021,25 @@ struct Run {
     last_report: Option<Instant>,
     /// Post-copy began: from then on nothing is undone.
     postcopy: bool,
+    /// The switch-over was let go (`migrate-continue`): a cancel or timeout comes too late.
+    switched: bool,
+    /// The target was told to run the guest (post-copy does that early).
+    started_on_target: bool,
+    /// When the guest was seen paused for the switch-over: the real downtime runs from here
+    /// until the target runs it (QEMU's own figure ends at completion).
+    paused_at: Option<Instant>,
 }
 
-/// How a run ended before the switch of ownership.
+/// How a run ended early.
 enum Stop {
-    /// Nothing may be running on the target: clean it up, the guest stays here.
+    /// Ownership did not move and the target's copy never ran (it is started paused): cancel
+    /// here, remove the target's copy, and let the guest run here (resumed if the migration had
+    /// completed).
     Undo(ApiError),
-    /// The target may have started the guest: do not resume here.
-    Unsure(ApiError),
+    /// Ownership moved, but the target could not start the guest: it stays paused there.
+    Moved(ApiError),
+    /// Whether ownership moved is unknown (no quorum to ask): both copies stay paused.
+    Stuck(ApiError),
     /// Post-copy had begun: the guest runs on the target with part of its memory still here.
     /// Neither side may be stopped or resumed; a person decides.
     Postcopy(ApiError),
@@ -981,7 +1089,11 @@ impl Run {
         p.transfer_rate_bytes = (st.mbps * 1_000_000.0 / 8.0) as u64;
         p.dirty_rate_bytes = st.dirty_bytes_rate;
         p.expected_downtime_ms = st.expected_downtime_ms;
-        p.downtime_ms = st.downtime_ms;
+        // Never below what we measured ourselves (see `paused_at`).
+        p.downtime_ms = match (p.downtime_ms, st.downtime_ms) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
         let net = p.transfer_rate_bytes.saturating_sub(p.dirty_rate_bytes);
         p.eta_seconds =
             (net > 0).then(|| (p.ram_remaining_bytes + p.disk_remaining_bytes).div_ceil(net));
@@ -1038,33 +1150,48 @@ impl Run {
         self.report(2, true).await;
         let mut outcome = self.drive().await;
         if self.postcopy
-            && let Err(Stop::Undo(e) | Stop::Unsure(e)) = outcome
+            && let Err(Stop::Undo(e)) = outcome
         {
             outcome = Err(Stop::Postcopy(e));
         }
-        match outcome {
-            Ok(()) => Ok(()),
+        let me = self.svc.inner.node;
+        let err = match outcome {
+            Ok(()) => return Ok(()),
             Err(Stop::Postcopy(mut err)) => {
                 err.message.push_str(&format!(
                     "; post-copy had begun, so the guest runs on host {} with part of its memory \
-                     still on host {}: neither was stopped; check both hosts",
-                    self.target, self.svc.inner.node
+                     still on host {me}: neither was stopped; check both hosts",
+                    self.target
                 ));
-                self.progress.phase = "failed".into();
-                let pct = self.percent();
-                self.report(pct, true).await;
-                Err(err)
+                self.svc.end_migration(self.vm.id).await;
+                err
             }
-            Err(stop) => {
+            Err(Stop::Stuck(mut err)) => {
+                err.message.push_str(&format!(
+                    "; the VM is paused on host {me} and loaded but paused on host {}: nothing \
+                     runs it; once the cluster has a quorum, `novacron vm show` says which host \
+                     owns it, and that host's copy may be resumed",
+                    self.target
+                ));
+                err
+            }
+            Err(Stop::Moved(mut err)) => {
+                err.message.push_str(&format!(
+                    "; the VM now belongs to host {} and is paused there: resume it with \
+                     `novacron vm resume {}`",
+                    self.target, self.vm.name
+                ));
+                self.release_source().await;
+                err
+            }
+            Err(Stop::Undo(mut err)) => {
                 let hv = &self.svc.inner.hv;
-                let (err, resume_safe) = match stop {
-                    Stop::Undo(e) => (e, true),
-                    Stop::Unsure(e) | Stop::Postcopy(e) => (e, false),
-                };
-                let _ = hv.outgoing_cancel(self.vm.id).await;
-                // The target's copy goes; only when it confirms may the guest run here again.
-                let aborted = match self.addr() {
-                    Ok(addr) => self
+                if let Err(e) = hv.outgoing_cancel(self.vm.id).await {
+                    err.message
+                        .push_str(&format!("; stopping the migration here failed too: {e}"));
+                }
+                if let Ok(addr) = self.addr()
+                    && let Err(e) = self
                         .svc
                         .cluster()
                         .transport
@@ -1075,34 +1202,111 @@ impl Run {
                             Duration::from_secs(30),
                         )
                         .await
-                        .is_ok(),
-                    Err(_) => false,
-                };
-                let mut err = err;
-                if !resume_safe {
-                    if aborted && hv.resume(self.vm.id).await.is_ok() {
-                        err.message
-                            .push_str("; the target's copy was removed and the VM runs here again");
-                    } else {
-                        err.message.push_str(&format!(
-                            "; the VM is paused on host {} and host {} did not confirm it removed \
-                             its copy: check host {} before resuming it here",
-                            self.svc.inner.node, self.target, self.target
-                        ));
-                    }
+                {
+                    // Its copy never ran (-S); it is removed later (its watchdog or restart).
+                    tracing::warn!(vm = %self.vm.id, "removing the target's copy: {e}");
                 }
-                self.svc.sync_vm_observed(self.vm.id).await;
+                // A completed migration left the guest paused here; the target's copy never
+                // ran, so this one goes on.
+                if hv
+                    .outgoing_status(self.vm.id)
+                    .await
+                    .is_ok_and(|st| st.status == "completed")
+                    && let Err(e) = hv.resume(self.vm.id).await
+                {
+                    err.message
+                        .push_str(&format!("; resuming the VM here failed: {e}"));
+                }
                 self.svc.end_migration(self.vm.id).await;
-                self.progress.phase = if err.reason.as_deref() == Some("cancelled") {
-                    "cancelled".into()
-                } else {
-                    "failed".into()
-                };
-                let pct = self.percent();
-                self.report(pct, true).await;
-                Err(err)
+                err
+            }
+        };
+        self.svc.sync_vm_observed(self.vm.id).await;
+        self.progress.phase = if err.reason.as_deref() == Some("cancelled") {
+            "cancelled".into()
+        } else {
+            "failed".into()
+        };
+        let pct = self.percent();
+        self.report(pct, true).await;
+        Err(err)
+    }
+
+    /// After ownership moved: the source's copy goes (mirror targets, the paused QEMU, files).
+    async fn release_source(&self) {
+        let hv = &self.svc.inner.hv;
+        let id = self.vm.id;
+        let _ = hv.outgoing_complete(id).await;
+        if let Err(e) = hv.force_stop(id).await {
+            tracing::warn!(vm = %id, "stopping the source QEMU after migrating: {e}");
+        }
+        if let Err(e) = hv.undefine(id).await {
+            tracing::warn!(vm = %id, "removing the source's copy after migrating: {e}");
+        }
+    }
+
+    /// Tells the target to run the guest (its copy is complete).
+    async fn start_on_target(&mut self, addr: &str) -> Result<(), ApiError> {
+        self.started_on_target = true;
+        let r = self
+            .svc
+            .cluster()
+            .transport
+            .call::<_, serde_json::Value>(
+                addr,
+                &format!("/internal/v1/migrations/{}/finish", self.vm.id),
+                &serde_json::json!({}),
+                Duration::from_secs(30),
+            )
+            .await;
+        if let (Ok(_), Some(t)) = (&r, self.paused_at) {
+            // The guest's real pause: QEMU's figure, or ours if longer (ours includes recording
+            // the new owner and starting the guest there).
+            let ours = t.elapsed().as_millis() as u64;
+            self.progress.downtime_ms = Some(self.progress.downtime_ms.unwrap_or(0).max(ours));
+        }
+        r.map(drop).map_err(|e| {
+            ApiError::new(
+                ErrorCode::Internal,
+                format!(
+                    "host {} could not confirm it started the guest: {e}",
+                    self.target
+                ),
+            )
+        })
+    }
+
+    /// Records the switch of ownership. Ok(true): moved; Ok(false): refused (not moved).
+    async fn move_ownership(&self) -> Result<bool, ApiError> {
+        let id = self.vm.id;
+        let me = self.svc.inner.node;
+        let cmd = CommandV1::MoveVm {
+            id,
+            from: me,
+            to: self.target,
+            at: now_millis(),
+        };
+        for attempt in 0..20 {
+            match self.svc.inner.state.propose(cmd.clone()).await {
+                Ok(()) => return Ok(true),
+                // Refused, or an earlier attempt whose answer was lost already moved it: ask.
+                Err(e) if e.code == ErrorCode::Conflict || e.code == ErrorCode::Timeout => {
+                    tracing::warn!(vm = %id, attempt, "recording the switch of ownership: {e}");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %id, attempt, "recording the switch of ownership: {e}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
             }
         }
+        let owner = self
+            .svc
+            .inner
+            .state
+            .read_linearizable(|s| s.vms.get(&id).map(|v| v.node))
+            .await?;
+        Ok(owner == Some(self.target))
     }
 
     async fn drive(&mut self) -> Result<(), Stop> {
@@ -1136,10 +1340,22 @@ impl Run {
         hv.outgoing_mirror(&spec, &plan, &self.tuning)
             .await
             .map_err(|e| Stop::Undo(hv_error(e)))?;
+        let disks = spec.extra_disks_mib.len() + 1;
         loop {
             let st = self.status().await?;
-            if st.disks_ready {
+            if st.disks_ready && st.disk_jobs == disks {
                 break;
+            }
+            if st.disk_jobs < disks {
+                return Err(Stop::Undo(refused(
+                    "disk_mirror_failed",
+                    format!(
+                        "{} of {disks} disk mirrors ended early (an I/O error on host {} or a \
+                         broken connection); nothing moved",
+                        disks - st.disk_jobs,
+                        self.target
+                    ),
+                )));
             }
             self.checkpoint(false).await?;
             let pct = self.percent();
@@ -1157,19 +1373,23 @@ impl Run {
             self.progress.ram_copy_ms = ram_started.elapsed().as_millis() as u64;
             match st.status.as_str() {
                 "completed" => break st,
-                "pre-switchover" => {
+                "pre-switchover" if !self.switched => {
+                    self.paused_at.get_or_insert_with(Instant::now);
                     if self.progress.precopy_ms == 0 {
                         self.progress.precopy_bytes = st.ram_transferred_bytes;
                         self.progress.precopy_ms = self.progress.ram_copy_ms.max(1);
                     }
                     self.progress.phase = "switching over".into();
-                    hv.outgoing_switchover(id)
+                    hv.outgoing_switchover(&spec)
                         .await
                         .map_err(|e| Stop::Undo(hv_error(e)))?;
+                    self.switched = true;
                 }
-                "postcopy-active" => {
+                "postcopy-active" if !self.postcopy => {
                     self.postcopy = true;
                     self.progress.phase = "post-copy".into();
+                    // Post-copy needs the guest running on the target, pulling its memory.
+                    self.start_on_target(&addr).await.map_err(Stop::Undo)?;
                 }
                 "failed" | "cancelled" => {
                     return Err(Stop::Undo(refused(
@@ -1183,7 +1403,8 @@ impl Run {
                 }
                 _ => {}
             }
-            if !self.postcopy {
+            // After the switch-over is let go, a cancel or timeout comes too late.
+            if !self.postcopy && !self.switched {
                 self.checkpoint(true).await?;
             }
             let pct = self.percent();
@@ -1191,74 +1412,46 @@ impl Run {
             seen = hv.outgoing_wait(id, seen, Duration::from_millis(100)).await;
         };
 
-        // Completed: the guest is paused here with everything sent. From now on the target may
-        // run it, so a failure must not resume it here unless the target confirms.
+        // Completed: the guest is paused here with everything sent, and loaded but paused on
+        // the target (-S). Ownership moves first; only then does the target run it.
         self.progress.phase = "finishing".into();
         self.absorb(&st);
-        let finish = transport
-            .call::<_, serde_json::Value>(
-                &addr,
-                &format!("/internal/v1/migrations/{id}/finish"),
-                &serde_json::json!({}),
-                Duration::from_secs(30),
-            )
-            .await;
-        if let Err(e) = finish {
-            return Err(Stop::Unsure(ApiError::new(
-                ErrorCode::Internal,
-                format!("host {} did not start the migrated guest: {e}", self.target),
-            )));
-        }
-        // The switch of ownership, once; the guest's state recorded in the same batch.
-        let batch = vec![
-            CommandV1::MoveVm {
-                id,
-                from: self.svc.inner.node,
-                to: self.target,
-                at: now_millis(),
-            },
-            CommandV1::RecordVmObserved {
-                id,
-                state: VmState::Running,
-                reason: None,
-                at: now_millis(),
-            },
-        ];
-        let mut tries = 0;
-        loop {
-            match self.svc.inner.state.propose_many(batch.clone()).await {
-                Ok(results) => {
-                    if let Some(Err(e)) = results.into_iter().next() {
-                        tracing::error!(vm = %id, "the switch of ownership was refused: {e:?}");
-                        return Err(Stop::Unsure(e));
-                    }
-                    break;
-                }
-                Err(e) if tries < 20 => {
-                    tries += 1;
-                    tracing::warn!(vm = %id, "recording the switch of ownership: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Err(e) => {
-                    return Err(Stop::Unsure(ApiError::new(
-                        e.code,
-                        format!(
-                            "the VM runs on host {} but the switch of ownership could not be \
-                             recorded: {}",
-                            self.target, e.message
-                        ),
-                    )));
-                }
+        match self.move_ownership().await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(Stop::Undo(refused(
+                    "move_refused",
+                    format!(
+                        "the switch of ownership to host {} was refused (it may have gone into \
+                         maintenance meanwhile)",
+                        self.target
+                    ),
+                )));
+            }
+            Err(e) => {
+                return Err(Stop::Stuck(ApiError::new(
+                    e.code,
+                    format!(
+                        "the switch of ownership could not be confirmed: {}",
+                        e.message
+                    ),
+                )));
             }
         }
-        // The source's copy goes: mirror targets, the paused QEMU, its files.
-        let _ = hv.outgoing_complete(id).await;
-        if let Err(e) = hv.force_stop(id).await {
-            tracing::warn!(vm = %id, "stopping the source QEMU after migrating: {e}");
+        if !self.started_on_target {
+            self.start_on_target(&addr).await.map_err(Stop::Moved)?;
         }
-        if let Err(e) = hv.undefine(id).await {
-            tracing::warn!(vm = %id, "removing the source's copy after migrating: {e}");
+        let record = CommandV1::RecordVmObservedOn {
+            node: self.target,
+            id,
+            state: VmState::Running,
+            reason: None,
+            at: now_millis(),
+        };
+        if let Err(e) = self.svc.inner.state.propose(record).await {
+            tracing::warn!(vm = %id, "recording the moved VM as running: {e}");
         }
+        self.release_source().await;
         self.progress.phase = "completed".into();
         self.progress.ram_remaining_bytes = 0;
         self.progress.disk_remaining_bytes = 0;
@@ -1288,9 +1481,8 @@ impl Run {
                     .outgoing_postcopy(self.vm.id)
                     .await
                     .map_err(|e| Stop::Undo(hv_error(e)))?;
-                self.progress.phase = "post-copy".into();
-                self.postcopy = true;
-                // No further timeouts: post-copy always finishes.
+                // No further timeouts: post-copy always finishes (`postcopy` is set when QEMU
+                // reports it active).
                 self.timeout = Duration::MAX;
                 return Ok(());
             }

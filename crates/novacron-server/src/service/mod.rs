@@ -128,6 +128,20 @@ impl Service {
     }
 
     /// Takes the VM's action lock, or explains that another action is running.
+    /// The VM's action lock, waiting for it (for clean-ups that must happen, after whatever
+    /// holds it).
+    async fn lock_vm_waiting(&self, id: VmId) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self
+                .inner
+                .vm_locks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            locks.entry(id).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
     fn lock_vm(&self, id: VmId, name: &str) -> Result<tokio::sync::OwnedMutexGuard<()>, ApiError> {
         let lock = {
             let mut locks = self

@@ -486,7 +486,8 @@ impl Service {
             None => {}
             Some((s, r)) if s == state && r == reason => {}
             Some(_) => {
-                let cmd = CommandV1::RecordVmObserved {
+                let cmd = CommandV1::RecordVmObservedOn {
+                    node: self.inner.node,
                     id,
                     state,
                     reason,
