@@ -133,6 +133,7 @@ fn heartbeat(svc: &Service) -> Heartbeat {
             disk_free_bytes: disk,
             qemu_version: info.qemu_version,
             accelerator: info.accelerator,
+            cpu_model: host::cpu_model(),
             load1: host::load1(),
             vms_running,
         },

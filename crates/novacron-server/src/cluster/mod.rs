@@ -140,6 +140,9 @@ pub struct Inventory {
     pub disk_free_bytes: BTreeMap<String, u64>,
     pub qemu_version: String,
     pub accelerator: String,
+    /// The CPU's model name (guests under KVM use the host's CPU model).
+    #[serde(default)]
+    pub cpu_model: String,
     /// 1-minute load average.
     pub load1: f64,
     pub vms_running: u32,

@@ -501,6 +501,18 @@ impl Service {
                     ),
                 ));
             }
+            let my_cpu = crate::cluster::host::cpu_model();
+            if here.accelerator == "kvm" && !inv.cpu_model.is_empty() && inv.cpu_model != my_cpu {
+                return Err(refused(
+                    "cpu_model",
+                    format!(
+                        "host {target} has a {} CPU, this host a {my_cpu}: a KVM guest runs with \
+                         its host's CPU model and cannot move to a different one; choose a host \
+                         with the same CPU",
+                        inv.cpu_model
+                    ),
+                ));
+            }
             if !inv.qemu_version.is_empty() && inv.qemu_version != here.qemu_version {
                 return Err(refused(
                     "qemu_version",
@@ -974,6 +986,22 @@ impl Service {
                 "operation {id} already finished ({})",
                 op.message
             )));
+        }
+        // Past the switch-over (or in post-copy) a cancel can no longer take effect: say so.
+        if let Some(m) = &op.migration
+            && matches!(
+                m.phase.as_str(),
+                "switching over" | "post-copy" | "finishing"
+            )
+        {
+            return Err(refused(
+                "too_late",
+                format!(
+                    "migration {id} is '{}': past the switch-over it can no longer be cancelled; \
+                     migrate the VM back when it is done",
+                    m.phase
+                ),
+            ));
         }
         let sent = self
             .migrations()
