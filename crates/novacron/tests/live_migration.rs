@@ -97,6 +97,14 @@ async fn a_running_guest_moves_between_hosts_and_back_out_of_failures() {
         })
         .await
         .expect("create");
+    // Data on its extra disk, to find on every host it moves to.
+    qemu_io(&[
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x3d 2M 3M",
+        &disk1(&cluster.nodes[0], &vm.id.to_string()),
+    ]);
     let op = c.vm_action("mover", "start").await.expect("start");
     assert_eq!(
         wait_op(&c, &op, Duration::from_secs(60)).await.status,
@@ -159,6 +167,17 @@ async fn a_running_guest_moves_between_hosts_and_back_out_of_failures() {
         "no QEMU left on host 1"
     );
     assert_eq!(cluster.nodes[1].qemu_pids().len(), 1);
+    // The disk's data came along (read beside the running QEMU).
+    let out = qemu_io(&[
+        "-U",
+        "-r",
+        "-f",
+        "qcow2",
+        "-c",
+        "read -P 0x3d 2M 3M",
+        &disk1(&cluster.nodes[1], &id),
+    ]);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
 
     // 2. Cancel mid-copy (1 MiB/s: the RAM would take minutes): the guest stays on host 2.
     let op = c
