@@ -895,7 +895,54 @@ async fn vm(g: &Global, cmd: VmCommand) -> anyhow::Result<()> {
 }
 
 /// Streams the console over the WebSocket endpoint until Ctrl-C or the server closes it.
+/// Follows a VM's console over a WebSocket to the host that runs it (streams are not
+/// forwarded between hosts), and follows the VM when it moves (a live migration ends the stream
+/// on the old host; the new host's console starts fresh).
 async fn follow_console(c: &Client, vm: &str, offset: u64) -> anyhow::Result<()> {
+    let mut offset = offset;
+    let mut host = c.get_vm(vm).await?.node;
+    loop {
+        let addr = host_address(c, host).await?;
+        let owner = Client::new(&addr, c.token().map(str::to_string));
+        let broken = match stream_console_from(&owner, vm, offset).await? {
+            StreamEnd::CtrlC => return Ok(()),
+            StreamEnd::Closed => None,
+            StreamEnd::Broken(e) => Some(e),
+        };
+        // The stream ended: the VM stopped existing there, or moved.
+        match c.get_vm(vm).await {
+            Ok(now) if now.node != host => {
+                eprintln!(
+                    "\n[novacron: VM {vm} moved to host {}; following it there]",
+                    now.node
+                );
+                host = now.node;
+                offset = 0;
+            }
+            _ => return broken.map_or(Ok(()), Err),
+        }
+    }
+}
+
+/// The API address of host `id`.
+async fn host_address(c: &Client, id: novacron_types::NodeId) -> anyhow::Result<String> {
+    let nodes: Vec<serde_json::Value> = c.get("/api/v1/nodes").await?;
+    nodes
+        .iter()
+        .find(|n| n["id"].as_u64() == Some(id.0))
+        .and_then(|n| n["api_address"].as_str())
+        .map(str::to_string)
+        .with_context(|| format!("host {id} is not in the cluster's host list"))
+}
+
+enum StreamEnd {
+    CtrlC,
+    Closed,
+    Broken(anyhow::Error),
+}
+
+/// Streams the console from `c`'s host until the stream ends or Ctrl-C.
+async fn stream_console_from(c: &Client, vm: &str, offset: u64) -> anyhow::Result<StreamEnd> {
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let ws_base = c.base().replacen("http", "ws", 1);
@@ -914,13 +961,13 @@ async fn follow_console(c: &Client, vm: &str, offset: u64) -> anyhow::Result<()>
     let mut out = std::io::stdout();
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(StreamEnd::CtrlC),
             msg = ws.next() => match msg {
                 Some(Ok(Message::Binary(b))) => { out.write_all(&b)?; out.flush()?; }
                 Some(Ok(Message::Text(t))) => { out.write_all(t.as_bytes())?; out.flush()?; }
-                Some(Ok(Message::Close(_))) | None => return Ok(()),
+                Some(Ok(Message::Close(_))) | None => return Ok(StreamEnd::Closed),
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.into()),
+                Some(Err(e)) => return Ok(StreamEnd::Broken(e.into())),
             }
         }
     }

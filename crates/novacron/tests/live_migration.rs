@@ -136,6 +136,32 @@ async fn a_running_guest_moves_between_hosts_and_back_out_of_failures() {
         .expect_err("zero bandwidth");
     assert_eq!(e.status(), Some(400), "{e}");
 
+    // A console follower through the witness (which runs no VMs): it streams from the VM's
+    // host and follows the VM when it moves.
+    let cli = common::Cli {
+        server: cluster.nodes[2].url.clone(),
+        config: cluster.nodes[2].dir.path().join("client.toml"),
+    };
+    let (code, _, err) = cli.run(&["login", "--password-stdin"], Some(common::ADMIN_PASSWORD));
+    assert_eq!(code, 0, "{err}");
+    let mut follower = std::process::Command::new(env!("CARGO_BIN_EXE_novacron"))
+        .args(["vm", "console", "mover", "--follow"])
+        .env("NOVACRON_SERVER", &cli.server)
+        .env("NOVACRON_CONFIG", &cli.config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("console follower");
+    let follower_err = follower.stderr.take().expect("stderr");
+    let notices = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut s = String::new();
+        let _ = std::io::BufReader::new(follower_err).read_to_string(&mut s);
+        s
+    });
+    let followed = common::stdout_lines(&mut follower);
+
     // 1. Live migration (asked through host 2, which forwards to the VM's host).
     let before = last_tick(&console_text(&c, "mover").await);
     let op = c
@@ -157,6 +183,28 @@ async fn a_running_guest_moves_between_hosts_and_back_out_of_failures() {
     // The guest goes on: later ticks on host 2's console, and no second boot.
     let text = wait_ticks_past(&c, "mover", before + 1).await;
     assert!(!text.contains("READY"), "rebooted on the target:\n{text}");
+    // The follower went on with the VM on host 2: ticks past the migration reach it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while last_tick(&seen.join("\n")) <= before + 1 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match followed.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = follower.kill();
+                let _ = follower.wait();
+                panic!(
+                    "the console follower stopped at:\n{}\nits errors: {}",
+                    seen.join("\n"),
+                    notices.join().unwrap_or_default()
+                );
+            }
+        }
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    let notices = notices.join().expect("stderr reader");
+    assert!(notices.contains("moved to host 2"), "{notices}");
     let id = vm.id.to_string();
     assert!(
         !cluster.nodes[0].data_dir().join("vms").join(&id).exists(),

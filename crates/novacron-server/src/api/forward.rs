@@ -84,6 +84,8 @@ async fn forward(
         header::CONTENT_TYPE,
         header::LOCATION,
         header::WWW_AUTHENTICATE,
+        // Where a console read continues: without it a client re-reads from the start.
+        header::HeaderName::from_static("x-console-next-offset"),
     ] {
         if let Some(v) = resp.headers().get(name.as_str())
             && let Ok(v) = HeaderValue::from_bytes(v.as_bytes())

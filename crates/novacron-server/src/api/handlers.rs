@@ -488,6 +488,11 @@ async fn stream_console(mut socket: WebSocket, path: std::path::PathBuf, offset:
                     Err(_) => break,
                 };
                 if chunk.data.is_empty() {
+                    // The VM's files are gone (deleted, or moved to another host): end the
+                    // stream, so the client can look for it elsewhere.
+                    if path.parent().is_some_and(|d| !d.exists()) {
+                        break;
+                    }
                     // The log was rotated or truncated (a restart): start over.
                     if std::fs::metadata(&path).map(|m| m.len() < pos).unwrap_or(false) {
                         pos = 0;
@@ -505,6 +510,8 @@ async fn stream_console(mut socket: WebSocket, path: std::path::PathBuf, offset:
             }
         }
     }
+    // A clean end, so the client knows the stream is over rather than broken.
+    let _ = socket.send(Message::Close(None)).await;
 }
 
 #[derive(Deserialize, ToSchema)]
