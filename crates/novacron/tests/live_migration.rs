@@ -77,6 +77,22 @@ async fn wait_ticks_past(c: &Client, vm: &str, after: u64) -> String {
     }
 }
 
+/// A migration capped at 1 MiB/s (the RAM would take minutes), once it copies memory.
+async fn slow_migration(c: &Client, vm: &str) -> Operation {
+    let op = c
+        .migrate_vm(
+            vm,
+            &MigrateVmRequest {
+                max_bandwidth_mib: Some(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("migrate");
+    wait_phase(c, &op, "copying memory").await;
+    op
+}
+
 fn reason(e: &ClientError) -> Option<String> {
     match e {
         ClientError::Api { error, .. } => error.reason.clone(),
@@ -228,17 +244,7 @@ async fn a_running_guest_moves_between_hosts_and_back_out_of_failures() {
     assert!(!out.contains("Pattern verification failed"), "{out}");
 
     // 2. Cancel mid-copy (1 MiB/s: the RAM would take minutes): the guest stays on host 2.
-    let op = c
-        .migrate_vm(
-            "mover",
-            &MigrateVmRequest {
-                max_bandwidth_mib: Some(1),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("migrate back");
-    wait_phase(&c, &op, "copying memory").await;
+    let op = slow_migration(&c, "mover").await;
     assert_eq!(
         c.get_vm("mover").await.expect("vm").migrating_to,
         Some(NodeId(1)),
@@ -278,17 +284,7 @@ async fn a_running_guest_moves_between_hosts_and_back_out_of_failures() {
     assert_eq!(e.status(), Some(409), "{e}");
 
     // 3. The target dies mid-copy (novacron and its QEMUs): the guest keeps running on host 2.
-    let op = c
-        .migrate_vm(
-            "mover",
-            &MigrateVmRequest {
-                max_bandwidth_mib: Some(1),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("migrate to a host about to die");
-    wait_phase(&c, &op, "copying memory").await;
+    let op = slow_migration(&c, "mover").await;
     let doomed = cluster.nodes[0].qemu_pids();
     assert_eq!(doomed.len(), 1, "the incoming QEMU waits on host 1");
     cluster.nodes[0].kill();

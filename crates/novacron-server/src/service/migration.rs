@@ -176,6 +176,23 @@ impl Service {
             })
     }
 
+    /// The VM's runtime spec, if its image is on this host (at the same path as everywhere).
+    fn spec_with_image_here(&self, vm: &Vm) -> Result<novacron_hypervisor::RuntimeSpec, ApiError> {
+        let spec = self.runtime_spec(vm)?;
+        if !spec.base_image.exists() {
+            return Err(refused(
+                "image_missing",
+                format!(
+                    "the image of VM '{}' is not at {} on host {}; import it there first",
+                    vm.name,
+                    spec.base_image.display(),
+                    self.inner.node
+                ),
+            ));
+        }
+        Ok(spec)
+    }
+
     /// Starts a QEMU waiting for `req.vm`'s RAM, with empty disks exported for the mirror.
     pub async fn incoming_prepare(&self, req: IncomingRequest) -> Result<IncomingPlan, ApiError> {
         let me = self.inner.node;
@@ -195,17 +212,7 @@ impl Service {
                 format!("host {me} is a witness and runs no VMs"),
             ));
         }
-        let spec = self.runtime_spec(&vm)?;
-        if !spec.base_image.exists() {
-            return Err(refused(
-                "image_missing",
-                format!(
-                    "the image of VM '{}' is not at {} on host {me}; import it there first",
-                    vm.name,
-                    spec.base_image.display()
-                ),
-            ));
-        }
+        let spec = self.spec_with_image_here(&vm)?;
         let host = host_of(&info.api_address);
         let (migration_port, nbd_port) = two_free_ports(&host)?;
         let plan = IncomingPlan {
@@ -310,17 +317,7 @@ impl Service {
         let source_addr = source_addr.ok_or_else(|| ApiError::not_found("host", req.source))?;
         check_announced(&vm, req.source, me)?;
         let _lock = self.lock_vm(vm.id, &vm.name)?;
-        let spec = self.runtime_spec(&vm)?;
-        if !spec.base_image.exists() {
-            return Err(refused(
-                "image_missing",
-                format!(
-                    "the image of VM '{}' is not at {} on host {me}; import it there first",
-                    vm.name,
-                    spec.base_image.display()
-                ),
-            ));
-        }
+        let spec = self.spec_with_image_here(&vm)?;
         let files = self.inner.hv.disk_files(vm.id, spec.extra_disks_mib.len());
         let Some(dir) = files
             .first()

@@ -127,30 +127,25 @@ impl Service {
         self.inner.node
     }
 
-    /// Takes the VM's action lock, or explains that another action is running.
+    /// The VM's action lock (one per VM, made on first use).
+    fn vm_lock(&self, id: VmId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .inner
+            .vm_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        locks.entry(id).or_default().clone()
+    }
+
     /// The VM's action lock, waiting for it (for clean-ups that must happen, after whatever
     /// holds it).
     async fn lock_vm_waiting(&self, id: VmId) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = self
-                .inner
-                .vm_locks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            locks.entry(id).or_default().clone()
-        };
-        lock.lock_owned().await
+        self.vm_lock(id).lock_owned().await
     }
 
+    /// Takes the VM's action lock, or explains that another action is running.
     fn lock_vm(&self, id: VmId, name: &str) -> Result<tokio::sync::OwnedMutexGuard<()>, ApiError> {
-        let lock = {
-            let mut locks = self
-                .inner
-                .vm_locks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            locks.entry(id).or_default().clone()
-        };
+        let lock = self.vm_lock(id);
         lock.try_lock_owned().map_err(|_| {
             ApiError::conflict(format!(
                 "VM '{name}' already has an action in progress; wait for it"
