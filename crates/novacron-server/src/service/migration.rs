@@ -533,14 +533,7 @@ impl Service {
         who: &Principal,
     ) -> Result<Operation, ApiError> {
         validate_migrate(&req)?;
-        let vm = self.get_vm(key).await?;
-        if vm.node != self.inner.node {
-            return Err(ApiError::unavailable(format!(
-                "VM '{}' is on node {}; send the request there",
-                vm.name, vm.node
-            )));
-        }
-        let (vm, guard) = self.lock_current_vm(&vm.id.to_string()).await?;
+        let (vm, guard) = self.lock_own_vm(key).await?;
         let observed = self.inner.hv.observe(vm.id).await;
         let cold = match (vm.state, observed) {
             (VmState::Running | VmState::Paused, VmState::Running | VmState::Paused) => false,

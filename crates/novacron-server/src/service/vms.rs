@@ -115,6 +115,22 @@ impl Service {
         Ok((self.find_vm(&vm.id.to_string())?, guard))
     }
 
+    /// [`Service::lock_current_vm`] for a VM of this host (actions run on the VM's host; the
+    /// API forwards them there).
+    pub(crate) async fn lock_own_vm(
+        &self,
+        key: &str,
+    ) -> Result<(Vm, tokio::sync::OwnedMutexGuard<()>), ApiError> {
+        let vm = self.get_vm(key).await?;
+        if vm.node != self.inner.node {
+            return Err(ApiError::unavailable(format!(
+                "VM '{}' is on node {}; send the request there",
+                vm.name, vm.node
+            )));
+        }
+        self.lock_current_vm(&vm.id.to_string()).await
+    }
+
     pub async fn get_vm(&self, key: &str) -> Result<Vm, ApiError> {
         self.inner.state.read_linearizable(|_| ()).await?;
         self.find_vm(key)
@@ -392,15 +408,8 @@ impl Service {
         action: VmAction,
         who: &Principal,
     ) -> Result<Operation, ApiError> {
-        let vm = self.get_vm(key).await?;
-        if vm.node != self.inner.node {
-            return Err(ApiError::unavailable(format!(
-                "VM '{}' is on node {}; send the request there",
-                vm.name, vm.node
-            )));
-        }
         // Checked under the lock: the action before this one may have changed the state.
-        let (vm, guard) = self.lock_current_vm(&vm.id.to_string()).await?;
+        let (vm, guard) = self.lock_own_vm(key).await?;
         action.allowed(vm.state).map_err(ApiError::conflict)?;
         let svc = self.clone();
         let kind = format!("vm.{}", action.as_str());
