@@ -15,11 +15,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use novacron_client::Client;
-use novacron_hypervisor::RuntimeSpec;
 use novacron_hypervisor::accel::Accel;
 use novacron_hypervisor::qemu::args::{VmPaths, command_line};
 use novacron_hypervisor::qemu::runner;
-use novacron_types::{CreateVmRequest, ImageFormat, KernelBoot, VmId, VmState};
+use novacron_types::{CreateVmRequest, VmState};
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -55,21 +54,7 @@ async fn wait_file_contains(path: &Path, needle: &str, timeout: Duration) -> boo
 
 /// The floor: what NovaCron does for a start, done by hand — overlay, spawn, QMP, query-status.
 async fn floor_run(demo: &Path, root: &Path) -> (f64, f64) {
-    let s = |f: &str| demo.join(f).display().to_string();
-    let spec = RuntimeSpec {
-        id: VmId::new_random(),
-        name: "floor".into(),
-        vcpus: 1,
-        memory_mib: 128,
-        base_image: demo.join("disk.qcow2"),
-        base_format: ImageFormat::Qcow2,
-        extra_disks_mib: vec![],
-        boot: Some(KernelBoot {
-            kernel: s("vmlinuz"),
-            initrd: Some(s("initrd.img")),
-            cmdline: Some("console=ttyS0 quiet panic=-1".into()),
-        }),
-    };
+    let spec = bench_util::demo_spec(demo, vec![]);
     let paths = VmPaths::new(root, spec.id);
     std::fs::create_dir_all(&paths.dir).expect("dir");
     let t0 = Instant::now();

@@ -28,9 +28,7 @@ use novacron_client::Client;
 use novacron_hypervisor::accel::Accel;
 use novacron_hypervisor::qemu::{QemuConfig, QemuHypervisor};
 use novacron_hypervisor::{Hypervisor, IncomingPlan, MigrationTuning, RuntimeSpec};
-use novacron_types::{
-    CreateVmRequest, ImageFormat, KernelBoot, MigrateVmRequest, NodeId, OperationStatus, VmId,
-};
+use novacron_types::{CreateVmRequest, MigrateVmRequest, NodeId, OperationStatus};
 
 const PASSWORD: &str = "bench-password";
 
@@ -42,24 +40,6 @@ fn summary(name: &str, v: &mut [f64]) -> (f64, f64) {
         v.last().copied().unwrap_or(f64::NAN)
     );
     (p50, p99)
-}
-
-fn demo_spec(demo: &Path) -> RuntimeSpec {
-    let s = |f: &str| demo.join(f).to_string_lossy().into_owned();
-    RuntimeSpec {
-        id: VmId::new_random(),
-        name: "floor".into(),
-        vcpus: 1,
-        memory_mib: 128,
-        base_image: demo.join("disk.qcow2"),
-        base_format: ImageFormat::Qcow2,
-        extra_disks_mib: vec![8],
-        boot: Some(KernelBoot {
-            kernel: s("vmlinuz"),
-            initrd: Some(s("initrd.img")),
-            cmdline: Some("console=ttyS0 quiet panic=-1".into()),
-        }),
-    }
 }
 
 async fn wait_text(path: &Path, needle: &str, timeout: Duration) {
@@ -148,7 +128,7 @@ async fn floor(demo: &Path, runs: usize) -> (Vec<f64>, Vec<f64>) {
             .expect("driver"),
         );
     }
-    let spec = demo_spec(demo);
+    let spec = bench_util::demo_spec(demo, vec![8]);
     hv[0].define(&spec).await.expect("define");
     hv[0].start(&spec).await.expect("start");
     wait_text(

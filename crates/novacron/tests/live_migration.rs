@@ -232,16 +232,7 @@ async fn a_running_guest_moves_between_hosts_and_back_out_of_failures() {
     );
     assert_eq!(cluster.nodes[1].qemu_pids().len(), 1);
     // The disk's data came along (read beside the running QEMU).
-    let out = qemu_io(&[
-        "-U",
-        "-r",
-        "-f",
-        "qcow2",
-        "-c",
-        "read -P 0x3d 2M 3M",
-        &disk1(&cluster.nodes[1], &id),
-    ]);
-    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert_data(true, "read -P 0x3d 2M 3M", &disk1(&cluster.nodes[1], &id));
 
     // 2. Cancel mid-copy (1 MiB/s: the RAM would take minutes): the guest stays on host 2.
     let op = slow_migration(&c, "mover").await;
@@ -371,6 +362,17 @@ fn qemu_io(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Reads the data back with `qemu-io` (`beside_qemu`: while a QEMU holds the image) and fails
+/// unless it matches the pattern.
+fn assert_data(beside_qemu: bool, read: &str, file: &str) {
+    let mut args = vec!["-r", "-f", "qcow2", "-c", read, file];
+    if beside_qemu {
+        args.insert(0, "-U");
+    }
+    let out = qemu_io(&args);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+}
+
 /// The file of a VM's first extra disk on a host.
 fn disk1(node: &common::Node, vm: &str) -> String {
     node.data_dir()
@@ -444,15 +446,7 @@ async fn evacuating_a_host_moves_running_vms_live_and_stopped_ones_cold() {
     let ev_c = c.get_vm("ev-c").await.expect("vm");
     assert_eq!(ev_c.state, VmState::Stopped);
     let there = &cluster.nodes[ev_c.node.0 as usize - 1];
-    let out = qemu_io(&[
-        "-r",
-        "-f",
-        "qcow2",
-        "-c",
-        "read -P 0x5c 0 1M",
-        &disk1(there, &ids["ev-c"]),
-    ]);
-    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert_data(false, "read -P 0x5c 0 1M", &disk1(there, &ids["ev-c"]));
     assert!(
         cluster.nodes[0].qemu_pids().is_empty(),
         "QEMUs left on host 1"
@@ -489,15 +483,11 @@ async fn evacuating_a_host_moves_running_vms_live_and_stopped_ones_cold() {
     let done = wait_op(&c, &op, Duration::from_secs(60)).await;
     assert_eq!(done.status, OperationStatus::Success, "{done:?}");
     assert_eq!(c.get_vm("ev-c").await.expect("vm").node, NodeId(1));
-    let out = qemu_io(&[
-        "-r",
-        "-f",
-        "qcow2",
-        "-c",
+    assert_data(
+        false,
         "read -P 0x5c 0 1M",
         &disk1(&cluster.nodes[0], &ids["ev-c"]),
-    ]);
-    assert!(!out.contains("Pattern verification failed"), "{out}");
+    );
     for name in ["ev-a", "ev-b"] {
         let op = c.vm_action(name, "force-stop").await.expect("stop");
         wait_op(&c, &op, Duration::from_secs(30)).await;

@@ -26,3 +26,25 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// The demo guest as a driver spec (1 vCPU, 128 MiB, direct kernel boot), with `extra_disks_mib`.
+pub fn demo_spec(
+    demo: &std::path::Path,
+    extra_disks_mib: Vec<u64>,
+) -> novacron_hypervisor::RuntimeSpec {
+    let s = |f: &str| demo.join(f).to_string_lossy().into_owned();
+    novacron_hypervisor::RuntimeSpec {
+        id: novacron_types::VmId::new_random(),
+        name: "floor".into(),
+        vcpus: 1,
+        memory_mib: 128,
+        base_image: demo.join("disk.qcow2"),
+        base_format: novacron_types::ImageFormat::Qcow2,
+        extra_disks_mib,
+        boot: Some(novacron_types::KernelBoot {
+            kernel: s("vmlinuz"),
+            initrd: Some(s("initrd.img")),
+            cmdline: Some("console=ttyS0 quiet panic=-1".into()),
+        }),
+    }
+}
