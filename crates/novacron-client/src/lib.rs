@@ -32,6 +32,14 @@ impl ClientError {
             ClientError::Transport { .. } => None,
         }
     }
+
+    /// The server's error body, when it sent one.
+    pub fn api(&self) -> Option<&ApiError> {
+        match self {
+            ClientError::Api { error, .. } => Some(error),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -180,6 +188,20 @@ impl Client {
         self.post("/api/v1/placement", req).await
     }
 
+    /// `PATCH /api/v1/vms/{vm}`: labels (merge) and HA.
+    pub async fn update_vm(
+        &self,
+        key: &str,
+        req: &novacron_types::UpdateVmRequest,
+    ) -> Result<Vm, ClientError> {
+        self.call(
+            Method::PATCH,
+            &format!("/api/v1/vms/{}", encode(key)),
+            Some(req),
+        )
+        .await
+    }
+
     pub async fn delete_vm(&self, key: &str) -> Result<(), ClientError> {
         self.delete(&format!("/api/v1/vms/{}", encode(key))).await
     }
@@ -275,6 +297,26 @@ impl Client {
             });
         }
         Ok((bytes.to_vec(), next))
+    }
+
+    pub async fn list_pools(&self) -> Result<Vec<novacron_types::StoragePool>, ClientError> {
+        self.get("/api/v1/pools").await
+    }
+
+    pub async fn get_pool(&self, name: &str) -> Result<novacron_types::StoragePool, ClientError> {
+        self.get(&format!("/api/v1/pools/{}", encode(name))).await
+    }
+
+    pub async fn create_pool(
+        &self,
+        req: &novacron_types::CreatePoolRequest,
+    ) -> Result<novacron_types::StoragePool, ClientError> {
+        self.post("/api/v1/pools", req).await
+    }
+
+    pub async fn delete_pool(&self, name: &str) -> Result<(), ClientError> {
+        self.delete(&format!("/api/v1/pools/{}", encode(name)))
+            .await
     }
 
     pub async fn list_images(&self) -> Result<Vec<Image>, ClientError> {

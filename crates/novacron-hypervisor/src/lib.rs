@@ -34,6 +34,12 @@ pub struct RuntimeSpec {
     /// Sizes of the extra blank disks, in MiB.
     pub extra_disks_mib: Vec<u64>,
     pub boot: Option<KernelBoot>,
+    /// Where the disk files are when they live in a storage pool; the VM's directory then
+    /// holds links to them. `None`: in the VM's directory.
+    pub disk_dir: Option<PathBuf>,
+    /// `disk_dir` is the same directory on every host (a shared pool): a migration copies no
+    /// disk, and another host may open them once this one has let go.
+    pub shared_disks: bool,
 }
 
 /// A change of a VM's observed state, published by the driver.
@@ -143,8 +149,23 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Creates the VM's disks: a qcow2 overlay on the base image and the extra blank disks.
     async fn define(&self, spec: &RuntimeSpec) -> Result<(), HvError>;
 
-    /// Removes the VM's disks and files. The VM must not be running.
+    /// Removes the VM's files on this host (for disks in a pool: the links, not the disks).
+    /// The VM must not be running.
     async fn undefine(&self, id: VmId) -> Result<(), HvError>;
+
+    /// For a VM whose disks already exist in a pool (`spec.disk_dir`): makes them usable on
+    /// this host (the VM's directory with links to them). Fails when a disk is missing.
+    async fn link_disks(&self, spec: &RuntimeSpec) -> Result<(), HvError> {
+        let _ = spec;
+        Err(unsupported("storage pools"))
+    }
+
+    /// Deletes the disks in the VM's pool directory (after `undefine`, when the VM is deleted
+    /// for good). Nothing to do for disks kept in the VM's directory.
+    async fn remove_pool_disks(&self, spec: &RuntimeSpec) -> Result<(), HvError> {
+        let _ = spec;
+        Ok(())
+    }
 
     /// Starts QEMU and returns once QEMU reports the VM running.
     async fn start(&self, spec: &RuntimeSpec) -> Result<(), HvError>;

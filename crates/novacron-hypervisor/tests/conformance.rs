@@ -68,6 +68,8 @@ fn demo_spec_for_fake() -> RuntimeSpec {
         base_format: ImageFormat::Qcow2,
         extra_disks_mib: vec![],
         boot: None,
+        disk_dir: None,
+        shared_disks: false,
     }
 }
 

@@ -10,3 +10,4 @@ pub mod cluster;
 pub mod metrics;
 pub mod node;
 pub mod service;
+pub mod watchdog;

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub raft_last_log_index: Gauge,
     pub raft_applied_index: Gauge,
     pub raft_is_leader: Gauge,
+    pub ha_recoveries: Counter,
 }
 
 impl Default for Metrics {
@@ -104,8 +105,15 @@ impl Metrics {
             "1 when this node is the Raft leader",
             raft_is_leader.clone(),
         );
+        let ha_recoveries = Counter::default();
+        registry.register(
+            "ha_recoveries",
+            "HA VMs this host (as leader) moved off a lost host",
+            ha_recoveries.clone(),
+        );
         Self {
             registry,
+            ha_recoveries,
             http_requests,
             http_duration,
             vms,

@@ -44,6 +44,9 @@ pub struct NodeConfig {
     pub cluster: ClusterSettings,
     pub service: ServiceSettings,
     pub host: HostSettings,
+    /// The `novacron` binary, to run the fencing watchdog beside this host (`None`: none, for
+    /// nodes inside a test process).
+    pub watchdog_exe: Option<PathBuf>,
 }
 
 /// What this host offers to VMs, recorded in its host record at every start.
@@ -283,7 +286,14 @@ pub async fn run(
     // Needs the re-adopted QEMUs; may wait on other hosts, so it does not hold up the start.
     let cleaner = service.clone();
     tokio::spawn(async move { cleaner.clean_up_after_restart().await });
-    tokio::spawn(lease::run(service.clone()));
+    let watchdog = Arc::new(crate::watchdog::Watchdog::new(
+        cfg.data_dir.clone(),
+        cfg.watchdog_exe
+            .clone()
+            .filter(|_| identity.role == HostRole::Full),
+    ));
+    tokio::spawn(lease::run(service.clone(), watchdog));
+    tokio::spawn(crate::service::ha::run(service.clone()));
     tokio::spawn(manager::run(cluster.clone()));
 
     println!(

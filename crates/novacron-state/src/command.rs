@@ -8,12 +8,12 @@ use serde::{Deserialize, Serialize};
 
 use novacron_types::{
     ApiError, ApiToken, Image, ImageId, JoinToken, MigrationProgress, NodeId, NodeInfo, Operation,
-    OperationId, OperationStatus, PowerState, TokenId, UnixMillis, User, UserId, Vm, VmId,
-    VmSnapshot, VmState,
+    OperationId, OperationStatus, PowerState, StoragePool, TokenId, UnixMillis, User, UserId, Vm,
+    VmId, VmSnapshot, VmState,
 };
 
 /// The envelope replicated through Raft.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "version")]
 pub enum Command {
     #[serde(rename = "1")]
@@ -27,7 +27,7 @@ impl From<CommandV1> for Command {
 }
 
 /// Version 1 of the command set.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum CommandV1 {
     /// Sets cluster-wide secrets once, at bootstrap. A second call is rejected.
@@ -88,6 +88,28 @@ pub enum CommandV1 {
         from: NodeId,
         to: NodeId,
         at: UnixMillis,
+    },
+    /// Turns HA on or off for a VM. Rejected (on) unless its disks are on a shared pool.
+    SetVmHa {
+        id: VmId,
+        ha: bool,
+        at: UnixMillis,
+    },
+    /// HA: host `from` was lost (its lease ran out, plus the margin); the VM now belongs to `to`,
+    /// which starts it. Rejected unless the VM is on `from`, marked HA, on a shared pool, and
+    /// fits on `to`.
+    RecoverVm {
+        id: VmId,
+        from: NodeId,
+        to: NodeId,
+        at: UnixMillis,
+    },
+    CreatePool {
+        pool: StoragePool,
+    },
+    /// Rejected while any VM's disks are on the pool.
+    DeletePool {
+        name: String,
     },
     SetVmDesired {
         id: VmId,
@@ -202,4 +224,5 @@ pub enum Touched {
     User(UserId),
     Token(TokenId),
     Operation(OperationId),
+    Pool(String),
 }

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use novacron_types::{
-    ApiError, ApiToken, Image, ImageId, JoinToken, NodeInfo, Operation, OperationId, TokenId, User,
-    UserId, Vm, VmId, VmState,
+    ApiError, ApiToken, Image, ImageId, JoinToken, NodeInfo, Operation, OperationId, StoragePool,
+    TokenId, User, UserId, Vm, VmId, VmState,
 };
 
 use crate::command::{Command, CommandResponse, CommandV1, Touched};
@@ -29,7 +29,7 @@ pub struct ClusterMeta {
 }
 
 /// Everything replicated. Maps are ordered so snapshots are byte-for-byte reproducible.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub meta: ClusterMeta,
     pub nodes: BTreeMap<u64, NodeInfo>,
@@ -38,9 +38,44 @@ pub struct ClusterState {
     pub users: BTreeMap<UserId, User>,
     pub tokens: BTreeMap<TokenId, ApiToken>,
     pub operations: BTreeMap<OperationId, Operation>,
+    #[serde(default)]
+    pub pools: BTreeMap<String, StoragePool>,
 }
 
 impl ClusterState {
+    /// [`Self::check_pool`] with the VM's own HA flag, for callers outside `apply`.
+    pub fn check_vm_pool(&self, vm: &Vm) -> Result<(), ApiError> {
+        self.check_pool(vm, vm.spec.ha)
+    }
+
+    /// A VM's pool must exist, and HA needs it shared (no other host could open local disks).
+    fn check_pool(&self, vm: &Vm, ha: bool) -> Result<(), ApiError> {
+        let pool = match &vm.spec.pool {
+            Some(name) => Some(
+                self.pools
+                    .get(name)
+                    .ok_or_else(|| ApiError::not_found("pool", name))?,
+            ),
+            None => None,
+        };
+        if ha && !pool.is_some_and(|p| p.shared) {
+            return Err(ApiError::invalid(
+                "ha",
+                format!(
+                    "VM '{}' cannot have HA: its disks are {}; HA restarts a VM on another host, \
+                     which needs its disks on a shared pool",
+                    vm.name,
+                    match pool {
+                        Some(p) => format!("on pool '{}', which is local to each host", p.name),
+                        None => "in its host's own data directory".to_string(),
+                    }
+                ),
+            )
+            .with_reason("ha_needs_shared_pool"));
+        }
+        Ok(())
+    }
+
     /// The rules the replicated state decides for a VM recorded on `vm.node` (capacity,
     /// role, maintenance, labels, affinity): checked in `apply`, so racing creates cannot
     /// overfill a host.
@@ -54,6 +89,7 @@ impl ClusterState {
             memory_mib: vm.spec.memory_mib,
             disk_mib: 0,
             rules: &vm.spec.placement,
+            pool: vm.spec.pool.as_deref(),
             vm: Some(vm.id),
         };
         let reasons = crate::placement::check_state(self, node, &demand);
@@ -226,6 +262,7 @@ impl ClusterState {
                 if !self.images.contains_key(&vm.spec.image) {
                     return Err(ApiError::not_found("image", vm.spec.image));
                 }
+                self.check_pool(vm, vm.spec.ha)?;
                 self.check_placement(vm)?;
                 self.vms.insert(vm.id, vm.clone());
                 Ok(vec![Touched::Vm(vm.id)])
@@ -293,6 +330,88 @@ impl ClusterState {
                 self.vms.insert(*id, moved);
                 Ok(vec![Touched::Vm(*id)])
             }
+            SetVmHa { id, ha, at } => {
+                let vm = self
+                    .vms
+                    .get(id)
+                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                self.check_pool(vm, *ha)?;
+                let vm = self
+                    .vms
+                    .get_mut(id)
+                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                vm.spec.ha = *ha;
+                vm.updated_at = *at;
+                Ok(vec![Touched::Vm(*id)])
+            }
+            RecoverVm { id, from, to, at } => {
+                let vm = self
+                    .vms
+                    .get(id)
+                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                if vm.node != *from {
+                    return Err(ApiError::conflict(format!(
+                        "VM '{}' is on host {}, not host {from}",
+                        vm.name, vm.node
+                    )));
+                }
+                if !vm.spec.ha {
+                    return Err(ApiError::conflict(format!(
+                        "VM '{}' is not marked for HA",
+                        vm.name
+                    )));
+                }
+                self.check_pool(vm, true)?;
+                let mut moved = vm.clone();
+                moved.node = *to;
+                moved.migrating_to = None;
+                moved.state = VmState::Stopped;
+                moved.state_reason = Some(format!(
+                    "host {from} was lost; HA is restarting the VM on host {to}"
+                ));
+                moved.recovered_from = Some(*from);
+                moved.updated_at = *at;
+                self.check_placement(&moved)?;
+                self.vms.insert(*id, moved);
+                Ok(vec![Touched::Vm(*id)])
+            }
+            CreatePool { pool } => {
+                if self.pools.contains_key(&pool.name) {
+                    return Err(ApiError::conflict(format!(
+                        "a pool named '{}' already exists",
+                        pool.name
+                    )));
+                }
+                if let Some(other) = self.pools.values().find(|p| p.path == pool.path) {
+                    return Err(ApiError::conflict(format!(
+                        "pool '{}' already uses the directory {}",
+                        other.name, pool.path
+                    )));
+                }
+                self.pools.insert(pool.name.clone(), pool.clone());
+                Ok(vec![Touched::Pool(pool.name.clone())])
+            }
+            DeletePool { name } => {
+                if !self.pools.contains_key(name) {
+                    return Err(ApiError::not_found("pool", name));
+                }
+                let users: Vec<&str> = self
+                    .vms
+                    .values()
+                    .filter(|v| v.spec.pool.as_deref() == Some(name.as_str()))
+                    .map(|v| v.name.as_str())
+                    .collect();
+                if !users.is_empty() {
+                    return Err(ApiError::conflict(format!(
+                        "pool '{name}' still holds the disks of {} VM(s): {}",
+                        users.len(),
+                        users.join(", ")
+                    ))
+                    .with_reason("pool_in_use"));
+                }
+                self.pools.remove(name);
+                Ok(vec![Touched::Pool(name.clone())])
+            }
             DeleteVm { id } => {
                 let vm = self
                     .vms
@@ -348,6 +467,9 @@ impl ClusterState {
                         "VM '{}' is on host {} now, not host {node}",
                         vm.name, vm.node
                     )));
+                }
+                if *state == VmState::Running {
+                    vm.recovered_from = None;
                 }
                 vm.state = *state;
                 vm.state_reason = reason.clone();
@@ -603,12 +725,15 @@ mod tests {
                 disks: vec![],
                 boot: None,
                 placement: Default::default(),
+                pool: None,
+                ha: false,
             },
             snapshots: vec![],
             labels: Default::default(),
             created_at: 0,
             updated_at: 0,
             migrating_to: None,
+            recovered_from: None,
         }
     }
 
@@ -718,6 +843,111 @@ mod tests {
         )
         .expect_err("a repeated switch changes nothing");
         assert_eq!(e.code, ErrorCode::Conflict);
+    }
+
+    fn pool(name: &str, shared: bool) -> StoragePool {
+        StoragePool {
+            name: name.into(),
+            path: format!("/srv/{name}"),
+            tier: novacron_types::PoolTier::Hot,
+            shared,
+            capacity_bytes: 1 << 40,
+            cost_per_gib_month: 0.1,
+            performance_class: "ssd".into(),
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn ha_needs_a_shared_pool_and_recovery_moves_the_vm_once() {
+        let mut s = with_host(4096);
+        let mut h2 = s.nodes[&1].clone();
+        h2.id = NodeId(2);
+        s.nodes.insert(2, h2);
+        let img = image("demo");
+        apply(&mut s, CommandV1::CreateImage { image: img.clone() }).expect("image");
+        apply(
+            &mut s,
+            CommandV1::CreatePool {
+                pool: pool("local", false),
+            },
+        )
+        .expect("local");
+        apply(
+            &mut s,
+            CommandV1::CreatePool {
+                pool: pool("nfs", true),
+            },
+        )
+        .expect("nfs");
+        let e = apply(
+            &mut s,
+            CommandV1::CreatePool {
+                pool: pool("nfs", true),
+            },
+        )
+        .expect_err("dup");
+        assert_eq!(e.code, ErrorCode::Conflict);
+
+        let mut a = vm("a", img.id);
+        a.spec.ha = true;
+        let e = apply(&mut s, CommandV1::CreateVm { vm: a.clone() }).expect_err("no pool");
+        assert_eq!(e.reason.as_deref(), Some("ha_needs_shared_pool"));
+        a.spec.pool = Some("local".into());
+        let e = apply(&mut s, CommandV1::CreateVm { vm: a.clone() }).expect_err("local pool");
+        assert_eq!(e.reason.as_deref(), Some("ha_needs_shared_pool"));
+        a.spec.pool = Some("ghost".into());
+        let e = apply(&mut s, CommandV1::CreateVm { vm: a.clone() }).expect_err("ghost");
+        assert_eq!(e.code, ErrorCode::NotFound);
+        a.spec.pool = Some("nfs".into());
+        apply(&mut s, CommandV1::CreateVm { vm: a.clone() }).expect("shared pool");
+
+        let recover = |from, to| CommandV1::RecoverVm {
+            id: a.id,
+            from: NodeId(from),
+            to: NodeId(to),
+            at: 9,
+        };
+        apply(&mut s, recover(1, 2)).expect("recovered");
+        assert_eq!(s.vms[&a.id].node, NodeId(2));
+        assert_eq!(s.vms[&a.id].recovered_from, Some(NodeId(1)));
+        // A second leader deciding the same thing changes nothing.
+        let before = s.clone();
+        apply(&mut s, recover(1, 2)).expect_err("already moved");
+        assert_eq!(s, before);
+        // A late report from the lost host is refused; the new host's running clears the mark.
+        let seen = |node, state| CommandV1::RecordVmObservedOn {
+            node: NodeId(node),
+            id: a.id,
+            state,
+            reason: None,
+            at: 10,
+        };
+        apply(&mut s, seen(1, VmState::Running)).expect_err("old host");
+        apply(&mut s, seen(2, VmState::Running)).expect("new host");
+        assert_eq!(s.vms[&a.id].recovered_from, None);
+
+        let e = apply(&mut s, CommandV1::DeletePool { name: "nfs".into() }).expect_err("in use");
+        assert_eq!(e.reason.as_deref(), Some("pool_in_use"));
+        apply(
+            &mut s,
+            CommandV1::SetVmHa {
+                id: a.id,
+                ha: false,
+                at: 11,
+            },
+        )
+        .expect("ha off");
+        let e = apply(&mut s, recover(2, 1)).expect_err("not ha");
+        assert_eq!(e.code, ErrorCode::Conflict);
+        apply(
+            &mut s,
+            CommandV1::DeletePool {
+                name: "local".into(),
+            },
+        )
+        .expect("unused");
+        assert!(!s.pools.contains_key("local"));
     }
 
     #[test]
@@ -875,12 +1105,15 @@ mod properties {
                         disks: vec![],
                         boot: None,
                         placement: Default::default(),
+                        pool: None,
+                        ha: false,
                     },
                     snapshots: vec![],
                     labels: Default::default(),
                     created_at: at,
                     updated_at: at,
                     migrating_to: None,
+                    recovered_from: None,
                 },
             },
             3 => CommandV1::DeleteVm { id: vm },

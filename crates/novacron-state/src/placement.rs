@@ -31,6 +31,8 @@ pub struct Demand<'a> {
     pub memory_mib: u64,
     pub disk_mib: u64,
     pub rules: &'a PlacementRules,
+    /// The storage pool its disks go to; `None`: the host's data directory.
+    pub pool: Option<&'a str>,
     /// The VM being placed, when it already exists (migration): its own reservation and group
     /// membership are left out.
     pub vm: Option<VmId>,
@@ -41,8 +43,9 @@ pub struct Demand<'a> {
 pub struct Live {
     /// `online`, `offline`, `isolated`, `joining`.
     pub health: String,
-    /// Free bytes of the host's data pool, when it has reported them.
-    pub disk_free_bytes: Option<u64>,
+    /// Free bytes per storage pool the host can use (`data`: its own data directory), as last
+    /// reported. A pool missing here is one the host cannot see.
+    pub disk_free_bytes: BTreeMap<String, u64>,
     pub load1: Option<f64>,
 }
 
@@ -221,17 +224,25 @@ pub fn rank(
                         "has not reported its health yet".to_string(),
                     )),
                 }
-                if let Some(free) = facts.and_then(|l| l.disk_free_bytes)
-                    && demand.disk_mib > free >> 20
-                {
-                    reasons.push(reason(
+                let pool = demand.pool.unwrap_or("data");
+                match facts.map(|l| l.disk_free_bytes.get(pool)) {
+                    Some(Some(free)) if demand.disk_mib > free >> 20 => reasons.push(reason(
                         "not_enough_disk",
                         format!(
-                            "needs {} MiB of disk, {} MiB free in its data pool",
+                            "needs {} MiB of disk, {} MiB free in {}",
                             demand.disk_mib,
-                            free >> 20
+                            free >> 20,
+                            match demand.pool {
+                                Some(p) => format!("pool '{p}'"),
+                                None => "its data directory".to_string(),
+                            }
                         ),
-                    ));
+                    )),
+                    Some(None) if demand.pool.is_some() => reasons.push(reason(
+                        "pool_unavailable",
+                        format!("cannot see pool '{pool}' (not mounted or not marked)"),
+                    )),
+                    _ => {}
                 }
             }
         }
@@ -367,12 +378,15 @@ mod tests {
                     disks: vec![],
                     boot: None,
                     placement,
+                    pool: None,
+                    ha: false,
                 },
                 snapshots: vec![],
                 labels: Default::default(),
                 created_at: 0,
                 updated_at: 0,
                 migrating_to: None,
+                recovered_from: None,
             },
         );
         id
@@ -385,7 +399,7 @@ mod tests {
                     *i,
                     Live {
                         health: "online".into(),
-                        disk_free_bytes: Some(100 << 30),
+                        disk_free_bytes: BTreeMap::from([("data".to_string(), 100 << 30)]),
                         load1: Some(0.0),
                     },
                 )
@@ -399,6 +413,7 @@ mod tests {
             memory_mib,
             disk_mib: 0,
             rules,
+            pool: None,
             vm: None,
         }
     }
@@ -657,7 +672,10 @@ mod tests {
     fn disk_and_missing_health_reports_reject() {
         let s = three_hosts();
         let mut live = online(&[1, 2]);
-        live.get_mut(&1).expect("h1").disk_free_bytes = Some(512 << 20);
+        live.get_mut(&1)
+            .expect("h1")
+            .disk_free_bytes
+            .insert("data".into(), 512 << 20);
         let rules = PlacementRules::default();
         let d = Demand {
             disk_mib: 1024,
@@ -667,6 +685,28 @@ mod tests {
         assert_eq!(r.chosen, Some(NodeId(2)));
         assert_eq!(codes(&r, 1), vec!["not_enough_disk"]);
         assert_eq!(codes(&r, 3), vec!["no_inventory"]);
+    }
+
+    #[test]
+    fn a_pool_counts_only_on_hosts_that_see_it() {
+        let s = three_hosts();
+        let mut live = online(&[1, 2, 3]);
+        for (n, free) in [(1u64, 8u64 << 30), (2, 256 << 20)] {
+            live.get_mut(&n)
+                .expect("host")
+                .disk_free_bytes
+                .insert("shared".into(), free);
+        }
+        let rules = PlacementRules::default();
+        let d = Demand {
+            disk_mib: 1024,
+            pool: Some("shared"),
+            ..demand(&rules, 1, 256)
+        };
+        let r = rank(&s, &live, &d, PlacementStrategy::Spread, None);
+        assert_eq!(r.chosen, Some(NodeId(1)));
+        assert_eq!(codes(&r, 2), vec!["not_enough_disk"]);
+        assert_eq!(codes(&r, 3), vec!["pool_unavailable"]);
     }
 
     #[test]

@@ -486,6 +486,7 @@ fn row_key(t: &Touched) -> String {
         Touched::User(id) => format!("user/{id}"),
         Touched::Token(id) => format!("token/{id}"),
         Touched::Operation(id) => format!("op/{id}"),
+        Touched::Pool(name) => format!("pool/{name}"),
     }
 }
 
@@ -499,6 +500,7 @@ fn row_value(s: &ClusterState, t: &Touched) -> io::Result<Option<Vec<u8>>> {
         Touched::User(id) => s.users.get(id).map(to_json).transpose()?,
         Touched::Token(id) => s.tokens.get(id).map(to_json).transpose()?,
         Touched::Operation(id) => s.operations.get(id).map(to_json).transpose()?,
+        Touched::Pool(name) => s.pools.get(name).map(to_json).transpose()?,
     })
 }
 
@@ -535,6 +537,10 @@ fn load_rows(db: &Database) -> io::Result<ClusterState> {
             Some(("op", _)) => {
                 let o: novacron_types::Operation = from_json(v)?;
                 s.operations.insert(o.id, o);
+            }
+            Some(("pool", _)) => {
+                let p: novacron_types::StoragePool = from_json(v)?;
+                s.pools.insert(p.name.clone(), p);
             }
             _ => {
                 return Err(io::Error::new(
@@ -690,6 +696,7 @@ impl StateMachineStore {
         all.extend(s.users.keys().map(|k| Touched::User(*k)));
         all.extend(s.tokens.keys().map(|k| Touched::Token(*k)));
         all.extend(s.operations.keys().map(|k| Touched::Operation(*k)));
+        all.extend(s.pools.keys().map(|k| Touched::Pool(k.clone())));
         self.write_rows(applied, &all, true, true, snapshot)
     }
 

@@ -35,6 +35,13 @@ pub struct CreateVmRequest {
     /// Where the VM may run.
     #[serde(default)]
     pub placement: PlacementRules,
+    /// The storage pool its disks go to. Default: the host's own data directory.
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// Restart the VM on another host when its host is lost (its disks must be on a shared
+    /// pool).
+    #[serde(default)]
+    pub ha: bool,
 }
 
 /// Where a VM may run. Kept with the VM, so every later placement (migration, evacuation, HA)
@@ -94,6 +101,10 @@ pub struct PlacementRequest {
     /// Default: the receiving host's `--placement` setting.
     #[serde(default)]
     pub strategy: Option<PlacementStrategy>,
+    /// The storage pool the disks would go to (the host must see it). Default: the host's data
+    /// directory.
+    #[serde(default)]
+    pub pool: Option<String>,
 }
 
 /// Why a host was not chosen.
@@ -166,6 +177,12 @@ pub struct VmSpec {
     pub boot: Option<KernelBoot>,
     #[serde(default)]
     pub placement: PlacementRules,
+    /// The storage pool holding the VM's disks; `None`: the host's own data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Restarted on another host when its host is lost (only with disks on a shared pool).
+    #[serde(default)]
+    pub ha: bool,
 }
 
 /// One disk of a VM. Disk 0 is the boot disk (an overlay on the image).
@@ -264,6 +281,10 @@ pub struct Vm {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<u64>)]
     pub migrating_to: Option<NodeId>,
+    /// HA moved the VM here after host N was lost; cleared once it runs here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    pub recovered_from: Option<NodeId>,
 }
 
 /// `PATCH /api/v1/vms/{vm}`: a merge patch of the VM's labels (`null` removes a label).
@@ -272,6 +293,67 @@ pub struct Vm {
 pub struct UpdateVmRequest {
     #[serde(default)]
     pub labels: BTreeMap<String, Option<String>>,
+    /// Turn HA on or off (on needs disks on a shared pool).
+    #[serde(default)]
+    pub ha: Option<bool>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Storage pools
+
+/// How fast (and dear) a pool's storage is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolTier {
+    Hot,
+    Warm,
+    /// Volumes are stored compressed.
+    Cold,
+}
+
+impl PoolTier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolTier::Hot => "hot",
+            PoolTier::Warm => "warm",
+            PoolTier::Cold => "cold",
+        }
+    }
+}
+
+/// A directory VM disks live in. A `shared` pool is the same files on every host (NFS,
+/// CephFS, a cluster file system): VMs on it migrate without copying disks and can be
+/// restarted elsewhere by HA. A local pool is a directory of that path on each host.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StoragePool {
+    pub name: String,
+    /// Absolute path of the directory on the hosts.
+    pub path: String,
+    pub tier: PoolTier,
+    pub shared: bool,
+    pub capacity_bytes: u64,
+    pub cost_per_gib_month: f64,
+    /// Free-form class (`nvme`, `ssd`, `hdd`, `archive`, ...).
+    pub performance_class: String,
+    pub created_at: UnixMillis,
+}
+
+/// `POST /api/v1/pools`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePoolRequest {
+    pub name: String,
+    /// Absolute directory path. For a shared pool it must already be mounted on the host that
+    /// receives the request; NovaCron marks it so other hosts can tell it is the same pool.
+    pub path: String,
+    pub tier: PoolTier,
+    #[serde(default)]
+    pub shared: bool,
+    pub capacity_bytes: u64,
+    #[serde(default)]
+    pub cost_per_gib_month: f64,
+    #[serde(default)]
+    pub performance_class: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 //! Input validation. Every function names the field at fault so the API can answer 400 with it.
 
 use crate::{
-    ApiError, CreateVmRequest, KernelBoot, PlacementRequest, PlacementRules, ValidationResult,
+    ApiError, CreatePoolRequest, CreateVmRequest, KernelBoot, PlacementRequest, PlacementRules,
+    ValidationResult,
 };
 
 pub const MAX_VCPUS: u32 = 128;
@@ -215,7 +216,55 @@ pub fn create_vm(req: &CreateVmRequest) -> ValidationResult<()> {
     if let Some(boot) = &req.boot {
         kernel_boot("boot", boot)?;
     }
+    if let Some(pool) = &req.pool {
+        name("pool", pool)?;
+    }
     placement_rules(&req.placement)
+}
+
+pub const MAX_POOL_BYTES: u64 = 1 << 60; // 1 EiB
+
+pub fn create_pool(req: &CreatePoolRequest) -> ValidationResult<()> {
+    name("name", &req.name)?;
+    let path = std::path::Path::new(&req.path);
+    if !path.is_absolute() {
+        return Err(ApiError::invalid(
+            "path",
+            format!("path '{}' must be absolute", req.path),
+        ));
+    }
+    if req.path.len() > 200
+        || path
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(ApiError::invalid(
+            "path",
+            "path must be at most 200 characters and contain no '..'",
+        ));
+    }
+    if req.path == "/" {
+        return Err(ApiError::invalid("path", "path must not be '/'"));
+    }
+    if req.capacity_bytes == 0 || req.capacity_bytes > MAX_POOL_BYTES {
+        return Err(ApiError::invalid(
+            "capacity_bytes",
+            format!(
+                "capacity must be between 1 byte and 1 EiB (got {})",
+                req.capacity_bytes
+            ),
+        ));
+    }
+    if !req.cost_per_gib_month.is_finite() || req.cost_per_gib_month < 0.0 {
+        return Err(ApiError::invalid(
+            "cost_per_gib_month",
+            "cost per GiB-month must be a number of at least 0",
+        ));
+    }
+    if let Some(class) = &req.performance_class {
+        name("performance_class", class)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -233,6 +282,8 @@ mod tests {
             boot: None,
             node: None,
             placement: Default::default(),
+            pool: None,
+            ha: false,
         }
     }
 

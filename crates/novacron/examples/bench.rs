@@ -110,6 +110,8 @@ async fn novacron_run(c: &Client, data: &Path, i: u64) -> (f64, f64) {
             boot: None,
             node: None,
             placement: Default::default(),
+            pool: None,
+            ha: false,
         })
         .await
         .expect("create");
@@ -242,6 +244,8 @@ async fn main() {
             boot: None,
             node: None,
             placement: Default::default(),
+            pool: None,
+            ha: false,
         })
         .await
         .expect("create idle");

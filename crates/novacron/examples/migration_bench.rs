@@ -291,6 +291,8 @@ async fn main() {
         boot: None,
         node: Some(NodeId(1)),
         placement: Default::default(),
+        pool: None,
+        ha: false,
     })
     .await
     .expect("create");

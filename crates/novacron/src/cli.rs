@@ -81,8 +81,53 @@ pub enum Command {
     /// Cluster membership: join tokens, status, removal, leadership.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Storage pools: directories VM disks live in.
+    #[command(subcommand)]
+    Pool(PoolCommand),
     /// Run a local cluster of N hosts as separate processes on loopback (Ctrl-C stops it).
     DevCluster(DevClusterArgs),
+    /// The fencing watchdog `serve` runs beside itself (not for direct use).
+    #[command(hide = true)]
+    FenceWatchdog {
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCommand {
+    List,
+    Show {
+        name: String,
+    },
+    /// Record a pool. A shared pool's directory must be mounted on the host you talk to (and,
+    /// to be used there, on every other host); a local one is made on each host.
+    Create {
+        name: String,
+        /// Absolute directory path on the hosts.
+        #[arg(long)]
+        path: String,
+        /// hot, warm or cold.
+        #[arg(long)]
+        tier: String,
+        /// Capacity in GiB.
+        #[arg(long)]
+        capacity_gib: u64,
+        /// Every host sees the same files (NFS, CephFS, ...): VMs on it move without copying
+        /// disks and can have HA.
+        #[arg(long)]
+        shared: bool,
+        /// Cost per GiB-month.
+        #[arg(long, default_value_t = 0.0)]
+        cost: f64,
+        /// Performance class (default: the tier).
+        #[arg(long)]
+        class: Option<String>,
+    },
+    /// Delete a pool's record (refused while any VM's disks are on it).
+    Delete {
+        name: String,
+    },
 }
 
 /// Placement rules of a VM.
@@ -203,10 +248,22 @@ pub enum VmCommand {
         node: Option<u64>,
         #[command(flatten)]
         rules: RulesArgs,
+        /// The storage pool for its disks (default: the host's data directory).
+        #[arg(long)]
+        pool: Option<String>,
+        /// Restart it on another host if its host is lost (needs a shared pool).
+        #[arg(long)]
+        ha: bool,
         /// Show where it would go (the ranking and every rejected host's reasons); create
         /// nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Turn HA on or off for a VM (on needs its disks on a shared pool).
+    Ha {
+        vm: String,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
     },
     /// Where a VM with these needs would go: hosts ranked best first, and every other host with
     /// the reasons it was rejected. Creates nothing (always a dry run).
@@ -230,6 +287,9 @@ pub enum VmCommand {
         strategy: Option<String>,
         #[command(flatten)]
         rules: RulesArgs,
+        /// The storage pool the disks would go to.
+        #[arg(long)]
+        pool: Option<String>,
         /// Accepted for clarity: `vm place` never creates anything.
         #[arg(long)]
         dry_run: bool,
@@ -437,7 +497,10 @@ fn read_password(prompt: &str, from_stdin: bool) -> anyhow::Result<String> {
 
 pub async fn run(g: Global, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve(_) | Command::DevCluster(_) => unreachable!("handled in main"),
+        Command::Serve(_) | Command::DevCluster(_) | Command::FenceWatchdog { .. } => {
+            unreachable!("handled in main")
+        }
+        Command::Pool(c) => pool(&g, c).await,
         Command::Cluster(c) => cluster_cli::run(&g, c).await,
         Command::Login {
             username,
@@ -671,6 +734,8 @@ async fn vm(g: &Global, cmd: VmCommand) -> anyhow::Result<()> {
             start,
             node,
             rules,
+            pool,
+            ha,
             dry_run,
         } => {
             let c = client(g)?;
@@ -690,6 +755,8 @@ async fn vm(g: &Global, cmd: VmCommand) -> anyhow::Result<()> {
                 }),
                 node: node.map(novacron_types::NodeId),
                 placement: rules.rules(),
+                pool,
+                ha,
             };
             if dry_run {
                 let report = c
@@ -701,6 +768,7 @@ async fn vm(g: &Global, cmd: VmCommand) -> anyhow::Result<()> {
                         placement: req.placement.clone(),
                         node: req.node,
                         strategy: None,
+                        pool: req.pool.clone(),
                     })
                     .await?;
                 if g.output == Format::Json {
@@ -732,6 +800,7 @@ async fn vm(g: &Global, cmd: VmCommand) -> anyhow::Result<()> {
             node,
             strategy,
             rules,
+            pool,
             dry_run: _,
         } => {
             let strategy = match strategy.as_deref() {
@@ -749,12 +818,30 @@ async fn vm(g: &Global, cmd: VmCommand) -> anyhow::Result<()> {
                     placement: rules.rules(),
                     node: node.map(novacron_types::NodeId),
                     strategy,
+                    pool,
                 })
                 .await?;
             if g.output == Format::Json {
                 return output::json(&report);
             }
             print_placement(&report);
+            Ok(())
+        }
+        VmCommand::Ha { vm, state } => {
+            let c = client(g)?;
+            let req = novacron_types::UpdateVmRequest {
+                ha: Some(state == "on"),
+                ..Default::default()
+            };
+            let vm = c.update_vm(&vm, &req).await?;
+            if g.output == Format::Json {
+                return output::json(&vm);
+            }
+            println!(
+                "VM '{}': HA {}",
+                vm.name,
+                if vm.spec.ha { "on" } else { "off" }
+            );
             Ok(())
         }
         VmCommand::List => {
@@ -969,6 +1056,83 @@ async fn stream_console_from(c: &Client, vm: &str, offset: u64) -> anyhow::Resul
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Ok(StreamEnd::Broken(e.into())),
             }
+        }
+    }
+}
+
+async fn pool(g: &Global, cmd: PoolCommand) -> anyhow::Result<()> {
+    let c = client(g)?;
+    let show = |pools: Vec<novacron_types::StoragePool>| {
+        if g.output == Format::Json {
+            return output::json(&pools);
+        }
+        output::table(
+            &[
+                "NAME",
+                "TIER",
+                "SHARED",
+                "CAPACITY",
+                "COST/GIB-MONTH",
+                "CLASS",
+                "PATH",
+            ],
+            pools
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.name.clone(),
+                        p.tier.as_str().into(),
+                        if p.shared { "yes" } else { "no" }.into(),
+                        format!("{} GiB", p.capacity_bytes >> 30),
+                        format!("{}", p.cost_per_gib_month),
+                        p.performance_class.clone(),
+                        p.path.clone(),
+                    ]
+                })
+                .collect(),
+        );
+        Ok(())
+    };
+    match cmd {
+        PoolCommand::List => show(c.list_pools().await?),
+        PoolCommand::Show { name } => show(vec![c.get_pool(&name).await?]),
+        PoolCommand::Create {
+            name,
+            path,
+            tier,
+            capacity_gib,
+            shared,
+            cost,
+            class,
+        } => {
+            let tier = match tier.as_str() {
+                "hot" => novacron_types::PoolTier::Hot,
+                "warm" => novacron_types::PoolTier::Warm,
+                "cold" => novacron_types::PoolTier::Cold,
+                other => bail!("--tier must be hot, warm or cold (got '{other}')"),
+            };
+            let path = std::path::absolute(&path)
+                .map(|p| p.display().to_string())
+                .unwrap_or(path);
+            let pool = c
+                .create_pool(&novacron_types::CreatePoolRequest {
+                    name,
+                    path,
+                    tier,
+                    shared,
+                    capacity_bytes: capacity_gib.saturating_mul(1 << 30),
+                    cost_per_gib_month: cost,
+                    performance_class: class,
+                })
+                .await?;
+            show(vec![pool])
+        }
+        PoolCommand::Delete { name } => {
+            c.delete_pool(&name).await?;
+            if g.output != Format::Json {
+                println!("pool '{name}' deleted");
+            }
+            Ok(())
         }
     }
 }

@@ -17,6 +17,9 @@ async fn main() -> ExitCode {
     let result = match args.command {
         cli::Command::Serve(s) => serve::run(*s).await,
         cli::Command::DevCluster(a) => dev_cluster::run(a).await,
+        cli::Command::FenceWatchdog { data_dir } => novacron_server::watchdog::run(&data_dir)
+            .await
+            .map_err(anyhow::Error::from),
         command => cli::run(args.global, command).await,
     };
     match result {

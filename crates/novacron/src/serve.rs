@@ -298,6 +298,7 @@ fn config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
         join,
         cluster,
         host,
+        watchdog_exe: std::env::current_exe().ok(),
         node_name: args
             .node_name
             .or(file.node_name)

@@ -66,6 +66,7 @@ async fn placement_follows_rules_capacity_and_explains_itself() {
         placement: rules(&[("zone", "b")], None, None),
         node: None,
         strategy: None,
+        pool: None,
     };
     let report = c.place(&dry).await.expect("dry run");
     let ranked: Vec<u64> = report.candidates.iter().map(|x| x.node.0).collect();

@@ -147,6 +147,8 @@ mod tests {
                 initrd: Some("/img/initrd".into()),
                 cmdline: Some("console=ttyS0".into()),
             }),
+            disk_dir: None,
+            shared_disks: false,
         };
         let paths = VmPaths::new(Path::new("/data/vms"), spec.id);
         let args = command_line(&spec, &paths, Accel::Tcg).join(" ");

@@ -85,8 +85,15 @@ pub(super) async fn incoming_start(
             spec.base_image.display()
         )));
     }
-    // Empty disks: the root an overlay on the same image, the others blank of the same size.
-    hv.define(spec).await?;
+    if spec.shared_disks {
+        // The same files as the source's: QEMU opens them inactive (no locks, no writes)
+        // until the migration completes and the source has let go of them.
+        hv.link_disks(spec).await?;
+    } else {
+        // Empty disks: the root an overlay on the same image, the others blank of the same
+        // size.
+        hv.define(spec).await?;
+    }
     let result = async {
         // -S: the guest stays paused here after loading until `incoming_finish`, which the
         // source calls only once ownership has moved. Until then the source may always resume
@@ -102,25 +109,8 @@ pub(super) async fn incoming_start(
             )
             .await?;
         }
-        raw(
-            hv,
-            spec.id,
-            RawCommand::NbdServerStart(json!({
-                "addr": { "type": "inet",
-                          "data": { "host": plan.host, "port": plan.nbd_port.to_string() } }
-            })),
-        )
-        .await?;
-        for node in disk_nodes(spec.extra_disks_mib.len()) {
-            raw(
-                hv,
-                spec.id,
-                RawCommand::BlockExportAdd(json!({
-                    "type": "nbd", "id": mig(&node), "node-name": node, "name": node,
-                    "writable": true
-                })),
-            )
-            .await?;
+        if !spec.shared_disks {
+            export_disks(hv, spec, plan).await?;
         }
         raw(
             hv,
@@ -137,6 +127,35 @@ pub(super) async fn incoming_start(
         let _ = incoming_abort(hv, spec.id).await;
     }
     result
+}
+
+/// Serves the target's empty disks over NBD for the source's mirrors to write into.
+async fn export_disks(
+    hv: &QemuHypervisor,
+    spec: &RuntimeSpec,
+    plan: &IncomingPlan,
+) -> Result<(), HvError> {
+    raw(
+        hv,
+        spec.id,
+        RawCommand::NbdServerStart(json!({
+            "addr": { "type": "inet",
+                      "data": { "host": plan.host, "port": plan.nbd_port.to_string() } }
+        })),
+    )
+    .await?;
+    for node in disk_nodes(spec.extra_disks_mib.len()) {
+        raw(
+            hv,
+            spec.id,
+            RawCommand::BlockExportAdd(json!({
+                "type": "nbd", "id": mig(&node), "node-name": node, "name": node,
+                "writable": true
+            })),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 pub(super) async fn incoming_finish(hv: &QemuHypervisor, id: VmId) -> Result<(), HvError> {
@@ -163,11 +182,14 @@ pub(super) async fn incoming_finish(hv: &QemuHypervisor, id: VmId) -> Result<(),
     Ok(())
 }
 
-/// The disks are complete here: nobody writes to them over NBD any more.
+/// The disks are complete here: nobody writes to them over NBD any more. With disks on a
+/// shared pool no server was started, and QEMU says so.
 async fn stop_exports(hv: &QemuHypervisor, id: VmId) -> Result<(), HvError> {
-    raw(hv, id, RawCommand::NbdServerStop(none()))
-        .await
-        .map(drop)
+    match raw(hv, id, RawCommand::NbdServerStop(none())).await {
+        Ok(_) => Ok(()),
+        Err(HvError::Qmp { message, .. }) if message.contains("not running") => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 pub(super) async fn incoming_abort(hv: &QemuHypervisor, id: VmId) -> Result<(), HvError> {
@@ -185,6 +207,10 @@ pub(super) async fn outgoing_mirror(
     tuning: &MigrationTuning,
 ) -> Result<(), HvError> {
     let id = spec.id;
+    if spec.shared_disks {
+        // The target opens the same files: nothing to copy.
+        return Ok(());
+    }
     let result = async {
         for node in disk_nodes(spec.extra_disks_mib.len()) {
             raw(
@@ -370,6 +396,17 @@ pub(super) async fn outgoing_switchover(
     spec: &RuntimeSpec,
 ) -> Result<(), HvError> {
     let id = spec.id;
+    if spec.shared_disks {
+        // No mirrors; QEMU itself hands the disks over (the source lets go of them before
+        // the target takes them).
+        raw(
+            hv,
+            id,
+            RawCommand::MigrateContinue(json!({ "state": "pre-switchover" })),
+        )
+        .await?;
+        return Ok(());
+    }
     // Every disk's mirror must still be there and caught up: a mirror that failed has vanished
     // (auto-dismissed), and cancelling one that is not ready aborts it. Either way the target's
     // disk would be incomplete, so refuse here, where the migration can still be cancelled.

@@ -96,17 +96,7 @@ impl QemuHypervisor {
 
     /// The PID in the VM's pidfile, if that process is alive and really is this VM's QEMU.
     fn live_pid(&self, id: VmId) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(self.paths(id).pidfile())
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let needle = id.to_string();
-        let ours = cmdline
-            .split(|b| *b == 0)
-            .any(|arg| arg == needle.as_bytes());
-        (ours && pid_alive(pid)).then_some(pid)
+        verified_pid(&self.cfg.vms_root, id)
     }
 
     /// Connects to a QEMU that is up and starts its runner.
@@ -203,6 +193,69 @@ impl QemuHypervisor {
     }
 }
 
+/// The PID in the pidfile of VM `id` under `vms_root`, if that process is alive and really is
+/// this VM's QEMU (its UUID is on the command line).
+fn verified_pid(vms_root: &Path, id: VmId) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(VmPaths::new(vms_root, id).pidfile())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let needle = id.to_string();
+    let ours = cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg == needle.as_bytes());
+    (ours && pid_alive(pid)).then_some(pid)
+}
+
+/// Kills the QEMU of VM `id` under `vms_root`, if one runs, without a driver (the fencing
+/// watchdog runs outside `novacron`). Returns whether a process was killed.
+pub fn kill_vm_process(vms_root: &Path, id: VmId) -> bool {
+    match verified_pid(vms_root, id) {
+        Some(pid) => {
+            sigkill(pid);
+            true
+        }
+        None => false,
+    }
+}
+
+/// In a VM's directory: its disks are links into a shared pool (not this host's to delete).
+const SHARED_MARK: &str = "shared-disks";
+
+/// Links each disk in the pool's directory from the VM's directory (replacing stale links).
+fn link_pool_disks(spec: &RuntimeSpec, paths: &VmPaths) -> Result<(), HvError> {
+    let Some(dir) = &spec.disk_dir else {
+        return Ok(());
+    };
+    if spec.shared_disks {
+        std::fs::write(paths.dir.join(SHARED_MARK), b"")?;
+    }
+    let pool = VmPaths { dir: dir.clone() };
+    let n = spec.extra_disks_mib.len();
+    for (real, link) in pool.disks(n).into_iter().zip(paths.disks(n)) {
+        if !real.exists() {
+            return Err(HvError::StartFailed(format!(
+                "disk {} is missing from the pool",
+                real.display()
+            )));
+        }
+        match std::fs::symlink_metadata(&link) {
+            Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(&link)?,
+            Ok(_) => {
+                return Err(HvError::StartFailed(format!(
+                    "{} is a file, not a link to the pool",
+                    link.display()
+                )));
+            }
+            Err(_) => {}
+        }
+        std::os::unix::fs::symlink(&real, &link)?;
+    }
+    Ok(())
+}
+
 fn last_lines(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -231,25 +284,76 @@ impl Hypervisor for QemuHypervisor {
             )));
         }
         std::fs::create_dir_all(&paths.dir)?;
+        // Disks go to the pool's directory (when there is one), linked from the VM's.
+        let at = VmPaths {
+            dir: spec.disk_dir.clone().unwrap_or_else(|| paths.dir.clone()),
+        };
         let result = async {
-            disks::create_overlay(&spec.base_image, spec.base_format, &paths.root_disk()).await?;
+            std::fs::create_dir_all(&at.dir)?;
+            disks::create_overlay(&spec.base_image, spec.base_format, &at.root_disk()).await?;
             for (i, size) in spec.extra_disks_mib.iter().enumerate() {
-                disks::create_blank(&paths.extra_disk(i + 1), *size).await?;
+                disks::create_blank(&at.extra_disk(i + 1), *size).await?;
+            }
+            if spec.disk_dir.is_some() {
+                link_pool_disks(spec, &paths)?;
             }
             Ok(())
         }
         .await;
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&paths.dir);
+            if spec.disk_dir.is_some() {
+                let _ = std::fs::remove_dir_all(&at.dir);
+            }
         }
         result
+    }
+
+    async fn link_disks(&self, spec: &RuntimeSpec) -> Result<(), HvError> {
+        let paths = self.paths(spec.id);
+        if spec.disk_dir.is_none() {
+            return Err(HvError::Unsupported(
+                "the VM's disks are not in a storage pool".into(),
+            ));
+        }
+        std::fs::create_dir_all(&paths.dir)?;
+        link_pool_disks(spec, &paths)
+    }
+
+    async fn remove_pool_disks(&self, spec: &RuntimeSpec) -> Result<(), HvError> {
+        let Some(dir) = &spec.disk_dir else {
+            return Ok(());
+        };
+        if self.handle(spec.id).is_some() || self.live_pid(spec.id).is_some() {
+            return Err(HvError::AlreadyRunning(spec.id));
+        }
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn undefine(&self, id: VmId) -> Result<(), HvError> {
         if self.handle(id).is_some() || self.live_pid(id).is_some() {
             return Err(HvError::AlreadyRunning(id));
         }
-        match std::fs::remove_dir_all(self.paths(id).dir) {
+        let dir = self.paths(id).dir;
+        // Disks in a local pool are this host's copy and go with the VM's directory; disks in
+        // a shared pool belong to the VM wherever it runs: only the links go.
+        if !dir.join(SHARED_MARK).exists()
+            && let Ok(entries) = std::fs::read_dir(&dir)
+        {
+            for link in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+                if let Ok(real) = std::fs::read_link(&link) {
+                    let _ = std::fs::remove_file(&real);
+                    if let Some(parent) = real.parent() {
+                        let _ = std::fs::remove_dir(parent);
+                    }
+                }
+            }
+        }
+        match std::fs::remove_dir_all(dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e.into()),

@@ -41,6 +41,8 @@ pub fn demo_spec() -> RuntimeSpec {
             initrd: Some(s("initrd.img")),
             cmdline: Some("console=ttyS0 quiet panic=-1".into()),
         }),
+        disk_dir: None,
+        shared_disks: false,
     }
 }
 

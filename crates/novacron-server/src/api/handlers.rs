@@ -13,9 +13,9 @@ use utoipa::ToSchema;
 
 use novacron_types::error::ErrorBody;
 use novacron_types::{
-    ApiError, CreateVmRequest, ErrorCode, Image, ImportImageRequest, MigrateVmRequest, NodeInfo,
-    Operation, PlacementReport, PlacementRequest, Role, TokenView, UpdateVmRequest, UserView, Vm,
-    VmSnapshot,
+    ApiError, CreatePoolRequest, CreateVmRequest, ErrorCode, Image, ImportImageRequest,
+    MigrateVmRequest, NodeInfo, Operation, PlacementReport, PlacementRequest, Role, StoragePool,
+    TokenView, UpdateVmRequest, UserView, Vm, VmSnapshot,
 };
 
 use super::AppState;
@@ -609,6 +609,50 @@ pub async fn delete_image(
     Path(image): Path<String>,
 ) -> ApiResult<StatusCode> {
     st.service.delete_image(&image, &who).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Storage pools
+
+#[utoipa::path(get, path = "/api/v1/pools", tag = "pools",
+    responses((status = 200, body = Vec<StoragePool>)), security(("bearer" = [])))]
+pub async fn list_pools(State(st): State<AppState>) -> ApiResult<Json<Vec<StoragePool>>> {
+    Ok(Json(st.service.list_pools().await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/pools/{pool}", tag = "pools",
+    params(("pool" = String, Path, description = "pool name")),
+    responses((status = 200, body = StoragePool), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn get_pool(
+    State(st): State<AppState>,
+    Path(pool): Path<String>,
+) -> ApiResult<Json<StoragePool>> {
+    Ok(Json(st.service.get_pool(&pool).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/pools", tag = "pools", request_body = CreatePoolRequest,
+    responses((status = 201, body = StoragePool), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_pool(
+    State(st): State<AppState>,
+    JsonBody(req): JsonBody<CreatePoolRequest>,
+) -> ApiResult<(StatusCode, Json<StoragePool>)> {
+    Ok((
+        StatusCode::CREATED,
+        Json(st.service.create_pool(req).await?),
+    ))
+}
+
+#[utoipa::path(delete, path = "/api/v1/pools/{pool}", tag = "pools",
+    params(("pool" = String, Path, description = "pool name")),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete_pool(
+    State(st): State<AppState>,
+    Path(pool): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.service.delete_pool(&pool).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

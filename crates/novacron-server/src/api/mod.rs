@@ -269,6 +269,15 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/images/{image}",
             viewer(s, get(get_image)).merge(operator(s, delete(delete_image))),
         )
+        // A pool names a directory on the hosts: admin only.
+        .route(
+            "/api/v1/pools",
+            viewer(s, get(list_pools)).merge(admin(s, post(create_pool))),
+        )
+        .route(
+            "/api/v1/pools/{pool}",
+            viewer(s, get(get_pool)).merge(admin(s, delete(delete_pool))),
+        )
         .route("/api/v1/placement", viewer(s, post(place)))
         .route("/api/v1/nodes", viewer(s, get(list_nodes)))
         .route("/api/v1/nodes/{id}/evacuate", admin(s, post(evacuate_node)))

@@ -32,6 +32,7 @@ impl Modify for BearerAuth {
         handlers::list_snapshots, handlers::create_snapshot, handlers::restore_snapshot,
         handlers::delete_snapshot,
         handlers::list_images, handlers::get_image, handlers::import_image, handlers::delete_image,
+        handlers::list_pools, handlers::get_pool, handlers::create_pool, handlers::delete_pool,
         handlers::list_operations, handlers::get_operation, handlers::cancel_operation,
         handlers::wait_operation,
         handlers::cluster_status, handlers::create_join_token, handlers::join_cluster,

@@ -120,10 +120,7 @@ fn heartbeat(svc: &Service) -> Heartbeat {
             .filter(|v| v.node == me && v.state == VmState::Running)
             .count() as u32
     });
-    let mut disk = std::collections::BTreeMap::new();
-    if let Some(free) = host::free_bytes(svc.data_dir()) {
-        disk.insert("data".to_string(), free);
-    }
+    let disk = svc.visible_pools();
     Heartbeat {
         node: me,
         inventory: Inventory {
@@ -147,9 +144,21 @@ fn heartbeat(svc: &Service) -> Heartbeat {
     }
 }
 
+/// The HA VMs of this host: the ones the watchdog must end if this host stops renewing.
+fn ha_vms_here(svc: &Service) -> Vec<novacron_types::VmId> {
+    let me = svc.node_id();
+    svc.state().read(|s| {
+        s.vms
+            .values()
+            .filter(|v| v.node == me && v.spec.ha)
+            .map(|v| v.id)
+            .collect()
+    })
+}
+
 /// Runs for the life of the host: renew the lease every heartbeat, ping peers, and fence when
-/// the lease is about to run out.
-pub async fn run(svc: Service) {
+/// the lease is about to run out. After each renewal the watchdog learns the new deadline.
+pub async fn run(svc: Service, watchdog: std::sync::Arc<crate::watchdog::Watchdog>) {
     let c = svc.cluster().clone();
     let mut tick = tokio::time::interval(c.settings.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -163,12 +172,23 @@ pub async fn run(svc: Service) {
         );
         match renewed {
             Ok(Ok(_grant)) => {
+                // Halfway through the fencing budget: after in-process fencing would have
+                // happened, still before the lease runs out.
+                let fence_at = sent + c.settings.lease - c.settings.fence_budget / 2;
+                watchdog
+                    .feed(
+                        fence_at.saturating_duration_since(Instant::now()),
+                        ha_vms_here(&svc),
+                    )
+                    .await;
                 if c.on_renewed(sent) {
                     tracing::warn!("lease renewed: this host is back in the cluster");
                     svc.state().refuse_writes(None);
                     // Record what the VMs really are now (fenced ones stay paused or stopped
                     // until someone acts on them).
                     svc.readopt_vms().await;
+                    // VMs HA restarted elsewhere meanwhile: this host's copies go.
+                    svc.remove_stray_copies().await;
                 }
             }
             Ok(Err(e)) => tracing::debug!("lease renewal failed: {}", e.message),
@@ -198,18 +218,25 @@ async fn isolate_and_fence(svc: &Service, lease_expiry: Instant) {
         .refuse_writes(Some(ApiError::new(ErrorCode::Isolated, why.clone())));
     tracing::error!("{why}");
     let me = c.node;
-    let vms: Vec<(novacron_types::VmId, String)> = svc.state().read(|s| {
+    let vms: Vec<(novacron_types::VmId, String, bool)> = svc.state().read(|s| {
         s.vms
             .values()
             .filter(|v| v.node == me)
-            .map(|v| (v.id, v.name.clone()))
+            .map(|v| (v.id, v.name.clone(), v.spec.ha))
             .collect()
     });
     let hv = svc.hypervisor();
     let mut fenced = Vec::new();
-    for (id, name) in vms {
+    for (id, name, ha) in vms {
         let observed = hv.observe(id).await;
-        let r = match (c.settings.fencing, observed) {
+        // An HA VM is always stopped: another host is about to start it, and a paused QEMU
+        // would still hold its disks.
+        let action = if ha {
+            FenceAction::Stop
+        } else {
+            c.settings.fencing
+        };
+        let r = match (action, observed) {
             (FenceAction::Pause, VmState::Running) => hv.pause(id).await,
             (FenceAction::Stop, s) if s.has_process() => hv.force_stop(id).await,
             _ => continue,

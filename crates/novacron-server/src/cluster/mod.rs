@@ -136,7 +136,8 @@ pub struct Inventory {
     pub cpus: u32,
     pub memory_mib: u64,
     pub memory_available_mib: u64,
-    /// Free bytes per storage pool (today: `data`, the data dir's file system).
+    /// Free bytes per storage pool this host can use (`data`: its data directory's file
+    /// system).
     pub disk_free_bytes: BTreeMap<String, u64>,
     pub qemu_version: String,
     pub accelerator: String,

@@ -337,6 +337,17 @@ impl Service {
             ));
         }
         std::fs::create_dir_all(&dir).map_err(|e| ApiError::internal(e.to_string()))?;
+        // Disks in a (local) pool go to this host's directory of the pool, linked from the VM's.
+        let files: Vec<std::path::PathBuf> = match &spec.disk_dir {
+            Some(pool_dir) => {
+                std::fs::create_dir_all(pool_dir).map_err(|e| ApiError::internal(e.to_string()))?;
+                files
+                    .iter()
+                    .filter_map(|f| f.file_name().map(|n| pool_dir.join(n)))
+                    .collect()
+            }
+            None => files,
+        };
         // One cell per KiB; bursts of 1/10 s so a chunk never exceeds what can be granted.
         let kib = (req.bandwidth / 1024).max(1);
         let burst = std::num::NonZeroU32::new(((kib / 10).max(256)).min(u32::MAX as u64) as u32)
@@ -382,6 +393,9 @@ impl Service {
                     .await
                     .map_err(|e| ApiError::internal(e.to_string()))?;
             }
+            if spec.disk_dir.is_some() {
+                self.inner.hv.link_disks(&spec).await.map_err(hv_error)?;
+            }
             Ok::<_, ApiError>(bytes)
         };
         let result = match copy.await {
@@ -403,6 +417,9 @@ impl Service {
         };
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
+            if let Some(pool_dir) = &spec.disk_dir {
+                let _ = std::fs::remove_dir_all(pool_dir);
+            }
         }
         result
     }
@@ -445,11 +462,18 @@ impl Service {
             ));
         }
         let live = self.live_view().await?;
+        // Disks on a shared pool stay where they are: the target needs only to see the pool.
+        let shared = self.runtime_spec(vm)?.shared_disks;
         let demand = placement::Demand {
             vcpus: vm.spec.vcpus,
             memory_mib: vm.spec.memory_mib,
-            disk_mib: vm.spec.disks.iter().map(|d| d.size_mib).sum(),
+            disk_mib: if shared {
+                0
+            } else {
+                vm.spec.disks.iter().map(|d| d.size_mib).sum()
+            },
             rules: &vm.spec.placement,
+            pool: vm.spec.pool.as_deref(),
             vm: Some(vm.id),
         };
         let report = self
@@ -677,24 +701,15 @@ impl Service {
     /// source gave up, or the source's copy of a VM that moved while the cleanup was cut short).
     pub async fn clean_up_after_restart(&self) {
         let me = self.inner.node;
-        let Ok((ours, stray)) = self
+        let Ok(ours) = self
             .inner
             .state
             .read_linearizable(|s| {
-                let ours: Vec<VmId> = s
-                    .vms
+                s.vms
                     .values()
                     .filter(|v| v.node == me && v.migrating_to.is_some())
                     .map(|v| v.id)
-                    .collect();
-                // VMs that do not live here and are not on their way here.
-                let elsewhere: std::collections::BTreeSet<VmId> = s
-                    .vms
-                    .values()
-                    .filter(|v| v.node != me && v.migrating_to != Some(me))
-                    .map(|v| v.id)
-                    .collect();
-                (ours, elsewhere)
+                    .collect::<Vec<VmId>>()
             })
             .await
         else {
@@ -733,6 +748,28 @@ impl Service {
             self.end_migration(id).await;
             self.sync_vm_observed(id).await;
         }
+        self.remove_stray_copies().await;
+    }
+
+    /// Removes this host's copies (QEMU and files, never a shared pool's disks) of VMs that
+    /// live on another host and are not on their way here: left by a restart, or by HA having
+    /// restarted them elsewhere while this host was cut off.
+    pub async fn remove_stray_copies(&self) {
+        let me = self.inner.node;
+        let Ok(stray) = self
+            .inner
+            .state
+            .read_linearizable(|s| {
+                s.vms
+                    .values()
+                    .filter(|v| v.node != me && v.migrating_to != Some(me))
+                    .map(|v| v.id)
+                    .collect::<Vec<VmId>>()
+            })
+            .await
+        else {
+            return;
+        };
         for id in stray {
             let files = self.inner.hv.disk_files(id, 0);
             let Some(dir) = files.first().and_then(|f| f.parent()) else {
@@ -793,12 +830,17 @@ impl Service {
             source: me,
             bandwidth,
         };
-        let copy = self.cluster().transport.call::<_, ColdCopied>(
-            &addr,
-            "/internal/v1/migrations/cold",
-            &req,
-            timeout,
-        );
+        let shared = self.runtime_spec(vm)?.shared_disks;
+        let copy = async {
+            if shared {
+                // On a shared pool the target opens the same files: nothing to copy.
+                return Ok(ColdCopied { bytes: 0 });
+            }
+            self.cluster()
+                .transport
+                .call::<_, ColdCopied>(&addr, "/internal/v1/migrations/cold", &req, timeout)
+                .await
+        };
         let mut cancel = cancel;
         let copied = tokio::select! {
             r = copy => r,
@@ -1360,6 +1402,10 @@ impl Run {
             .map_err(|e| Stop::Undo(hv_error(e)))?;
         let disks = spec.extra_disks_mib.len() + 1;
         loop {
+            // Disks on a shared pool are not mirrored: the target opens the same files.
+            if spec.shared_disks {
+                break;
+            }
             let st = self.status().await?;
             if st.disks_ready && st.disk_jobs == disks {
                 break;

@@ -7,9 +7,11 @@
 //! anything starts.
 
 mod cluster;
+pub mod ha;
 mod images;
 mod migration;
 mod ops;
+mod pools;
 mod users;
 mod vms;
 
@@ -66,6 +68,7 @@ pub(crate) struct Inner {
     /// Password checks in flight.
     login_permits: Arc<tokio::sync::Semaphore>,
     migrations: migration::Migrations,
+    ha_retries: Mutex<ha::HaRetries>,
 }
 
 /// The application. Cheap to clone.
@@ -98,6 +101,7 @@ impl Service {
                 vm_locks: Mutex::new(HashMap::new()),
                 login_permits: Arc::new(tokio::sync::Semaphore::new(4)),
                 migrations: migration::Migrations::new(&settings.migration),
+                ha_retries: Mutex::default(),
                 settings,
             }),
         }

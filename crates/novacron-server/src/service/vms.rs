@@ -170,15 +170,21 @@ impl Service {
                     vm.spec.image, vm.name
                 ))
             })?;
+        let pool = self.pool_place(vm, &image)?;
         Ok(RuntimeSpec {
             id: vm.id,
             name: vm.name.clone(),
             vcpus: vm.spec.vcpus,
             memory_mib: vm.spec.memory_mib,
-            base_image: PathBuf::from(&image.path),
+            base_image: pool
+                .as_ref()
+                .and_then(|p| p.base_image.clone())
+                .unwrap_or_else(|| PathBuf::from(&image.path)),
             base_format: image.format,
             extra_disks_mib: vm.spec.disks.iter().skip(1).map(|d| d.size_mib).collect(),
             boot: vm.spec.boot.clone().or(image.boot.clone()),
+            shared_disks: pool.as_ref().is_some_and(|p| p.shared),
+            disk_dir: pool.map(|p| p.disk_dir),
         })
     }
 
@@ -209,6 +215,7 @@ impl Service {
             memory_mib: req.memory_mib,
             disk_mib: req.disk_mib + image_mib,
             rules: &req.placement,
+            pool: req.pool.as_deref(),
             vm: None,
         };
         let strategy = req.strategy.unwrap_or(self.inner.settings.placement);
@@ -232,7 +239,7 @@ impl Service {
                     m.id.0,
                     placement::Live {
                         health: m.health.clone(),
-                        disk_free_bytes: inv.and_then(|i| i.disk_free_bytes.get("data").copied()),
+                        disk_free_bytes: inv.map(|i| i.disk_free_bytes.clone()).unwrap_or_default(),
                         load1: inv.map(|i| i.load1),
                     },
                 )
@@ -251,6 +258,7 @@ impl Service {
             placement: req.placement.clone(),
             node: req.node,
             strategy: None,
+            pool: req.pool.clone(),
         }
     }
 
@@ -323,14 +331,23 @@ impl Service {
                 disks,
                 boot: req.boot,
                 placement: req.placement,
+                pool: req.pool,
+                ha: req.ha,
             },
             snapshots: Vec::new(),
             labels: Default::default(),
             created_at: now,
             updated_at: now,
             migrating_to: None,
+            recovered_from: None,
         };
+        // The pool's rules (it exists; HA needs it shared) before any file is made; `apply`
+        // checks them again.
+        self.inner.state.read(|s| s.check_vm_pool(&vm))?;
         let spec = self.runtime_spec(&vm)?;
+        if spec.shared_disks {
+            self.ensure_pool_image(&image, &spec.base_image).await?;
+        }
         self.inner.hv.define(&spec).await.map_err(hv_error)?;
         if let Err(e) = self
             .inner
@@ -348,6 +365,17 @@ impl Service {
     /// Changes a VM's labels. Metadata only: any host does it, without the VM's lock.
     pub async fn update_vm(&self, key: &str, req: UpdateVmRequest) -> Result<Vm, ApiError> {
         validate::labels(req.labels.iter().map(|(k, v)| (k, v.as_ref())))?;
+        if let Some(ha) = req.ha {
+            let vm = self.get_vm(key).await?;
+            self.inner
+                .state
+                .propose(CommandV1::SetVmHa {
+                    id: vm.id,
+                    ha,
+                    at: now_millis(),
+                })
+                .await?;
+        }
         // Only the ID is needed, and `apply` checks the VM still exists: a local lookup does,
         // unless this host has not seen the VM yet.
         let mut vm = match self.find_vm(key) {
@@ -389,13 +417,19 @@ impl Service {
         // Files first: the driver refuses while any QEMU of this VM lives, so a delete can never
         // orphan a process. In its own task, so a client that goes away cannot split it.
         let svc = self.clone();
+        let spec = self.runtime_spec(&vm)?;
         tokio::spawn(async move {
             let _guard = _guard;
             svc.inner.hv.undefine(vm.id).await.map_err(hv_error)?;
             svc.inner
                 .state
                 .propose(CommandV1::DeleteVm { id: vm.id })
-                .await
+                .await?;
+            // A shared pool's disks outlive the host's links; they go once the VM is gone.
+            if let Err(e) = svc.inner.hv.remove_pool_disks(&spec).await {
+                tracing::warn!(vm = %vm.id, "removing the VM's disks from its pool: {e}");
+            }
+            Ok(())
         })
         .await
         .map_err(|e| ApiError::internal(format!("deleting the VM: {e}")))?
@@ -457,7 +491,16 @@ impl Service {
             VmAction::Start => {
                 let spec = self.runtime_spec(vm)?;
                 let started = Instant::now();
-                let r = hv.start(&spec).await;
+                // Disks in a pool: (re)link them here (a VM moved cold on a shared pool has
+                // no directory on its new host yet).
+                let linked = match spec.disk_dir {
+                    Some(_) => hv.link_disks(&spec).await,
+                    None => Ok(()),
+                };
+                let r = match linked {
+                    Ok(()) => hv.start(&spec).await,
+                    Err(e) => Err(e),
+                };
                 if r.is_ok() {
                     self.inner
                         .metrics

@@ -249,7 +249,18 @@ impl Drop for Node {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for pid in qemu_pids(&self.data_dir().join("vms")) {
+        let mut pids = qemu_pids(&self.data_dir().join("vms"));
+        // The fencing watchdog `serve` started beside itself.
+        pids.extend(
+            std::fs::read_to_string(self.data_dir().join("watchdog.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| c.windows(14).any(|w| w == b"fence-watchdog"))
+                }),
+        );
+        for pid in pids {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
@@ -268,6 +279,8 @@ pub fn demo_vm(name: &str) -> CreateVmRequest {
         boot: None,
         node: None,
         placement: Default::default(),
+        pool: None,
+        ha: false,
     }
 }
 

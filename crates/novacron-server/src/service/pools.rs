@@ -1,0 +1,238 @@
+//! Storage pools: directories VM disks live in, recorded in the replicated state.
+//!
+//! Layout of a pool directory:
+//! - shared pool (the same files on every host): `.novacron-pool` (a mark naming the pool, so
+//!   a host can tell the directory it sees is that pool and not an empty mount point),
+//!   `images/<image id>.<format>` (base images, copied in on first use, so any host can open a
+//!   VM's backing chain), `vms/<vm id>/` (the disks);
+//! - local pool (a directory of that path on each host): `host-<node>/vms/<vm id>/`. The host
+//!   ID in the path keeps two hosts apart even if the "local" directory turns out to be shared.
+//!
+//! Invariants: a host reports (and placement offers) only the pools it can see; a pool holding
+//! any VM's disks cannot be deleted (checked in `apply`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use novacron_state::CommandV1;
+use novacron_types::{
+    ApiError, CreatePoolRequest, ErrorCode, Image, StoragePool, Vm, now_millis, validate,
+};
+use serde::{Deserialize, Serialize};
+
+use super::Service;
+use crate::cluster::host;
+
+const MARK: &str = ".novacron-pool";
+
+#[derive(Serialize, Deserialize)]
+struct Mark {
+    pool: String,
+}
+
+/// Where a VM's disks go when they are in a pool.
+pub(crate) struct PoolPlace {
+    pub disk_dir: PathBuf,
+    pub shared: bool,
+    /// The base image as seen from the pool (shared pools only).
+    pub base_image: Option<PathBuf>,
+}
+
+fn read_mark(dir: &Path) -> Option<String> {
+    let text = std::fs::read(dir.join(MARK)).ok()?;
+    serde_json::from_slice::<Mark>(&text).ok().map(|m| m.pool)
+}
+
+impl Service {
+    pub async fn list_pools(&self) -> Result<Vec<StoragePool>, ApiError> {
+        self.inner
+            .state
+            .read_linearizable(|s| s.pools.values().cloned().collect())
+            .await
+    }
+
+    pub async fn get_pool(&self, name: &str) -> Result<StoragePool, ApiError> {
+        self.inner
+            .state
+            .read_linearizable(|s| s.pools.get(name).cloned())
+            .await?
+            .ok_or_else(|| ApiError::not_found("pool", name))
+    }
+
+    /// Records a pool. A shared pool's directory must exist here (mounted); it gets the mark
+    /// by which every host recognises it. A local pool's directory is made on each host.
+    pub async fn create_pool(&self, req: CreatePoolRequest) -> Result<StoragePool, ApiError> {
+        validate::create_pool(&req)?;
+        let dir = PathBuf::from(&req.path);
+        let mut marked = false;
+        if req.shared {
+            if !dir.is_dir() {
+                return Err(ApiError::invalid(
+                    "path",
+                    format!(
+                        "{} is not a directory on this host (host {}); mount the shared file \
+                         system first",
+                        req.path, self.inner.node
+                    ),
+                ));
+            }
+            match read_mark(&dir) {
+                Some(other) if other != req.name => {
+                    return Err(ApiError::conflict(format!(
+                        "{} is already pool '{other}'",
+                        req.path
+                    ))
+                    .with_reason("pool_path_in_use"));
+                }
+                Some(_) => {}
+                None => {
+                    let mark = serde_json::to_vec(&Mark {
+                        pool: req.name.clone(),
+                    })
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                    std::fs::write(dir.join(MARK), mark).map_err(|e| {
+                        ApiError::invalid("path", format!("cannot write to {}: {e}", req.path))
+                    })?;
+                    marked = true;
+                }
+            }
+        } else {
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                ApiError::invalid("path", format!("cannot create {}: {e}", req.path))
+            })?;
+        }
+        let pool = StoragePool {
+            performance_class: req
+                .performance_class
+                .clone()
+                .unwrap_or_else(|| req.tier.as_str().to_string()),
+            name: req.name,
+            path: req.path,
+            tier: req.tier,
+            shared: req.shared,
+            capacity_bytes: req.capacity_bytes,
+            cost_per_gib_month: req.cost_per_gib_month,
+            created_at: now_millis(),
+        };
+        if let Err(e) = self
+            .inner
+            .state
+            .propose(CommandV1::CreatePool { pool: pool.clone() })
+            .await
+        {
+            if marked {
+                let _ = std::fs::remove_file(dir.join(MARK));
+            }
+            return Err(e);
+        }
+        Ok(pool)
+    }
+
+    pub async fn delete_pool(&self, name: &str) -> Result<(), ApiError> {
+        let pool = self.get_pool(name).await?;
+        self.inner
+            .state
+            .propose(CommandV1::DeletePool {
+                name: name.to_string(),
+            })
+            .await?;
+        if pool.shared && read_mark(Path::new(&pool.path)).as_deref() == Some(name) {
+            let _ = std::fs::remove_file(Path::new(&pool.path).join(MARK));
+        }
+        Ok(())
+    }
+
+    /// Free bytes of every pool this host can use, with `data` for its own data directory
+    /// (reported with each heartbeat; placement offers only pools a host sees).
+    pub(crate) fn visible_pools(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        if let Some(free) = host::free_bytes(self.data_dir()) {
+            out.insert("data".to_string(), free);
+        }
+        let pools: Vec<StoragePool> = self
+            .inner
+            .state
+            .read(|s| s.pools.values().cloned().collect());
+        for p in pools {
+            let dir = Path::new(&p.path);
+            let usable = if p.shared {
+                read_mark(dir).as_deref() == Some(p.name.as_str())
+            } else {
+                std::fs::create_dir_all(dir).is_ok()
+            };
+            if usable && let Some(free) = host::free_bytes(dir) {
+                out.insert(p.name, free);
+            }
+        }
+        out
+    }
+
+    /// Where `vm`'s disks live on this host, when they are in a pool.
+    pub(crate) fn pool_place(&self, vm: &Vm, image: &Image) -> Result<Option<PoolPlace>, ApiError> {
+        let Some(name) = &vm.spec.pool else {
+            return Ok(None);
+        };
+        let pool = self
+            .inner
+            .state
+            .read(|s| s.pools.get(name).cloned())
+            .ok_or_else(|| ApiError::not_found("pool", name))?;
+        let root = PathBuf::from(&pool.path);
+        Ok(Some(if pool.shared {
+            PoolPlace {
+                disk_dir: root.join("vms").join(vm.id.to_string()),
+                shared: true,
+                base_image: Some(root.join("images").join(format!(
+                    "{}.{}",
+                    image.id,
+                    image.format.as_str()
+                ))),
+            }
+        } else {
+            PoolPlace {
+                disk_dir: root
+                    .join(format!("host-{}", self.inner.node))
+                    .join("vms")
+                    .join(vm.id.to_string()),
+                shared: false,
+                base_image: None,
+            }
+        }))
+    }
+
+    /// Copies the image into a shared pool unless it is there already (written under a
+    /// temporary name and renamed, so a host never opens half an image).
+    pub(crate) async fn ensure_pool_image(
+        &self,
+        image: &Image,
+        into: &Path,
+    ) -> Result<(), ApiError> {
+        if into.exists() {
+            return Ok(());
+        }
+        let src = PathBuf::from(&image.path);
+        let dest = into.to_path_buf();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let into = dest;
+            if let Some(dir) = into.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = into.with_extension(format!("part-{}", std::process::id()));
+            std::fs::copy(&src, &tmp)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &into)
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::Internal,
+                format!(
+                    "copying image '{}' into the pool ({}): {e}",
+                    image.name,
+                    into.display()
+                ),
+            )
+        })
+    }
+}
