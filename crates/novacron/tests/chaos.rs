@@ -275,7 +275,20 @@ async fn an_isolated_host_fences_its_vms_before_its_lease_runs_out() {
         assert!(Instant::now() < deadline, "host 3 still refuses writes");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    wait_state(&admin, "fenced", VmState::Paused, Duration::from_secs(10)).await;
+    // Still its own and meant to run (nobody can have started it elsewhere: it is not an HA
+    // VM): the host resumes it, and the guest ticks on from where it stopped, not rebooted.
+    wait_state(&admin, "fenced", VmState::Running, Duration::from_secs(10)).await;
+    let paused_at = common::last_tick(&std::fs::read_to_string(&console).expect("console"));
+    wait_console(
+        &admin,
+        "fenced",
+        &format!("tick {}", paused_at + 2),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    let text = std::fs::read_to_string(&console).expect("console");
+    assert_eq!(text.matches("READY").count(), 1, "rebooted:\n{text}");
     let op = admin.vm_action("fenced", "force-stop").await.expect("stop");
     admin
         .wait_success(&op, Duration::from_secs(30))

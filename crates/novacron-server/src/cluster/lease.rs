@@ -189,6 +189,7 @@ pub async fn run(svc: Service, watchdog: std::sync::Arc<crate::watchdog::Watchdo
                     svc.readopt_vms().await;
                     // VMs HA restarted elsewhere meanwhile: this host's copies go.
                     svc.remove_stray_copies().await;
+                    resume_fenced(&svc).await;
                 }
             }
             Ok(Err(e)) => tracing::debug!("lease renewal failed: {}", e.message),
@@ -197,6 +198,35 @@ pub async fn run(svc: Service, watchdog: std::sync::Arc<crate::watchdog::Watchdo
         if let Some(expiry) = c.should_isolate() {
             isolate_and_fence(&svc, expiry).await;
         }
+    }
+}
+
+/// Back in the cluster: the VMs fencing paused run again if they are still this host's and
+/// still meant to run (nobody can have started them elsewhere: only HA VMs move on host loss,
+/// and those were stopped, not paused).
+async fn resume_fenced(svc: &Service) {
+    let me = svc.node_id();
+    for id in svc.cluster().take_paused_by_fence() {
+        let still_ours = svc
+            .state()
+            .read_linearizable(|s| {
+                s.vms.get(&id).is_some_and(|v| {
+                    v.node == me
+                        && !v.spec.ha
+                        && v.desired == novacron_types::PowerState::Running
+                        && v.migrating_to.is_none()
+                })
+            })
+            .await;
+        if !matches!(still_ours, Ok(true)) || svc.hypervisor().observe(id).await != VmState::Paused
+        {
+            continue;
+        }
+        match svc.hypervisor().resume(id).await {
+            Ok(()) => tracing::warn!(vm = %id, "resumed a VM paused by fencing"),
+            Err(e) => tracing::error!(vm = %id, "resuming a VM paused by fencing: {e}"),
+        }
+        svc.sync_vm_observed(id).await;
     }
 }
 
@@ -237,7 +267,13 @@ async fn isolate_and_fence(svc: &Service, lease_expiry: Instant) {
             c.settings.fencing
         };
         let r = match (action, observed) {
-            (FenceAction::Pause, VmState::Running) => hv.pause(id).await,
+            (FenceAction::Pause, VmState::Running) => {
+                let r = hv.pause(id).await;
+                if r.is_ok() {
+                    c.local().paused_by_fence.push(id);
+                }
+                r
+            }
             (FenceAction::Stop, s) if s.has_process() => hv.force_stop(id).await,
             _ => continue,
         };

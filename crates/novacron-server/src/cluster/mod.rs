@@ -183,6 +183,8 @@ struct LocalView {
     isolated_since: Option<Instant>,
     /// Wall-clock time (ms) at which this host fenced its VMs, and what it did.
     fenced: Vec<FenceRecord>,
+    /// VMs paused by the last fencing, to resume once the host is back (if still its own).
+    paused_by_fence: Vec<novacron_types::VmId>,
     reach: BTreeMap<u64, PeerReach>,
 }
 
@@ -313,6 +315,11 @@ impl Cluster {
 
     pub fn is_isolated(&self) -> bool {
         self.local().isolated_since.is_some()
+    }
+
+    /// The VMs the last fencing paused (taken: each is resumed at most once).
+    pub fn take_paused_by_fence(&self) -> Vec<novacron_types::VmId> {
+        std::mem::take(&mut self.local().paused_by_fence)
     }
 
     pub fn fence_records(&self) -> Vec<FenceRecord> {
