@@ -375,4 +375,55 @@ mod tests {
             assert_eq!(got.as_deref(), *field, "case {what}");
         }
     }
+
+    #[test]
+    fn create_pool_rejects_each_bad_field_by_name() {
+        let ok = CreatePoolRequest {
+            name: "fast".into(),
+            path: "/srv/fast".into(),
+            tier: crate::PoolTier::Hot,
+            shared: false,
+            capacity_bytes: 1 << 40,
+            cost_per_gib_month: 0.1,
+            performance_class: Some("nvme".into()),
+        };
+        type Case = (
+            &'static str,
+            fn(&mut CreatePoolRequest),
+            Option<&'static str>,
+        );
+        let cases: &[Case] = &[
+            ("valid", |_| {}, None),
+            ("bad name", |r| r.name = "Fast".into(), Some("name")),
+            ("relative", |r| r.path = "srv/fast".into(), Some("path")),
+            ("root", |r| r.path = "/".into(), Some("path")),
+            ("dot dot", |r| r.path = "/srv/../etc".into(), Some("path")),
+            (
+                "no capacity",
+                |r| r.capacity_bytes = 0,
+                Some("capacity_bytes"),
+            ),
+            (
+                "negative cost",
+                |r| r.cost_per_gib_month = -1.0,
+                Some("cost_per_gib_month"),
+            ),
+            (
+                "nan cost",
+                |r| r.cost_per_gib_month = f64::NAN,
+                Some("cost_per_gib_month"),
+            ),
+            (
+                "bad class",
+                |r| r.performance_class = Some("NV ME".into()),
+                Some("performance_class"),
+            ),
+        ];
+        for (what, mutate, field) in cases {
+            let mut r = ok.clone();
+            mutate(&mut r);
+            let got = create_pool(&r).err().and_then(|e| e.field);
+            assert_eq!(got.as_deref(), *field, "case {what}");
+        }
+    }
 }

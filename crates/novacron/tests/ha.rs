@@ -380,6 +380,44 @@ async fn a_vm_on_a_shared_pool_migrates_without_copying_and_pools_are_checked() 
     );
     assert_eq!(admin.list_pools().await.expect("pools").len(), 1);
 
+    // The same through the CLI: a table, errors with a non-zero exit, HA switched off and on.
+    let cli = common::Cli {
+        server: c.host(1).direct.clone(),
+        config: c.host(1).node.dir.path().join("client.toml"),
+    };
+    let (code, _, err) = cli.run(&["login", "--password-stdin"], Some(common::ADMIN_PASSWORD));
+    assert_eq!(code, 0, "{err}");
+    let out = cli.ok(&["pool", "list"]);
+    assert!(
+        out.contains("shared") && out.contains("warm") && out.contains("yes"),
+        "{out}"
+    );
+    let (code, _, err) = cli.run(
+        &[
+            "pool",
+            "create",
+            "x",
+            "--path",
+            "/tmp/x",
+            "--tier",
+            "lukewarm",
+            "--capacity-gib",
+            "1",
+        ],
+        None,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("--tier must be hot, warm or cold"), "{err}");
+    let (code, _, err) = cli.run(&["vm", "create", "cli-ha", "--ha"], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("needs its disks on a shared pool"), "{err}");
+    assert!(
+        cli.ok(&["vm", "ha", "shared-mig", "off"])
+            .contains("HA off")
+    );
+    assert!(!admin.get_vm("shared-mig").await.expect("vm").spec.ha);
+    assert!(cli.ok(&["vm", "ha", "shared-mig", "on"]).contains("HA on"));
+
     // Live migration: the target opens the same files, nothing is mirrored.
     let before = std::fs::metadata(pool.path().join("vms").join(&id).join("root.qcow2"))
         .expect("disk")
