@@ -286,12 +286,12 @@ pub async fn run(
     // Needs the re-adopted QEMUs; may wait on other hosts, so it does not hold up the start.
     let cleaner = service.clone();
     tokio::spawn(async move { cleaner.clean_up_after_restart().await });
-    let watchdog = Arc::new(crate::watchdog::Watchdog::new(
+    let watchdog = crate::watchdog::Watchdog::new(
         cfg.data_dir.clone(),
         cfg.watchdog_exe
             .clone()
             .filter(|_| identity.role == HostRole::Full),
-    ));
+    );
     tokio::spawn(lease::run(service.clone(), watchdog));
     tokio::spawn(crate::service::ha::run(service.clone()));
     tokio::spawn(manager::run(cluster.clone()));

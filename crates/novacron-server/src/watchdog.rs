@@ -5,16 +5,19 @@
 //! was killed or hangs cannot fence, yet its QEMUs (own process groups) keep running, and once
 //! its lease has run out plus the margin, HA starts its `ha` VMs on another host. So after every
 //! lease renewal `novacron` tells the watchdog, over a Unix socket in its data dir, when the
-//! host must have fenced (`fence_in_ms`: halfway through the fencing budget, still before the
-//! lease runs out) and which VMs are HA VMs here. If no newer word comes by then, the watchdog
-//! kills those VMs' QEMUs (verified by UUID, like re-adoption) by itself.
+//! host must have fenced: an absolute `CLOCK_MONOTONIC` time (halfway through the fencing
+//! budget, still before the lease runs out), so a slow delivery cannot move it later. If no
+//! newer word comes by then, the watchdog kills the QEMU of every VM here whose disks are on a
+//! shared pool (any of them could be started elsewhere: HA now, or an operator turning HA on
+//! for a VM of a dead host), verified by UUID like re-adoption, and keeps doing so every 100 ms
+//! until a new deadline comes (a start that was stalled past the deadline dies at once).
 //!
 //! The watchdog outlives `novacron` (its own process group). A restarted `novacron` connects to
 //! the one still running (or starts one), so a quick restart within the lease loses nothing.
 //! It exits once nobody is connected and nothing is left to fence.
 //!
 //! Invariants: the watchdog never starts anything and never touches the replicated state; it
-//! only ends QEMUs of VMs it was told about, and only after the deadline it was given.
+//! only ends QEMUs of VMs on shared pools, and only after the deadline it was given.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,8 +27,6 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::time::Instant;
 
-use novacron_types::VmId;
-
 /// The socket's file name in the data dir.
 pub const SOCKET: &str = "watchdog.sock";
 /// The watchdog's PID, in the data dir.
@@ -33,12 +34,21 @@ pub const PIDFILE: &str = "watchdog.pid";
 /// How long a new watchdog waits for its first `novacron` before giving up.
 const FIRST_CONTACT: Duration = Duration::from_secs(30);
 
-/// One word from `novacron`: fence `vms` in `fence_in_ms` unless told again before.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// One word from `novacron`: fence at `fence_at_ns` (`CLOCK_MONOTONIC`) unless told again.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct Feed {
-    pub fence_in_ms: u64,
-    pub vms: Vec<VmId>,
+    pub fence_at_ns: u64,
 }
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds (the same clock in every process of the host).
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// How often the watchdog sweeps once its deadline has passed.
+const SWEEP: Duration = Duration::from_millis(100);
 
 fn log(msg: &str) {
     eprintln!("{} fence-watchdog: {msg}", novacron_types::now_millis());
@@ -55,17 +65,19 @@ pub async fn run(data_dir: &Path) -> std::io::Result<()> {
     let listener = UnixListener::bind(&sock)?;
     std::fs::write(data_dir.join(PIDFILE), std::process::id().to_string())?;
     let vms_root = data_dir.join("vms");
+    // The deadline, and whether it has passed (from then on: sweep until a new one comes).
     let mut deadline: Option<Instant> = None;
-    let mut vms: Vec<VmId> = Vec::new();
+    let mut expired = false;
     let mut conn: Option<tokio::io::Lines<BufReader<UnixStream>>> = None;
     let mut idle_until = Some(Instant::now() + FIRST_CONTACT);
     log(&format!("watching {}", data_dir.display()));
     loop {
-        if conn.is_none() && deadline.is_none() {
-            match idle_until {
-                Some(t) if Instant::now() < t => {}
-                _ => break,
-            }
+        // Nobody left to start a QEMU, and nothing pending: done.
+        if conn.is_none()
+            && deadline.is_none()
+            && (expired || idle_until.is_none_or(|t| Instant::now() >= t))
+        {
+            break;
         }
         let far = Instant::now() + Duration::from_secs(3600);
         tokio::select! {
@@ -78,26 +90,26 @@ pub async fn run(data_dir: &Path) -> std::io::Result<()> {
             line = next_line(&mut conn) => match line {
                 Some(text) => match serde_json::from_str::<Feed>(&text) {
                     Ok(feed) => {
-                        deadline = Some(Instant::now() + Duration::from_millis(feed.fence_in_ms));
-                        vms = feed.vms;
+                        let left = feed.fence_at_ns.saturating_sub(monotonic_ns());
+                        deadline = Some(Instant::now() + Duration::from_nanos(left));
+                        expired = false;
                     }
                     Err(e) => log(&format!("ignoring a malformed feed ({e}): {text}")),
                 },
                 None => {
                     conn = None;
-                    if deadline.is_some() && !vms.is_empty() {
+                    if deadline.is_some() {
                         log("novacron went away; fencing at the deadline unless it returns");
                     }
                 }
             },
             _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
                 deadline = None;
-                for id in &vms {
-                    if novacron_hypervisor::qemu::kill_vm_process(&vms_root, *id) {
-                        log(&format!("no lease renewal in time: killed the QEMU of HA VM {id}"));
-                    }
-                }
+                expired = true;
+                log("no lease renewal in time: fencing the VMs on shared pools");
+                sweep(&vms_root);
             }
+            _ = tokio::time::sleep(SWEEP), if expired && conn.is_some() => sweep(&vms_root),
             // Wake now and then to notice a data dir that is gone (a removed host).
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
@@ -111,6 +123,40 @@ pub async fn run(data_dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+fn sweep(vms_root: &Path) {
+    for id in novacron_hypervisor::qemu::kill_shared_disk_vms(vms_root) {
+        log(&format!(
+            "killed the QEMU of VM {id} (disks on a shared pool)"
+        ));
+    }
+}
+
+/// Sends each newest feed, (re)connecting (and starting the watchdog) as needed.
+async fn deliver(w: std::sync::Arc<Watchdog>, mut rx: tokio::sync::watch::Receiver<Option<Feed>>) {
+    let mut conn: Option<UnixStream> = None;
+    while rx.changed().await.is_ok() {
+        let Some(feed) = *rx.borrow_and_update() else {
+            continue;
+        };
+        let Ok(mut line) = serde_json::to_vec(&feed) else {
+            continue;
+        };
+        line.push(b'\n');
+        for _ in 0..2 {
+            if conn.is_none() {
+                conn = w.connect().await;
+            }
+            let Some(s) = conn.as_mut() else {
+                break;
+            };
+            if s.write_all(&line).await.is_ok() {
+                break;
+            }
+            conn = None;
+        }
+    }
+}
+
 async fn next_line(conn: &mut Option<tokio::io::Lines<BufReader<UnixStream>>>) -> Option<String> {
     match conn {
         Some(lines) => lines.next_line().await.ok().flatten(),
@@ -118,51 +164,34 @@ async fn next_line(conn: &mut Option<tokio::io::Lines<BufReader<UnixStream>>>) -
     }
 }
 
-/// `novacron`'s side: feeds the watchdog, starting it when none runs.
+/// `novacron`'s side: feeds the watchdog, starting it when none runs. Feeding never blocks
+/// the caller: the newest deadline goes to a task that delivers it.
 pub struct Watchdog {
     data_dir: PathBuf,
     /// The `novacron` binary (`None`: no watchdog, for in-process test nodes).
     exe: Option<PathBuf>,
-    conn: tokio::sync::Mutex<Option<UnixStream>>,
+    latest: tokio::sync::watch::Sender<Option<Feed>>,
 }
 
 impl Watchdog {
-    pub fn new(data_dir: PathBuf, exe: Option<PathBuf>) -> Self {
-        Self {
+    pub fn new(data_dir: PathBuf, exe: Option<PathBuf>) -> std::sync::Arc<Self> {
+        let (latest, rx) = tokio::sync::watch::channel(None);
+        let w = std::sync::Arc::new(Self {
             data_dir,
             exe,
-            conn: tokio::sync::Mutex::new(None),
+            latest,
+        });
+        if w.exe.is_some() {
+            tokio::spawn(deliver(w.clone(), rx));
         }
+        w
     }
 
-    /// Tells the watchdog the new fencing deadline and the HA VMs here.
-    pub async fn feed(&self, fence_in: Duration, vms: Vec<VmId>) {
-        if self.exe.is_none() {
-            return;
-        }
-        let mut line = match serde_json::to_vec(&Feed {
-            fence_in_ms: fence_in.as_millis() as u64,
-            vms,
-        }) {
-            Ok(l) => l,
-            Err(_) => return,
-        };
-        line.push(b'\n');
-        let mut conn = self.conn.lock().await;
-        for _ in 0..2 {
-            if conn.is_none() {
-                *conn = self.connect().await;
-            }
-            let Some(s) = conn.as_mut() else {
-                return;
-            };
-            if s.write_all(&line).await.is_ok() {
-                return;
-            }
-            *conn = None;
-        }
+    /// The host must have fenced within `fence_in` from now, unless fed again.
+    pub fn feed(&self, fence_in: Duration) {
+        let fence_at_ns = monotonic_ns() + fence_in.as_nanos() as u64;
+        self.latest.send_replace(Some(Feed { fence_at_ns }));
     }
-
     async fn connect(&self) -> Option<UnixStream> {
         let sock = self.data_dir.join(SOCKET);
         if let Ok(s) = UnixStream::connect(&sock).await {

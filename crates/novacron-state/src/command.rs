@@ -102,6 +102,9 @@ pub enum CommandV1 {
         id: VmId,
         from: NodeId,
         to: NodeId,
+        /// The VM record's `updated_at` when the leader decided: any change since (the lost
+        /// host came back and recorded a start) rejects the move.
+        seen: UnixMillis,
         at: UnixMillis,
     },
     CreatePool {

@@ -344,11 +344,23 @@ impl ClusterState {
                 vm.updated_at = *at;
                 Ok(vec![Touched::Vm(*id)])
             }
-            RecoverVm { id, from, to, at } => {
+            RecoverVm {
+                id,
+                from,
+                to,
+                seen,
+                at,
+            } => {
                 let vm = self
                     .vms
                     .get(id)
                     .ok_or_else(|| ApiError::not_found("VM", id))?;
+                if vm.updated_at != *seen {
+                    return Err(ApiError::conflict(format!(
+                        "VM '{}' changed since HA decided to move it",
+                        vm.name
+                    )));
+                }
                 if vm.node != *from {
                     return Err(ApiError::conflict(format!(
                         "VM '{}' is on host {}, not host {from}",
@@ -902,18 +914,22 @@ mod tests {
         a.spec.pool = Some("nfs".into());
         apply(&mut s, CommandV1::CreateVm { vm: a.clone() }).expect("shared pool");
 
-        let recover = |from, to| CommandV1::RecoverVm {
+        let recover = |from, to, seen| CommandV1::RecoverVm {
             id: a.id,
             from: NodeId(from),
             to: NodeId(to),
+            seen,
             at: 9,
         };
-        apply(&mut s, recover(1, 2)).expect("recovered");
+        // The VM changed since the decision (its host came back and recorded a start).
+        let e = apply(&mut s, recover(1, 2, 1)).expect_err("stale decision");
+        assert_eq!(e.code, ErrorCode::Conflict);
+        apply(&mut s, recover(1, 2, 0)).expect("recovered");
         assert_eq!(s.vms[&a.id].node, NodeId(2));
         assert_eq!(s.vms[&a.id].recovered_from, Some(NodeId(1)));
         // A second leader deciding the same thing changes nothing.
         let before = s.clone();
-        apply(&mut s, recover(1, 2)).expect_err("already moved");
+        apply(&mut s, recover(1, 2, 9)).expect_err("already moved");
         assert_eq!(s, before);
         // A late report from the lost host is refused; the new host's running clears the mark.
         let seen = |node, state| CommandV1::RecordVmObservedOn {
@@ -938,7 +954,7 @@ mod tests {
             },
         )
         .expect("ha off");
-        let e = apply(&mut s, recover(2, 1)).expect_err("not ha");
+        let e = apply(&mut s, recover(2, 1, 11)).expect_err("not ha");
         assert_eq!(e.code, ErrorCode::Conflict);
         apply(
             &mut s,

@@ -226,6 +226,12 @@ pub const MAX_POOL_BYTES: u64 = 1 << 60; // 1 EiB
 
 pub fn create_pool(req: &CreatePoolRequest) -> ValidationResult<()> {
     name("name", &req.name)?;
+    if req.name == "data" {
+        return Err(ApiError::invalid(
+            "name",
+            "pool name 'data' is reserved (it names each host's own data directory)",
+        ));
+    }
     let path = std::path::Path::new(&req.path);
     if !path.is_absolute() {
         return Err(ApiError::invalid(
@@ -395,6 +401,7 @@ mod tests {
         let cases: &[Case] = &[
             ("valid", |_| {}, None),
             ("bad name", |r| r.name = "Fast".into(), Some("name")),
+            ("reserved name", |r| r.name = "data".into(), Some("name")),
             ("relative", |r| r.path = "srv/fast".into(), Some("path")),
             ("root", |r| r.path = "/".into(), Some("path")),
             ("dot dot", |r| r.path = "/srv/../etc".into(), Some("path")),

@@ -264,7 +264,7 @@ async fn a_killed_hosts_ha_vm_restarts_elsewhere_only_after_its_lease() {
     let log =
         std::fs::read_to_string(c.host(3).node.data_dir().join("watchdog.log")).unwrap_or_default();
     assert!(
-        log.contains(&format!("killed the QEMU of HA VM {id}")),
+        log.contains(&format!("killed the QEMU of VM {id}")),
         "{log}"
     );
 
@@ -461,6 +461,34 @@ async fn a_vm_on_a_shared_pool_migrates_without_copying_and_pools_are_checked() 
         "shared-mig",
         &format!("tick {}", tick + 2),
         1,
+        Duration::from_secs(30),
+    )
+    .await;
+
+    // HA keeps it running where it is: its QEMU killed, host 2 starts it again.
+    let (_, pid) = qemus(&c, &id)[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill QEMU");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = qemus(&c, &id);
+        if now.len() == 1 && now[0].1 != pid {
+            assert_eq!(now[0].0, 2, "restarted on another host: {now:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "HA did not restart the killed guest: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_state(
+        &admin,
+        "shared-mig",
+        VmState::Running,
         Duration::from_secs(30),
     )
     .await;

@@ -221,6 +221,26 @@ pub fn kill_vm_process(vms_root: &Path, id: VmId) -> bool {
     }
 }
 
+/// Kills every QEMU under `vms_root` whose VM has its disks on a shared pool (another host
+/// could start such a VM once this one's lease is gone). For the fencing watchdog. Returns the
+/// VMs whose QEMU was killed.
+pub fn kill_shared_disk_vms(vms_root: &Path) -> Vec<VmId> {
+    let mut killed = Vec::new();
+    for entry in std::fs::read_dir(vms_root).into_iter().flatten().flatten() {
+        let Some(id) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<VmId>().ok())
+        else {
+            continue;
+        };
+        if entry.path().join(SHARED_MARK).exists() && kill_vm_process(vms_root, id) {
+            killed.push(id);
+        }
+    }
+    killed
+}
+
 /// In a VM's directory: its disks are links into a shared pool (not this host's to delete).
 const SHARED_MARK: &str = "shared-disks";
 

@@ -141,19 +141,8 @@ fn heartbeat(svc: &Service) -> Heartbeat {
             .collect(),
         applied_index: svc.state().metrics().applied_index,
         isolated: c.is_isolated(),
+        lease_ms: c.settings.lease.as_millis() as u64,
     }
-}
-
-/// The HA VMs of this host: the ones the watchdog must end if this host stops renewing.
-fn ha_vms_here(svc: &Service) -> Vec<novacron_types::VmId> {
-    let me = svc.node_id();
-    svc.state().read(|s| {
-        s.vms
-            .values()
-            .filter(|v| v.node == me && v.spec.ha)
-            .map(|v| v.id)
-            .collect()
-    })
 }
 
 /// Runs for the life of the host: renew the lease every heartbeat, ping peers, and fence when
@@ -175,21 +164,20 @@ pub async fn run(svc: Service, watchdog: std::sync::Arc<crate::watchdog::Watchdo
                 // Halfway through the fencing budget: after in-process fencing would have
                 // happened, still before the lease runs out.
                 let fence_at = sent + c.settings.lease - c.settings.fence_budget / 2;
-                watchdog
-                    .feed(
-                        fence_at.saturating_duration_since(Instant::now()),
-                        ha_vms_here(&svc),
-                    )
-                    .await;
+                watchdog.feed(fence_at.saturating_duration_since(Instant::now()));
                 if c.on_renewed(sent) {
                     tracing::warn!("lease renewed: this host is back in the cluster");
                     svc.state().refuse_writes(None);
                     // Record what the VMs really are now (fenced ones stay paused or stopped
                     // until someone acts on them).
-                    svc.readopt_vms().await;
-                    // VMs HA restarted elsewhere meanwhile: this host's copies go.
-                    svc.remove_stray_copies().await;
-                    resume_fenced(&svc).await;
+                    // In its own task: the lease keeper must go on renewing meanwhile.
+                    let heal = svc.clone();
+                    tokio::spawn(async move {
+                        heal.readopt_vms().await;
+                        // VMs HA restarted elsewhere meanwhile: this host's copies go.
+                        heal.remove_stray_copies().await;
+                        resume_fenced(&heal).await;
+                    });
                 }
             }
             Ok(Err(e)) => tracing::debug!("lease renewal failed: {}", e.message),
@@ -248,19 +236,29 @@ async fn isolate_and_fence(svc: &Service, lease_expiry: Instant) {
         .refuse_writes(Some(ApiError::new(ErrorCode::Isolated, why.clone())));
     tracing::error!("{why}");
     let me = c.node;
+    // A VM on a shared pool could be started elsewhere (HA, or HA turned on while this host
+    // is away): stopped, never paused.
     let vms: Vec<(novacron_types::VmId, String, bool)> = svc.state().read(|s| {
         s.vms
             .values()
             .filter(|v| v.node == me)
-            .map(|v| (v.id, v.name.clone(), v.spec.ha))
+            .map(|v| {
+                let shared = v
+                    .spec
+                    .pool
+                    .as_ref()
+                    .and_then(|p| s.pools.get(p))
+                    .is_some_and(|p| p.shared);
+                (v.id, v.name.clone(), v.spec.ha || shared)
+            })
             .collect()
     });
     let hv = svc.hypervisor();
     let mut fenced = Vec::new();
     for (id, name, ha) in vms {
         let observed = hv.observe(id).await;
-        // An HA VM is always stopped: another host is about to start it, and a paused QEMU
-        // would still hold its disks.
+        // Such a VM is always stopped: another host may start it, and a paused QEMU would still
+        // hold its disks.
         let action = if ha {
             FenceAction::Stop
         } else {

@@ -128,6 +128,10 @@ pub struct Heartbeat {
     pub reach: BTreeMap<u64, bool>,
     pub applied_index: u64,
     pub isolated: bool,
+    /// The lease this host fences by (a host configured with a longer lease than the leader's
+    /// must be waited for by its own).
+    #[serde(default)]
+    pub lease_ms: u64,
 }
 
 /// What a host has, reported with each heartbeat.
@@ -289,18 +293,49 @@ impl Cluster {
     }
 
     /// Leader side: when this leader last heard from `node` (or, if never, when it became
-    /// leader: a host may hold a lease granted by the previous leader until then).
+    /// leader: a host may hold a lease granted by the previous leader until then). A table
+    /// from an earlier term of this host's is dropped first: what it heard then says nothing of
+    /// the leases other leaders granted since.
     pub fn last_heard(&self, node: u64) -> Option<Instant> {
-        let t = self.hosts();
+        let term = self.state.metrics().term;
+        let mut t = self.hosts();
+        if t.term != term {
+            *t = HostTable {
+                term,
+                leader_since: Some(Instant::now()),
+                seen: HashMap::new(),
+            };
+        }
         let since = t.leader_since?;
         Some(t.seen.get(&node).map(|s| s.at.max(since)).unwrap_or(since))
     }
 
     /// Leader side: the earliest moment another host may run `node`'s VMs: its lease can
-    /// have been renewed no later than when the leader last heard from it.
+    /// have been renewed no later than when the leader last heard from it, and runs for the
+    /// longer of this host's lease and the one it reported.
     pub fn lease_safe_after(&self, node: u64) -> Option<Instant> {
-        self.last_heard(node)
-            .map(|t| t + self.settings.lease + self.settings.ha_margin)
+        let heard = self.last_heard(node)?;
+        let reported = self
+            .hosts()
+            .seen
+            .get(&node)
+            .map(|s| Duration::from_millis(s.beat.lease_ms))
+            .unwrap_or_default();
+        let lease = self.settings.lease.max(reported);
+        let margin = self.settings.ha_margin.max(reported / 3);
+        Some(heard + lease + margin)
+    }
+
+    /// This host's own lease: how long it still holds (zero when isolated or never renewed).
+    /// Starting a guest that another host might take over needs some of it left.
+    pub fn lease_left(&self) -> Duration {
+        let l = self.local();
+        if l.isolated_since.is_some() {
+            return Duration::ZERO;
+        }
+        l.renewed_at
+            .map(|r| (r + self.settings.isolate_after()).saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
     }
 
     /// Leader side: is `node` online (heard from recently, or still in the new leader's grace

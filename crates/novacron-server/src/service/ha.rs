@@ -7,8 +7,12 @@
 //!   fencing") has the host certainly fenced them. It picks a new host with the VM's own
 //!   placement rules (the pool must be visible there) and records `RecoverVm`, which `apply`
 //!   accepts once (the VM must still be on the lost host, HA, on a shared pool);
-//! - the **new host** ([`Service::ha_start_recovered`]) starts VMs recorded as recovered to it,
-//!   as a `vm.ha_restart` operation, with backoff when a start fails.
+//! - the **owner** ([`Service::ha_start_recovered`]) starts VMs recorded as recovered to it,
+//!   and its own HA VMs meant to run that are stopped or crashed (killed by fencing or the
+//!   watchdog while the host came back in time, or powered off from inside), as a
+//!   `vm.ha_restart` operation, with backoff when a start fails. The operation's first command
+//!   records `starting` on this host: refused if the VM moved meanwhile, and it changes the
+//!   record, so a `RecoverVm` decided before it (on an older `updated_at`) is refused.
 //!
 //! The lost host, if it comes back, removes its copy (`remove_stray_copies`): its lease ran out,
 //! so it had already killed the QEMU (in-process fencing or the watchdog).
@@ -21,7 +25,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use novacron_state::{CommandV1, placement};
-use novacron_types::{ApiError, NodeId, PowerState, UserId, VmId, now_millis};
+use novacron_types::{ApiError, NodeId, PowerState, UserId, VmId, VmState, now_millis};
 
 use super::Service;
 use crate::auth::Principal;
@@ -50,7 +54,7 @@ impl Service {
         }
         let cluster = self.cluster().clone();
         let now = Instant::now();
-        let lost: Vec<(VmId, String, NodeId)> = self.inner.state.read(|s| {
+        let lost: Vec<(VmId, String, NodeId, i64)> = self.inner.state.read(|s| {
             s.vms
                 .values()
                 .filter(|v| {
@@ -62,7 +66,7 @@ impl Service {
                             .lease_safe_after(v.node.0)
                             .is_some_and(|safe| now >= safe)
                 })
-                .map(|v| (v.id, v.name.clone(), v.node))
+                .map(|v| (v.id, v.name.clone(), v.node, v.updated_at))
                 .collect()
         });
         if lost.is_empty() {
@@ -75,7 +79,7 @@ impl Service {
                 return;
             }
         };
-        for (id, name, from) in lost {
+        for (id, name, from, seen) in lost {
             let Some(vm) = self.inner.state.read(|s| s.vms.get(&id).cloned()) else {
                 continue;
             };
@@ -105,6 +109,7 @@ impl Service {
                 id,
                 from,
                 to,
+                seen,
                 at: now_millis(),
             };
             match self.inner.state.propose(cmd).await {
@@ -127,7 +132,12 @@ impl Service {
             s.vms
                 .values()
                 .filter(|v| {
-                    v.node == me && v.recovered_from.is_some() && v.desired == PowerState::Running
+                    v.node == me
+                        && v.desired == PowerState::Running
+                        && v.migrating_to.is_none()
+                        && (v.recovered_from.is_some()
+                            || (v.spec.ha
+                                && matches!(v.state, VmState::Stopped | VmState::Crashed)))
                 })
                 .map(|v| v.id)
                 .collect()
@@ -160,7 +170,15 @@ impl Service {
                     "vm.ha_restart",
                     vec![super::vms::vm_path(id)],
                     &system(),
-                    vec![],
+                    // Refused if the VM is no longer this host's when it applies; and it
+                    // changes the record, so an HA move decided before it is refused.
+                    vec![CommandV1::RecordVmObservedOn {
+                        node: me,
+                        id,
+                        state: VmState::Starting,
+                        reason: None,
+                        at: now_millis(),
+                    }],
                     move |ctx| async move {
                         let _guard = guard;
                         ctx.progress(
@@ -192,10 +210,36 @@ impl Service {
                 vm.name
             )));
         }
+        self.require_pool_here(vm)?;
+        self.require_lease(vm)?;
         hv.link_disks(&spec).await.map_err(super::hv_error)?;
         let r = hv.start(&spec).await;
         self.sync_vm_observed(vm.id).await;
         r.map_err(super::hv_error)
+    }
+
+    /// A VM on a shared pool starts only while this host holds a lease with time to spare: a
+    /// start stalled past the lease (a hung mount, a stopped process) could otherwise come to
+    /// life after HA gave the VM to another host.
+    pub(crate) fn require_lease(&self, vm: &novacron_types::Vm) -> Result<(), ApiError> {
+        let shared = vm.spec.ha
+            || self.inner.state.read(|s| {
+                vm.spec
+                    .pool
+                    .as_ref()
+                    .and_then(|p| s.pools.get(p))
+                    .is_some_and(|p| p.shared)
+            });
+        let c = self.cluster();
+        if shared && c.lease_left() < c.settings.heartbeat {
+            return Err(ApiError::unavailable(format!(
+                "host {} does not hold a cluster lease with time to spare ({} ms left); a VM on \
+                 a shared pool starts only then",
+                self.inner.node,
+                c.lease_left().as_millis()
+            )));
+        }
+        Ok(())
     }
 
     fn note_ha_attempt(&self, id: VmId, ok: bool) {

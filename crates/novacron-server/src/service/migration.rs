@@ -178,6 +178,7 @@ impl Service {
 
     /// The VM's runtime spec, if its image is on this host (at the same path as everywhere).
     fn spec_with_image_here(&self, vm: &Vm) -> Result<novacron_hypervisor::RuntimeSpec, ApiError> {
+        self.require_pool_here(vm)?;
         let spec = self.runtime_spec(vm)?;
         if !spec.base_image.exists() {
             return Err(refused(
@@ -777,8 +778,10 @@ impl Service {
             };
             if dir.exists() {
                 tracing::warn!(vm = %id, dir = %dir.display(), "removing a copy of a VM that lives on another host");
-                if let Err(e) = self.inner.hv.incoming_abort(id).await {
-                    tracing::warn!(vm = %id, "removing the stray copy: {e}");
+                // Under the VM's lock and on current records: it may have become this host's
+                // since the list was read (HA, a migration).
+                if let Err(e) = self.incoming_abort(id).await {
+                    tracing::warn!(vm = %id, "removing the stray copy: {}", e.message);
                 }
             }
         }

@@ -69,6 +69,7 @@ pub(crate) struct Inner {
     login_permits: Arc<tokio::sync::Semaphore>,
     migrations: migration::Migrations,
     ha_retries: Mutex<ha::HaRetries>,
+    pool_probe: Mutex<pools::PoolProbe>,
 }
 
 /// The application. Cheap to clone.
@@ -102,6 +103,7 @@ impl Service {
                 login_permits: Arc::new(tokio::sync::Semaphore::new(4)),
                 migrations: migration::Migrations::new(&settings.migration),
                 ha_retries: Mutex::default(),
+                pool_probe: Mutex::default(),
                 settings,
             }),
         }

@@ -30,12 +30,23 @@ struct Mark {
     pool: String,
 }
 
+/// The last answer of the pool probe (see `visible_pools`).
+#[derive(Default)]
+pub(crate) struct PoolProbe {
+    cached: BTreeMap<String, u64>,
+    in_flight: bool,
+}
+
 /// Where a VM's disks go when they are in a pool.
 pub(crate) struct PoolPlace {
     pub disk_dir: PathBuf,
     pub shared: bool,
     /// The base image as seen from the pool (shared pools only).
     pub base_image: Option<PathBuf>,
+}
+
+fn uuid_suffix() -> String {
+    novacron_types::VmId::new_random().to_string()
 }
 
 fn read_mark(dir: &Path) -> Option<String> {
@@ -143,8 +154,33 @@ impl Service {
     }
 
     /// Free bytes of every pool this host can use, with `data` for its own data directory
-    /// (reported with each heartbeat; placement offers only pools a host sees).
+    /// (reported with each heartbeat; placement offers only pools a host sees). Returns the
+    /// last probe's answer and starts a new probe in a blocking thread, at most one at a time:
+    /// a hung mount must not hold up the lease keeper that calls this.
     pub(crate) fn visible_pools(&self) -> BTreeMap<String, u64> {
+        let mut probe = self
+            .inner
+            .pool_probe
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !probe.in_flight {
+            probe.in_flight = true;
+            let svc = self.clone();
+            tokio::task::spawn_blocking(move || {
+                let found = svc.probe_pools();
+                let mut probe = svc
+                    .inner
+                    .pool_probe
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                probe.cached = found;
+                probe.in_flight = false;
+            });
+        }
+        probe.cached.clone()
+    }
+
+    fn probe_pools(&self) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
         if let Some(free) = host::free_bytes(self.data_dir()) {
             out.insert("data".to_string(), free);
@@ -165,6 +201,27 @@ impl Service {
             }
         }
         out
+    }
+
+    /// A VM's shared pool must be mounted here (its mark in place) before files are made,
+    /// linked or deleted there: an unmounted mount point is an empty local directory.
+    pub(crate) fn require_pool_here(&self, vm: &Vm) -> Result<(), ApiError> {
+        let Some(name) = &vm.spec.pool else {
+            return Ok(());
+        };
+        let pool = self
+            .inner
+            .state
+            .read(|s| s.pools.get(name).cloned())
+            .ok_or_else(|| ApiError::not_found("pool", name))?;
+        if pool.shared && read_mark(Path::new(&pool.path)).as_deref() != Some(name.as_str()) {
+            return Err(ApiError::conflict(format!(
+                "pool '{name}' is not mounted on host {} ({} has no pool mark)",
+                self.inner.node, pool.path
+            ))
+            .with_reason("pool_unavailable"));
+        }
+        Ok(())
     }
 
     /// Where `vm`'s disks live on this host, when they are in a pool.
@@ -212,12 +269,14 @@ impl Service {
         }
         let src = PathBuf::from(&image.path);
         let dest = into.to_path_buf();
+        let node = self.inner.node;
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let into = dest;
             if let Some(dir) = into.parent() {
                 std::fs::create_dir_all(dir)?;
             }
-            let tmp = into.with_extension(format!("part-{}", std::process::id()));
+            // Unique per host and attempt: two hosts may copy the same image at once.
+            let tmp = into.with_extension(format!("part-{}-{}", node, uuid_suffix()));
             std::fs::copy(&src, &tmp)?;
             std::fs::File::open(&tmp)?.sync_all()?;
             std::fs::rename(&tmp, &into)

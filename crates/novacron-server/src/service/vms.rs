@@ -193,6 +193,18 @@ impl Service {
     /// `novacron_state::placement`.
     pub async fn place(&self, req: &PlacementRequest) -> Result<PlacementReport, ApiError> {
         validate::placement(req)?;
+        if let Some(pool) = &req.pool
+            && !self
+                .inner
+                .state
+                .read_linearizable(|s| s.pools.contains_key(pool))
+                .await?
+        {
+            return Err(ApiError::invalid(
+                "pool",
+                format!("pool '{pool}' not found"),
+            ));
+        }
         if let Some(n) = req.node
             && self.inner.state.read(|s| !s.nodes.contains_key(&n.0))
         {
@@ -344,6 +356,7 @@ impl Service {
         // The pool's rules (it exists; HA needs it shared) before any file is made; `apply`
         // checks them again.
         self.inner.state.read(|s| s.check_vm_pool(&vm))?;
+        self.require_pool_here(&vm)?;
         let spec = self.runtime_spec(&vm)?;
         if spec.shared_disks {
             self.ensure_pool_image(&image, &spec.base_image).await?;
@@ -355,8 +368,12 @@ impl Service {
             .propose(CommandV1::CreateVm { vm: vm.clone() })
             .await
         {
-            // Lost a race for the name (or Raft failed): leave no disks behind.
-            let _ = self.inner.hv.undefine(vm.id).await;
+            // Lost a race for the name (or Raft failed): leave no disks behind, unless the
+            // create may still have happened (a timeout: its fate is unknown).
+            if e.code != ErrorCode::Timeout {
+                let _ = self.inner.hv.undefine(vm.id).await;
+                let _ = self.inner.hv.remove_pool_disks(&spec).await;
+            }
             return Err(e);
         }
         Ok(vm)
@@ -425,8 +442,11 @@ impl Service {
                 .state
                 .propose(CommandV1::DeleteVm { id: vm.id })
                 .await?;
-            // A shared pool's disks outlive the host's links; they go once the VM is gone.
-            if let Err(e) = svc.inner.hv.remove_pool_disks(&spec).await {
+            // A shared pool's disks outlive the host's links; they go once the VM is gone (if
+            // the pool is mounted here: otherwise they stay for the operator to remove).
+            if let Err(e) = svc.require_pool_here(&vm) {
+                tracing::warn!(vm = %vm.id, "leaving the VM's disks in its pool: {}", e.message);
+            } else if let Err(e) = svc.inner.hv.remove_pool_disks(&spec).await {
                 tracing::warn!(vm = %vm.id, "removing the VM's disks from its pool: {e}");
             }
             Ok(())
@@ -465,7 +485,10 @@ impl Service {
             _ => None,
         };
         if let Some(state) = transitional {
-            first.push(CommandV1::RecordVmObserved {
+            // Refused if the VM is no longer this host's by the time it applies (HA moved it),
+            // so the action never starts here.
+            first.push(CommandV1::RecordVmObservedOn {
+                node: self.inner.node,
                 id: vm.id,
                 state,
                 reason: None,
@@ -493,6 +516,8 @@ impl Service {
                 let started = Instant::now();
                 // Disks in a pool: (re)link them here (a VM moved cold on a shared pool has
                 // no directory on its new host yet).
+                self.require_pool_here(vm)?;
+                self.require_lease(vm)?;
                 let linked = match spec.disk_dir {
                     Some(_) => hv.link_disks(&spec).await,
                     None => Ok(()),
