@@ -84,6 +84,9 @@ pub enum Command {
     /// Storage pools: directories VM disks live in.
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// Storage tiering: evaluate the temperature predictors on traces.
+    #[command(subcommand)]
+    Tiering(TieringCommand),
     /// Run a local cluster of N hosts as separate processes on loopback (Ctrl-C stops it).
     DevCluster(DevClusterArgs),
     /// The fencing watchdog `serve` runs beside itself (not for direct use).
@@ -91,6 +94,48 @@ pub enum Command {
     FenceWatchdog {
         #[arg(long)]
         data_dir: std::path::PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TieringCommand {
+    /// Replay a block I/O trace through every predictor (trained online, never looking ahead)
+    /// and print balanced accuracy, macro-F1, hot-tier hit ratio and bytes moved, against the
+    /// baselines and an oracle that knows the future.
+    Eval {
+        #[arg(long)]
+        trace: std::path::PathBuf,
+        /// cloudphysics (version,time,op,size,lbn) or csv (timestamp_s,volume,op,offset,size).
+        #[arg(long, default_value = "cloudphysics")]
+        format: String,
+        /// Extent size: the unit that is predicted and moved.
+        #[arg(long, default_value_t = 64)]
+        extent_mib: u64,
+        /// Window length in seconds.
+        #[arg(long, default_value_t = 60.0)]
+        window: f64,
+        /// Requests per minute from which a window counts as hot.
+        #[arg(long, default_value_t = 10.0)]
+        hot_per_minute: f64,
+        /// Share of the extents the simulated hot tier holds.
+        #[arg(long, default_value_t = 0.1)]
+        hot_share: f64,
+        /// Score margin a unit needs to displace a hot one.
+        #[arg(long, default_value_t = 0.3)]
+        hysteresis: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Write a synthetic trace (generic CSV) of a given shape; the same seed gives the same
+    /// trace.
+    Synth {
+        /// diurnal, bursty, shifting or scan.
+        #[arg(long)]
+        shape: String,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        out: std::path::PathBuf,
     },
 }
 
@@ -501,6 +546,7 @@ pub async fn run(g: Global, command: Command) -> anyhow::Result<()> {
             unreachable!("handled in main")
         }
         Command::Pool(c) => pool(&g, c).await,
+        Command::Tiering(c) => tiering(&g, c),
         Command::Cluster(c) => cluster_cli::run(&g, c).await,
         Command::Login {
             username,
@@ -1056,6 +1102,72 @@ async fn stream_console_from(c: &Client, vm: &str, offset: u64) -> anyhow::Resul
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Ok(StreamEnd::Broken(e.into())),
             }
+        }
+    }
+}
+
+fn tiering(g: &Global, cmd: TieringCommand) -> anyhow::Result<()> {
+    use novacron_tiering::{eval, synth, trace, window};
+    match cmd {
+        TieringCommand::Eval {
+            trace: path,
+            format,
+            extent_mib,
+            window: window_s,
+            hot_per_minute,
+            hot_share,
+            hysteresis,
+            seed,
+        } => {
+            let format: trace::Format = format.parse().map_err(anyhow::Error::msg)?;
+            if extent_mib == 0 || extent_mib > 1 << 20 {
+                bail!("--extent-mib must be between 1 and 1048576 (got {extent_mib})");
+            }
+            if !(window_s.is_finite() && window_s >= 1.0) {
+                bail!("--window must be at least 1 second (got {window_s})");
+            }
+            if !(hot_share > 0.0 && hot_share <= 1.0) {
+                bail!("--hot-share must be in (0, 1] (got {hot_share})");
+            }
+            if !(hot_per_minute.is_finite() && hot_per_minute > 0.0) {
+                bail!("--hot-per-minute must be above 0 (got {hot_per_minute})");
+            }
+            if !(hysteresis.is_finite() && hysteresis >= 0.0) {
+                bail!("--hysteresis must be at least 0 (got {hysteresis})");
+            }
+            let t = trace::read(&path, format)?;
+            let cut = window::cut(&t, extent_mib << 20, window_s);
+            let report = eval::evaluate(
+                &cut,
+                &eval::EvalSettings {
+                    hot_per_minute,
+                    hot_share,
+                    hysteresis,
+                    seed,
+                    ..Default::default()
+                },
+            );
+            if g.output == Format::Json {
+                return output::json(&report);
+            }
+            print!("{}", eval::table(&report));
+            Ok(())
+        }
+        TieringCommand::Synth { shape, seed, out } => {
+            let shape: synth::Shape = shape.parse().map_err(anyhow::Error::msg)?;
+            let t = synth::generate(&synth::Synth::new(shape, seed));
+            std::fs::write(&out, trace::to_csv(&t))
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+            if g.output != Format::Json {
+                println!(
+                    "{}: {} requests on {} volumes; evaluate with --format csv --window {}",
+                    out.display(),
+                    t.accesses.len(),
+                    t.volumes.len(),
+                    shape.window_s()
+                );
+            }
+            Ok(())
         }
     }
 }

@@ -226,3 +226,130 @@ async fn dev_cluster_starts_joined_hosts_and_stops_them_all() {
         );
     }
 }
+
+/// `tiering eval` needs no server: the real CloudPhysics trace in, one JSON entry per
+/// predictor out; a malformed line is an error naming the file, line and field.
+#[test]
+fn tiering_eval_reports_every_predictor_and_names_bad_lines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cli = Cli {
+        server: "http://127.0.0.1:9".into(),
+        config: dir.path().join("client.toml"),
+    };
+    let trace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/traces/cloudphysics-io.csv");
+    if trace.exists() {
+        let out = cli.ok(&[
+            "-o",
+            "json",
+            "tiering",
+            "eval",
+            "--trace",
+            trace.to_str().expect("path"),
+            "--format",
+            "cloudphysics",
+            "--extent-mib",
+            "64",
+            "--window",
+            "60",
+        ]);
+        let v: Value = serde_json::from_str(&out).expect("json");
+        let results = v["results"].as_array().expect("results");
+        for name in [
+            "ensemble",
+            "holt-winters",
+            "markov",
+            "neural",
+            "baseline-last-window",
+            "baseline-moving-average",
+            "baseline-frequency-recency",
+            "oracle",
+        ] {
+            let r = results
+                .iter()
+                .find(|r| r["name"] == name)
+                .unwrap_or_else(|| panic!("{name} missing: {out}"));
+            for field in [
+                "kind",
+                "balanced_accuracy",
+                "macro_f1",
+                "hit_ratio",
+                "bytes_moved",
+            ] {
+                assert!(!r[field].is_null(), "{name}.{field} missing");
+            }
+            let ba = r["balanced_accuracy"].as_f64().expect("number");
+            assert!((0.0..=1.0).contains(&ba), "{name}: {ba}");
+        }
+        let oracle = results
+            .iter()
+            .find(|r| r["kind"] == "oracle")
+            .expect("oracle");
+        assert!(
+            results
+                .iter()
+                .all(|r| r["hit_ratio"].as_f64() <= oracle["hit_ratio"].as_f64()),
+            "nobody beats the oracle's hit ratio: {out}"
+        );
+    }
+    // A synthetic trace written by `tiering synth`, evaluated as CSV.
+    let synth = dir.path().join("scan.csv");
+    let out = cli.ok(&[
+        "tiering",
+        "synth",
+        "--shape",
+        "scan",
+        "--seed",
+        "3",
+        "--out",
+        synth.to_str().expect("path"),
+    ]);
+    assert!(out.contains("requests"), "{out}");
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        "timestamp_s,volume,op,offset,size\n0,a,R,0,4096\n1,a,X,0,4096\n",
+    )
+    .expect("write");
+    let (code, _, err) = cli.run(
+        &[
+            "tiering",
+            "eval",
+            "--trace",
+            bad.to_str().expect("path"),
+            "--format",
+            "csv",
+        ],
+        None,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("bad.csv:3: field 'op'"), "{err}");
+    let (code, _, err) = cli.run(
+        &[
+            "tiering",
+            "eval",
+            "--trace",
+            bad.to_str().expect("path"),
+            "--format",
+            "parquet",
+        ],
+        None,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown trace format 'parquet'"), "{err}");
+    let (code, _, err) = cli.run(
+        &[
+            "tiering",
+            "eval",
+            "--trace",
+            synth.to_str().expect("path"),
+            "--format",
+            "csv",
+            "--window",
+            "0",
+        ],
+        None,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("--window must be at least 1 second"), "{err}");
+}

@@ -1,0 +1,99 @@
+//! Storage tiering's decision side: which data will be hot.
+//!
+//! - [`trace`]: block I/O traces (CloudPhysics, generic CSV); [`synth`]: seeded synthetic ones.
+//! - [`window`]: volumes cut into extents (the unit that is predicted and moved) and time into
+//!   windows; [`window::History`] grows one window at a time.
+//! - [`features`]: the analyzer (rate, read/write mix, sequential share, burstiness, trend,
+//!   daily and weekly periodicity, recency, neighbours) and the temperature classes.
+//! - [`model`]: the predictors (Holt-Winters, Markov chain, neural network, their ensemble)
+//!   and the baselines.
+//! - [`eval`]: replaying a trace through all of them, online, against an oracle.
+//!
+//! Invariants: pure (no clock, no network; files only in `trace::read`); every predictor
+//! learns only from windows that have closed; the same input and seed give the same output.
+
+pub mod eval;
+pub mod features;
+pub mod model;
+pub mod synth;
+pub mod trace;
+pub mod window;
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use crate::features::{Analyzer, Features, Thresholds};
+    use crate::model::{Context, Prediction, Predictor};
+    use crate::window::{History, UnitKey, WindowStats};
+
+    /// Runs a predictor over units given as per-window request counts (extents 0.. of one
+    /// volume); returns its forecasts made after each window (for the window after).
+    pub fn run_units(
+        p: &mut dyn Predictor,
+        units: &[Vec<u32>],
+        window_s: f64,
+    ) -> Vec<Vec<Prediction>> {
+        let analyzer = Analyzer::new(window_s);
+        let thresholds = Thresholds::per_minute(10.0, window_s);
+        let mut h = History::new(window_s);
+        let mut previous: Vec<Option<Features>> = Vec::new();
+        let mut counts = [1.0f64; 3];
+        let mut out = Vec::new();
+        for w in 0..units[0].len() {
+            let touched: Vec<(UnitKey, WindowStats)> = units
+                .iter()
+                .enumerate()
+                .filter(|(_, ops)| ops[w] > 0)
+                .map(|(e, ops)| {
+                    (
+                        UnitKey {
+                            volume: 0,
+                            extent: e as u64,
+                        },
+                        WindowStats {
+                            ops: ops[w],
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect();
+            h.push(&touched);
+            for s in &h.series {
+                counts[thresholds.classify(f64::from(s[w].ops)).index()] += 1.0;
+            }
+            let total: f64 = counts.iter().sum();
+            let features: Vec<Features> = (0..h.units.len())
+                .map(|u| analyzer.features(&h, u, w))
+                .collect();
+            previous.resize(h.units.len(), None);
+            let ctx = Context {
+                history: &h,
+                analyzer: &analyzer,
+                thresholds,
+                w,
+                features: &features,
+                previous: &previous,
+                prior: counts.map(|c| c / total),
+                hot_capacity: 1,
+            };
+            p.learn(&ctx);
+            // Forecasts indexed by extent (units are created in order of first access).
+            let preds = p.predict(&ctx);
+            let mut by_extent =
+                vec![Prediction::certain(crate::features::Temperature::Cold, 0.0); units.len()];
+            for (u, key) in h.units.iter().enumerate() {
+                by_extent[key.extent as usize] = preds[u];
+            }
+            out.push(by_extent);
+            previous = features.into_iter().map(Some).collect();
+        }
+        out
+    }
+
+    /// [`run_units`] for one unit.
+    pub fn run_series(p: &mut dyn Predictor, ops: &[u32], window_s: f64) -> Vec<Prediction> {
+        run_units(p, &[ops.to_vec()], window_s)
+            .into_iter()
+            .map(|v| v[0])
+            .collect()
+    }
+}
