@@ -8,6 +8,8 @@
 //! - [`model`]: the predictors (Holt-Winters, Markov chain, neural network, their ensemble)
 //!   and the baselines.
 //! - [`eval`]: replaying a trace through all of them, online, against an oracle.
+//! - [`planner`]: predictions and policies (maintenance, capacity, performance, time, cost)
+//!   into a move plan with a reason per move, with hysteresis.
 //!
 //! Invariants: pure (no clock, no network; files only in `trace::read`); every predictor
 //! learns only from windows that have closed; the same input and seed give the same output.
@@ -15,6 +17,7 @@
 pub mod eval;
 pub mod features;
 pub mod model;
+pub mod planner;
 pub mod synth;
 pub mod trace;
 pub mod window;
