@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod cluster;
+pub mod limiter;
 pub mod metrics;
 pub mod node;
 pub mod service;

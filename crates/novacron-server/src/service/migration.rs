@@ -349,14 +349,7 @@ impl Service {
             }
             None => files,
         };
-        // One cell per KiB; bursts of 1/10 s so a chunk never exceeds what can be granted.
-        let kib = (req.bandwidth / 1024).max(1);
-        let burst = std::num::NonZeroU32::new(((kib / 10).max(256)).min(u32::MAX as u64) as u32)
-            .unwrap_or(std::num::NonZeroU32::MIN);
-        let per_sec = std::num::NonZeroU32::new(kib.min(u32::MAX as u64) as u32)
-            .unwrap_or(std::num::NonZeroU32::MIN);
-        let limiter =
-            governor::RateLimiter::direct(governor::Quota::per_second(per_sec).allow_burst(burst));
+        let limiter = crate::limiter::ByteRate::new(req.bandwidth);
         let copy = async {
             let mut bytes = 0u64;
             for (n, file) in files.iter().enumerate() {
@@ -376,11 +369,8 @@ impl Service {
                     let chunk = chunk.map_err(|e| {
                         ApiError::unavailable(format!("copying {url}: the stream broke: {e}"))
                     })?;
-                    for piece in chunk.chunks(burst.get() as usize * 1024) {
-                        let cells = piece.len().div_ceil(1024) as u32;
-                        if let Some(n) = std::num::NonZeroU32::new(cells) {
-                            let _ = limiter.until_n_ready(n).await;
-                        }
+                    for piece in chunk.chunks(limiter.burst_bytes()) {
+                        limiter.take(piece.len()).await;
                         out.write_all(piece)
                             .await
                             .map_err(|e| ApiError::internal(e.to_string()))?;
