@@ -61,7 +61,6 @@ impl Service {
                     v.spec.ha
                         && v.desired == PowerState::Running
                         && v.node != me
-                        && v.migrating_to.is_none()
                         && cluster
                             .lease_safe_after(v.node.0)
                             .is_some_and(|safe| now >= safe)
@@ -72,13 +71,21 @@ impl Service {
         if lost.is_empty() {
             return;
         }
-        let live = match self.live_view().await {
+        let mut live = match self.live_view().await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!("HA: no live view of the hosts: {}", e.message);
                 return;
             }
         };
+        // A host not heard from for a few heartbeats is no target, even before it counts as
+        // offline (several hosts may be lost together).
+        let quiet = cluster.settings.heartbeat * 3;
+        for (n, l) in live.iter_mut() {
+            if *n != me.0 && cluster.last_heard(*n).is_some_and(|t| t.elapsed() > quiet) {
+                l.health = "offline".into();
+            }
+        }
         for (id, name, from, seen) in lost {
             let Some(vm) = self.inner.state.read(|s| s.vms.get(&id).cloned()) else {
                 continue;
@@ -105,6 +112,15 @@ impl Service {
                 tracing::warn!(vm = %name, "HA: host {from} is lost, but no host can take the VM: {why}");
                 continue;
             };
+            // Lost in the middle of a migration: its target's waiting copy must go first (it
+            // never ran the guest before ownership moved, and ownership did not move). If the
+            // target cannot be told, try again next pass.
+            if let Some(target) = vm.migrating_to
+                && !self.abort_incoming_on(target, id).await
+            {
+                tracing::warn!(vm = %name, "HA: host {from} is lost mid-migration; waiting until host {target} drops its incoming copy");
+                continue;
+            }
             let cmd = CommandV1::RecoverVm {
                 id,
                 from,
@@ -122,6 +138,30 @@ impl Service {
                 }
             }
         }
+    }
+
+    /// Asks `target` to remove its incoming copy of `vm`; true once it has (or never had one).
+    async fn abort_incoming_on(&self, target: NodeId, vm: VmId) -> bool {
+        if target == self.inner.node {
+            return self.incoming_abort(vm).await.is_ok();
+        }
+        let Some(addr) = self
+            .inner
+            .state
+            .read(|s| s.nodes.get(&target.0).map(|n| n.api_address.clone()))
+        else {
+            return true;
+        };
+        self.cluster()
+            .transport
+            .call::<_, serde_json::Value>(
+                &addr,
+                &format!("/internal/v1/migrations/{vm}/abort"),
+                &serde_json::json!({}),
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .is_ok()
     }
 
     /// Every host: starts the VMs HA moved here (each once at a time; failed starts are tried
