@@ -1,6 +1,7 @@
 //! Storage tiering's decision side: which data will be hot.
 //!
 //! - [`trace`]: block I/O traces (CloudPhysics, generic CSV); [`synth`]: seeded synthetic ones.
+//! - [`series`]: the collector's bounded store of per-volume I/O counters (downsampled).
 //! - [`window`]: volumes cut into extents (the unit that is predicted and moved) and time into
 //!   windows; [`window::History`] grows one window at a time.
 //! - [`features`]: the analyzer (rate, read/write mix, sequential share, burstiness, trend,
@@ -18,6 +19,7 @@ pub mod eval;
 pub mod features;
 pub mod model;
 pub mod planner;
+pub mod series;
 pub mod synth;
 pub mod trace;
 pub mod window;
