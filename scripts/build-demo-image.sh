@@ -6,7 +6,8 @@
 #                  "NOVACRON-DEMO-GUEST READY" and then "tick N" once a second. With
 #                  `novacron.dirty=N` on the kernel command line it also rewrites N MiB of memory
 #                  in a loop (a guest that dirties memory fast, for migration tests; it needs 2N
-#                  MiB of the initramfs, which gets half the guest's memory).
+#                  MiB of the initramfs, which gets half the guest's memory). With `novacron.diskwrite=N`
+#                  it writes N x 64 KiB to /dev/vda every second (I/O statistics tests).
 #   - disk.qcow2 : a small blank data disk, so every demo VM has a real block device (/dev/vda)
 #                  that tests can write to and read back.
 #   - image.json : the boot parameters NovaCron registers the image with.
@@ -16,7 +17,7 @@
 # except disk.qcow2 (other VMs' disks may be overlays on it; it is blank either way).
 set -euo pipefail
 
-version=2
+version=3
 out=${1:?usage: build-demo-image.sh OUTPUT_DIR}
 if [[ -f "$out/image.json" && -f "$out/vmlinuz" && -f "$out/initrd.img" && -f "$out/disk.qcow2" ]] &&
    grep -q "\"version\": $version" "$out/image.json"; then
@@ -88,6 +89,15 @@ if [ -n "$dirty" ]; then
   echo "dirtying $dirty MiB"
 fi
 for d in /sys/block/vd*; do [ -e "$d" ] && echo "disk ${d##*/} $(cat "$d/size") sectors"; done
+write=$(sed -n 's/.*novacron\.diskwrite=\([0-9][0-9]*\).*/\1/p' /proc/cmdline)
+if [ -n "$write" ]; then
+  # N x 64 KiB of random data to the first disk every second, flushed to the device.
+  (n=0; while true; do
+     dd if=/dev/urandom of=/dev/vda bs=64k count="$write" seek=$((n % 64)) conv=fsync 2>/dev/null
+     n=$((n + write)); sleep 1
+   done) &
+  echo "writing $write x 64 KiB/s to vda"
+fi
 i=1
 while true; do
   echo "tick $i"

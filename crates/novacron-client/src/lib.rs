@@ -202,6 +202,17 @@ impl Client {
         .await
     }
 
+    /// The VM's disk I/O as its host collected it; `step`: seconds per bucket at least.
+    pub async fn disk_stats(
+        &self,
+        key: &str,
+        step: Option<u64>,
+    ) -> Result<novacron_types::DiskIoReport, ClientError> {
+        let q = step.map(|s| format!("?step={s}")).unwrap_or_default();
+        self.get(&format!("/api/v1/vms/{}/disks/stats{q}", encode(key)))
+            .await
+    }
+
     pub async fn delete_vm(&self, key: &str) -> Result<(), ClientError> {
         self.delete(&format!("/api/v1/vms/{}", encode(key))).await
     }

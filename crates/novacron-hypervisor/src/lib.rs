@@ -133,6 +133,15 @@ pub struct MigrationStats {
     pub error: Option<String>,
 }
 
+/// QEMU's cumulative I/O counters of one disk since its QEMU started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskCounters {
+    pub rd_bytes: u64,
+    pub wr_bytes: u64,
+    pub rd_ops: u64,
+    pub wr_ops: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HypervisorInfo {
     pub qemu_version: String,
@@ -191,6 +200,13 @@ pub trait Hypervisor: Send + Sync + 'static {
     async fn snapshot_disks(&self, id: VmId, name: &str) -> Result<(), HvError>;
     async fn restore_disks(&self, id: VmId, name: &str) -> Result<(), HvError>;
     async fn delete_disk_snapshot(&self, id: VmId, name: &str) -> Result<(), HvError>;
+
+    /// Every disk's cumulative I/O counters (`query-blockstats`), by disk name (`root`,
+    /// `disk1`, ...), while the VM has a QEMU.
+    async fn block_stats(&self, id: VmId) -> Result<Vec<(String, DiskCounters)>, HvError> {
+        let _ = id;
+        Err(unsupported("I/O statistics"))
+    }
 
     /// Path of the VM's serial console log.
     fn console_path(&self, id: VmId) -> PathBuf;

@@ -294,6 +294,9 @@ pub async fn run(
     );
     tokio::spawn(lease::run(service.clone(), watchdog));
     tokio::spawn(crate::service::ha::run(service.clone()));
+    if identity.role == HostRole::Full {
+        tokio::spawn(crate::service::stats::run(service.clone()));
+    }
     tokio::spawn(manager::run(cluster.clone()));
 
     println!(

@@ -299,6 +299,40 @@ pub struct UpdateVmRequest {
 }
 
 // ---------------------------------------------------------------------------------------------
+// I/O statistics
+
+/// I/O in one bucket of time (requests and bytes, read and write).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct IoBucket {
+    /// Start of the bucket, Unix seconds.
+    pub start: u64,
+    pub rd_bytes: u64,
+    pub wr_bytes: u64,
+    pub rd_ops: u64,
+    pub wr_ops: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiskIoSeries {
+    /// `root`, `disk1`, ...
+    pub disk: String,
+    /// Seconds per bucket (the resolution kept for the span asked).
+    pub step_s: u64,
+    /// Oldest first.
+    pub buckets: Vec<IoBucket>,
+}
+
+/// `GET /api/v1/vms/{vm}/disks/stats`: what the VM's host collected from QEMU.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiskIoReport {
+    #[schema(value_type = u64)]
+    pub node: NodeId,
+    /// How often the host samples.
+    pub sample_interval_s: u64,
+    pub disks: Vec<DiskIoSeries>,
+}
+
+// ---------------------------------------------------------------------------------------------
 // Storage pools
 
 /// How fast (and dear) a pool's storage is.

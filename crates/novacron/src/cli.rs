@@ -304,6 +304,14 @@ pub enum VmCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Disk I/O its host collected from QEMU: totals per disk over what is kept at the chosen
+    /// resolution (`-o json` for every bucket).
+    Stats {
+        vm: String,
+        /// Seconds per bucket at least (10 s kept 1 h, 1 min kept 1 day, 15 min kept 30 days).
+        #[arg(long)]
+        step: Option<u64>,
+    },
     /// Turn HA on or off for a VM (on needs its disks on a shared pool).
     Ha {
         vm: String,
@@ -871,6 +879,42 @@ async fn vm(g: &Global, cmd: VmCommand) -> anyhow::Result<()> {
                 return output::json(&report);
             }
             print_placement(&report);
+            Ok(())
+        }
+        VmCommand::Stats { vm, step } => {
+            let report = client(g)?.disk_stats(&vm, step).await?;
+            if g.output == Format::Json {
+                return output::json(&report);
+            }
+            output::table(
+                &[
+                    "DISK",
+                    "STEP",
+                    "BUCKETS",
+                    "READ OPS",
+                    "WRITE OPS",
+                    "READ MiB",
+                    "WRITE MiB",
+                ],
+                report
+                    .disks
+                    .iter()
+                    .map(|d| {
+                        let sum = |f: fn(&novacron_types::IoBucket) -> u64| {
+                            d.buckets.iter().map(f).sum::<u64>()
+                        };
+                        vec![
+                            d.disk.clone(),
+                            format!("{}s", d.step_s),
+                            d.buckets.len().to_string(),
+                            sum(|b| b.rd_ops).to_string(),
+                            sum(|b| b.wr_ops).to_string(),
+                            format!("{:.1}", sum(|b| b.rd_bytes) as f64 / 1048576.0),
+                            format!("{:.1}", sum(|b| b.wr_bytes) as f64 / 1048576.0),
+                        ]
+                    })
+                    .collect(),
+            );
             Ok(())
         }
         VmCommand::Ha { vm, state } => {

@@ -73,6 +73,7 @@ raw_commands! {
     QueryBlockJobs = "query-block-jobs",
     QueryNamedBlockNodes = "query-named-block-nodes",
     QueryStatus = "query-status",
+    QueryBlockstats = "query-blockstats",
     Cont = "cont",
 }
 

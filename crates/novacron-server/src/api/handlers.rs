@@ -13,9 +13,9 @@ use utoipa::ToSchema;
 
 use novacron_types::error::ErrorBody;
 use novacron_types::{
-    ApiError, CreatePoolRequest, CreateVmRequest, ErrorCode, Image, ImportImageRequest,
-    MigrateVmRequest, NodeInfo, Operation, PlacementReport, PlacementRequest, Role, StoragePool,
-    TokenView, UpdateVmRequest, UserView, Vm, VmSnapshot,
+    ApiError, CreatePoolRequest, CreateVmRequest, DiskIoReport, ErrorCode, Image,
+    ImportImageRequest, MigrateVmRequest, NodeInfo, Operation, PlacementReport, PlacementRequest,
+    Role, StoragePool, TokenView, UpdateVmRequest, UserView, Vm, VmSnapshot,
 };
 
 use super::AppState;
@@ -411,6 +411,20 @@ pub async fn migrate_vm(
     JsonBody(req): JsonBody<MigrateVmRequest>,
 ) -> ApiResult<Response> {
     Ok(accepted(st.service.migrate_vm(&vm, req, &who).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{vm}/disks/stats", tag = "vms",
+    params(("vm" = String, Path, description = "ID or name"),
+           ("step" = Option<u64>, Query, description = "Seconds per bucket at least (default: the finest kept)")),
+    responses((status = 200, body = DiskIoReport), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn vm_disk_stats(
+    State(st): State<AppState>,
+    Path(vm): Path<String>,
+    q: Query,
+) -> ApiResult<Json<DiskIoReport>> {
+    let step = q.u64("step", 86_400)?;
+    Ok(Json(st.service.disk_stats(&vm, step)?))
 }
 
 #[utoipa::path(get, path = "/api/v1/vms/{vm}/console", tag = "vms",

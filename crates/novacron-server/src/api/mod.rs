@@ -249,6 +249,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/vms/{vm}/console/ws", viewer(s, get(vm_console_ws)))
         .route(
+            "/api/v1/vms/{vm}/disks/stats",
+            viewer(s, on_owner(s, get(vm_disk_stats))),
+        )
+        .route(
             "/api/v1/vms/{vm}/snapshots",
             viewer(s, get(list_snapshots)).merge(operator(s, on_owner(s, post(create_snapshot)))),
         )

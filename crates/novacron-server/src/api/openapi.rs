@@ -28,7 +28,7 @@ impl Modify for BearerAuth {
         handlers::list_tokens, handlers::create_token, handlers::revoke_token,
         handlers::list_vms, handlers::create_vm, handlers::get_vm, handlers::update_vm, handlers::delete_vm,
         handlers::vm_action, handlers::migrate_vm, handlers::place, handlers::vm_console,
-        handlers::vm_console_ws,
+        handlers::vm_console_ws, handlers::vm_disk_stats,
         handlers::list_snapshots, handlers::create_snapshot, handlers::restore_snapshot,
         handlers::delete_snapshot,
         handlers::list_images, handlers::get_image, handlers::import_image, handlers::delete_image,

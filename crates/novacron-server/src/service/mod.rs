@@ -12,6 +12,7 @@ mod images;
 mod migration;
 mod ops;
 mod pools;
+pub mod stats;
 mod users;
 mod vms;
 
@@ -42,6 +43,8 @@ pub struct ServiceSettings {
     /// How this host chooses among hosts that fit, when a request does not say.
     pub placement: novacron_types::PlacementStrategy,
     pub migration: MigrationSettings,
+    /// How often the collector samples every running VM's disk counters.
+    pub stats_interval: Duration,
 }
 
 impl Default for ServiceSettings {
@@ -51,6 +54,7 @@ impl Default for ServiceSettings {
             session_ttl: Duration::from_secs(12 * 3600),
             placement: Default::default(),
             migration: MigrationSettings::default(),
+            stats_interval: Duration::from_secs(10),
         }
     }
 }
@@ -70,6 +74,7 @@ pub(crate) struct Inner {
     migrations: migration::Migrations,
     ha_retries: Mutex<ha::HaRetries>,
     pool_probe: Mutex<pools::PoolProbe>,
+    io_stats: Mutex<novacron_tiering::series::Store>,
 }
 
 /// The application. Cheap to clone.
@@ -104,6 +109,9 @@ impl Service {
                 migrations: migration::Migrations::new(&settings.migration),
                 ha_retries: Mutex::default(),
                 pool_probe: Mutex::default(),
+                io_stats: Mutex::new(novacron_tiering::series::Store::new(
+                    settings.stats_interval.as_secs().max(1),
+                )),
                 settings,
             }),
         }
