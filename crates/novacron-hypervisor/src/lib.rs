@@ -77,6 +77,9 @@ pub enum HvError {
     },
     #[error("{0}")]
     Unsupported(String),
+    /// A file the VM needs is not there (a disk missing from its pool).
+    #[error("{0}")]
+    Missing(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

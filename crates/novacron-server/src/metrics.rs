@@ -29,6 +29,12 @@ pub struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub pool: String,
+    pub tier: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
     pub status: String,
@@ -46,6 +52,9 @@ pub struct Metrics {
     pub raft_applied_index: Gauge,
     pub raft_is_leader: Gauge,
     pub ha_recoveries: Counter,
+    pub pool_capacity: Family<PoolLabels, Gauge>,
+    pub pool_provisioned: Family<PoolLabels, Gauge>,
+    pub pool_free: Family<PoolLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -111,9 +120,30 @@ impl Metrics {
             "HA VMs this host (as leader) moved off a lost host",
             ha_recoveries.clone(),
         );
+        let pool_capacity = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "pool_capacity_bytes",
+            "Configured capacity of each storage pool",
+            pool_capacity.clone(),
+        );
+        let pool_provisioned = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "pool_provisioned_bytes",
+            "Virtual size of the VM disks recorded on each pool",
+            pool_provisioned.clone(),
+        );
+        let pool_free = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "pool_free_bytes",
+            "Free bytes of each pool this host sees (its file system)",
+            pool_free.clone(),
+        );
         Self {
             registry,
             ha_recoveries,
+            pool_capacity,
+            pool_provisioned,
+            pool_free,
             http_requests,
             http_duration,
             vms,

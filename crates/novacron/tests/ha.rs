@@ -379,6 +379,27 @@ async fn a_vm_on_a_shared_pool_migrates_without_copying_and_pools_are_checked() 
         "{e}"
     );
     assert_eq!(admin.list_pools().await.expect("pools").len(), 1);
+    // The pool in Prometheus: capacity, what the VM's disks provision, free space seen here.
+    let token = admin.token().expect("token").to_string();
+    let metrics = reqwest::Client::new()
+        .get(format!("{}/metrics", c.host(1).direct))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for want in [
+        format!(
+            "novacron_pool_capacity_bytes{{pool=\"shared\",tier=\"warm\"}} {}",
+            10u64 << 30
+        ),
+        "novacron_pool_provisioned_bytes{pool=\"shared\",tier=\"warm\"}".to_string(),
+        "novacron_pool_free_bytes{pool=\"shared\",tier=\"warm\"}".to_string(),
+    ] {
+        assert!(metrics.contains(&want), "{want} missing");
+    }
 
     // The same through the CLI: a table, errors with a non-zero exit, HA switched off and on.
     let cli = common::Cli {

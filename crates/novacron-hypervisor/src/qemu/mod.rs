@@ -292,7 +292,7 @@ fn link_pool_disks(spec: &RuntimeSpec, paths: &VmPaths) -> Result<(), HvError> {
     let n = spec.extra_disks_mib.len();
     for (real, link) in pool.disks(n).into_iter().zip(paths.disks(n)) {
         if !real.exists() {
-            return Err(HvError::StartFailed(format!(
+            return Err(HvError::Missing(format!(
                 "disk {} is missing from the pool",
                 real.display()
             )));

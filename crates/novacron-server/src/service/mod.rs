@@ -174,7 +174,8 @@ pub(crate) fn hv_error(e: HvError) -> ApiError {
         HvError::NotRunning(_)
         | HvError::AlreadyRunning(_)
         | HvError::WrongState { .. }
-        | HvError::Unsupported(_) => ApiError::conflict(e.to_string()),
+        | HvError::Unsupported(_)
+        | HvError::Missing(_) => ApiError::conflict(e.to_string()),
         HvError::Timeout { .. } => ApiError::new(ErrorCode::Timeout, e.to_string()),
         HvError::StartFailed(_) | HvError::Qmp { .. } | HvError::Disk { .. } | HvError::Io(_) => {
             ApiError::internal(e.to_string())
@@ -212,5 +213,39 @@ impl Service {
         m.raft_last_log_index.set(r.last_log_index as i64);
         m.raft_applied_index.set(r.applied_index as i64);
         m.raft_is_leader.set(i64::from(r.role == "leader"));
+        let pools = self.inner.state.read(|s| {
+            s.pools
+                .values()
+                .map(|p| {
+                    let provisioned: u64 = s
+                        .vms
+                        .values()
+                        .filter(|v| v.spec.pool.as_deref() == Some(p.name.as_str()))
+                        .flat_map(|v| v.spec.disks.iter())
+                        .map(|d| d.size_mib << 20)
+                        .sum();
+                    (
+                        p.name.clone(),
+                        p.tier.as_str(),
+                        p.capacity_bytes,
+                        provisioned,
+                    )
+                })
+                .collect::<Vec<_>>()
+        });
+        let free = self.visible_pools();
+        for (pool, tier, capacity, provisioned) in pools {
+            let labels = crate::metrics::PoolLabels {
+                pool: pool.clone(),
+                tier: tier.to_string(),
+            };
+            m.pool_capacity.get_or_create(&labels).set(capacity as i64);
+            m.pool_provisioned
+                .get_or_create(&labels)
+                .set(provisioned as i64);
+            if let Some(f) = free.get(&pool) {
+                m.pool_free.get_or_create(&labels).set(*f as i64);
+            }
+        }
     }
 }
