@@ -12,14 +12,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::features::{Analyzer, Features, Temperature, Thresholds};
+use crate::features::{Analyzer, Temperature, Thresholds};
 use crate::model::baseline::{FrequencyRecency, LastWindow, MovingAverage};
 use crate::model::ensemble::Ensemble;
 use crate::model::holt_winters::HoltWinters;
 use crate::model::markov::Markov;
 use crate::model::neural::Neural;
-use crate::model::{Context, Kind, Prediction, Predictor};
-use crate::window::{History, Windowed};
+use crate::model::{Kind, Prediction, Predictor, Replay};
+use crate::window::Windowed;
 
 #[derive(Clone, Debug)]
 pub struct EvalSettings {
@@ -207,35 +207,17 @@ pub fn evaluate(trace: &Windowed, settings: &EvalSettings) -> EvalReport {
     let mut confusion = vec![Confusion::default(); rows];
     let mut tiers: Vec<Tier> = (0..rows).map(|_| Tier::new(capacity)).collect();
 
-    let mut h = History::new(trace.window_s);
-    let mut previous: Vec<Option<Features>> = Vec::new();
-    let mut class_counts = [1.0f64; 3];
+    let mut replay = Replay::new(trace.window_s, thresholds, capacity);
     let mut requests = 0u64;
     for w in 0..trace.windows.len() {
-        h.push(&trace.windows[w]);
+        replay.push(&trace.windows[w]);
         requests += trace.windows[w]
             .iter()
             .map(|(_, s)| u64::from(s.ops))
             .sum::<u64>();
-        for s in &h.series {
-            class_counts[thresholds.classify(f64::from(s[w].ops)).index()] += 1.0;
-        }
-        let total: f64 = class_counts.iter().sum();
-        let prior = class_counts.map(|c| c / total);
-        let features: Vec<Features> = (0..h.units.len())
-            .map(|u| analyzer.features(&h, u, w))
-            .collect();
-        previous.resize(h.units.len(), None);
-        let ctx = Context {
-            history: &h,
-            analyzer: &analyzer,
-            thresholds,
-            w,
-            features: &features,
-            previous: &previous,
-            prior,
-            hot_capacity: capacity,
-        };
+        let ctx = replay.context();
+        let prior = ctx.prior;
+        let h = ctx.history;
         ensemble.learn(&ctx);
         let mut forecasts: Vec<Vec<Prediction>> = Vec::with_capacity(rows);
         let mut member = Vec::new();
@@ -249,7 +231,6 @@ pub fn evaluate(trace: &Windowed, settings: &EvalSettings) -> EvalReport {
             b.learn(&ctx);
             forecasts.push(b.predict(&ctx));
         }
-        previous = features.into_iter().map(Some).collect();
         let Some(next) = trace.windows.get(w + 1) else {
             break;
         };
@@ -313,14 +294,13 @@ pub fn evaluate(trace: &Windowed, settings: &EvalSettings) -> EvalReport {
             t.total += unseen_ops;
         }
     }
-    let total: f64 = class_counts.iter().sum();
     EvalReport {
         windows: trace.windows.len(),
         units: all_units.len(),
         requests,
         hot_units: capacity,
         hot_ops_per_window: thresholds.hot_ops,
-        class_shares: class_counts.map(|c| c / total),
+        class_shares: replay.prior(),
         results: names
             .into_iter()
             .enumerate()

@@ -257,31 +257,8 @@ mod tests {
     use crate::window::WindowStats;
 
     fn history(unit_ops: &[&[u32]], window_s: f64) -> History {
-        let mut h = History::new(window_s);
-        let windows = unit_ops[0].len();
-        for w in 0..windows {
-            let touched: Vec<(UnitKey, WindowStats)> = unit_ops
-                .iter()
-                .enumerate()
-                .filter(|(_, ops)| ops[w] > 0)
-                .map(|(e, ops)| {
-                    (
-                        UnitKey {
-                            volume: 0,
-                            extent: e as u64,
-                        },
-                        WindowStats {
-                            ops: ops[w],
-                            writes: ops[w] / 4,
-                            sequential: ops[w] / 2,
-                            ..Default::default()
-                        },
-                    )
-                })
-                .collect();
-            h.push(&touched);
-        }
-        h
+        let units: Vec<Vec<u32>> = unit_ops.iter().map(|u| u.to_vec()).collect();
+        crate::testutil::history(&units, window_s)
     }
 
     #[test]

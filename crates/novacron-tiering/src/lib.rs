@@ -26,70 +26,62 @@ pub mod window;
 
 #[cfg(test)]
 pub(crate) mod testutil {
-    use crate::features::{Analyzer, Features, Thresholds};
-    use crate::model::{Context, Prediction, Predictor};
+    use crate::features::{Temperature, Thresholds};
+    use crate::model::{Prediction, Predictor, Replay};
     use crate::window::{History, UnitKey, WindowStats};
 
-    /// Runs a predictor over units given as per-window request counts (extents 0.. of one
-    /// volume); returns its forecasts made after each window (for the window after).
+    /// Window `w` of units given as per-window request counts (extents 0.. of one volume).
+    fn touched(units: &[Vec<u32>], w: usize) -> Vec<(UnitKey, WindowStats)> {
+        units
+            .iter()
+            .enumerate()
+            .filter(|(_, ops)| ops[w] > 0)
+            .map(|(e, ops)| {
+                (
+                    UnitKey {
+                        volume: 0,
+                        extent: e as u64,
+                    },
+                    WindowStats {
+                        ops: ops[w],
+                        writes: ops[w] / 4,
+                        sequential: ops[w] / 2,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The history of such units.
+    pub fn history(units: &[Vec<u32>], window_s: f64) -> History {
+        let mut h = History::new(window_s);
+        for w in 0..units[0].len() {
+            h.push(&touched(units, w));
+        }
+        h
+    }
+
+    /// Runs a predictor over such units; returns its forecasts made after each window (for
+    /// the window after), indexed by extent.
     pub fn run_units(
         p: &mut dyn Predictor,
         units: &[Vec<u32>],
         window_s: f64,
     ) -> Vec<Vec<Prediction>> {
-        let analyzer = Analyzer::new(window_s);
-        let thresholds = Thresholds::per_minute(10.0, window_s);
-        let mut h = History::new(window_s);
-        let mut previous: Vec<Option<Features>> = Vec::new();
-        let mut counts = [1.0f64; 3];
+        let mut replay = Replay::new(window_s, Thresholds::per_minute(10.0, window_s), 1);
         let mut out = Vec::new();
         for w in 0..units[0].len() {
-            let touched: Vec<(UnitKey, WindowStats)> = units
-                .iter()
-                .enumerate()
-                .filter(|(_, ops)| ops[w] > 0)
-                .map(|(e, ops)| {
-                    (
-                        UnitKey {
-                            volume: 0,
-                            extent: e as u64,
-                        },
-                        WindowStats {
-                            ops: ops[w],
-                            ..Default::default()
-                        },
-                    )
-                })
-                .collect();
-            h.push(&touched);
-            for s in &h.series {
-                counts[thresholds.classify(f64::from(s[w].ops)).index()] += 1.0;
-            }
-            let total: f64 = counts.iter().sum();
-            let features: Vec<Features> = (0..h.units.len())
-                .map(|u| analyzer.features(&h, u, w))
-                .collect();
-            previous.resize(h.units.len(), None);
-            let ctx = Context {
-                history: &h,
-                analyzer: &analyzer,
-                thresholds,
-                w,
-                features: &features,
-                previous: &previous,
-                prior: counts.map(|c| c / total),
-                hot_capacity: 1,
-            };
+            replay.push(&touched(units, w));
+            let ctx = replay.context();
             p.learn(&ctx);
-            // Forecasts indexed by extent (units are created in order of first access).
+            // Units are created in order of first access; index the forecasts by extent.
             let preds = p.predict(&ctx);
-            let mut by_extent =
-                vec![Prediction::certain(crate::features::Temperature::Cold, 0.0); units.len()];
-            for (u, key) in h.units.iter().enumerate() {
+            let mut by_extent = vec![Prediction::certain(Temperature::Cold, 0.0); units.len()];
+            for (u, key) in ctx.history.units.iter().enumerate() {
                 by_extent[key.extent as usize] = preds[u];
             }
             out.push(by_extent);
-            previous = features.into_iter().map(Some).collect();
         }
         out
     }

@@ -80,6 +80,67 @@ pub struct Context<'a> {
     pub hot_capacity: usize,
 }
 
+/// Drives predictors through windows: keeps the history, the class frequencies and last
+/// window's features, and builds each window's [`Context`].
+pub struct Replay {
+    pub history: History,
+    pub analyzer: Analyzer,
+    pub thresholds: Thresholds,
+    pub hot_capacity: usize,
+    class_counts: [f64; 3],
+    previous: Vec<Option<Features>>,
+    features: Vec<Features>,
+}
+
+impl Replay {
+    pub fn new(window_s: f64, thresholds: Thresholds, hot_capacity: usize) -> Self {
+        Self {
+            history: History::new(window_s),
+            analyzer: Analyzer::new(window_s),
+            thresholds,
+            hot_capacity,
+            // Add-one counts, so no class starts at probability zero.
+            class_counts: [1.0; 3],
+            previous: Vec::new(),
+            features: Vec::new(),
+        }
+    }
+
+    /// Closes the next window (the units it touched); its features and the class
+    /// frequencies so far are then in [`Replay::context`].
+    pub fn push(&mut self, touched: &[(crate::window::UnitKey, crate::window::WindowStats)]) {
+        let old = std::mem::take(&mut self.features);
+        self.previous = old.into_iter().map(Some).collect();
+        self.history.push(touched);
+        let w = self.history.len - 1;
+        for s in &self.history.series {
+            self.class_counts[self.thresholds.classify(f64::from(s[w].ops)).index()] += 1.0;
+        }
+        self.features = (0..self.history.units.len())
+            .map(|u| self.analyzer.features(&self.history, u, w))
+            .collect();
+        self.previous.resize(self.history.units.len(), None);
+    }
+
+    pub fn prior(&self) -> [f64; 3] {
+        let total: f64 = self.class_counts.iter().sum();
+        self.class_counts.map(|c| c / total)
+    }
+
+    pub fn context(&self) -> Context<'_> {
+        Context {
+            history: &self.history,
+            analyzer: &self.analyzer,
+            thresholds: self.thresholds,
+            w: self.history.len - 1,
+            features: &self.features,
+            previous: &self.previous,
+            prior: self.prior(),
+            hot_capacity: self.hot_capacity,
+        }
+    }
+}
+
 pub trait Predictor {
     fn name(&self) -> &'static str;
     fn kind(&self) -> Kind;
