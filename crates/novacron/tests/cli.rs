@@ -311,45 +311,22 @@ fn tiering_eval_reports_every_predictor_and_names_bad_lines() {
         "timestamp_s,volume,op,offset,size\n0,a,R,0,4096\n1,a,X,0,4096\n",
     )
     .expect("write");
-    let (code, _, err) = cli.run(
-        &[
-            "tiering",
-            "eval",
-            "--trace",
-            bad.to_str().expect("path"),
-            "--format",
-            "csv",
-        ],
-        None,
-    );
-    assert_ne!(code, 0);
-    assert!(err.contains("bad.csv:3: field 'op'"), "{err}");
-    let (code, _, err) = cli.run(
-        &[
-            "tiering",
-            "eval",
-            "--trace",
-            bad.to_str().expect("path"),
-            "--format",
-            "parquet",
-        ],
-        None,
-    );
-    assert_ne!(code, 0);
-    assert!(err.contains("unknown trace format 'parquet'"), "{err}");
-    let (code, _, err) = cli.run(
-        &[
-            "tiering",
-            "eval",
-            "--trace",
-            synth.to_str().expect("path"),
-            "--format",
-            "csv",
-            "--window",
-            "0",
-        ],
-        None,
-    );
-    assert_ne!(code, 0);
-    assert!(err.contains("--window must be at least 1 second"), "{err}");
+    let (bad, synth) = (bad.to_str().expect("path"), synth.to_str().expect("path"));
+    for (args, want) in [
+        (vec![bad, "--format", "csv"], "bad.csv:3: field 'op'"),
+        (
+            vec![bad, "--format", "parquet"],
+            "unknown trace format 'parquet'",
+        ),
+        (
+            vec![synth, "--format", "csv", "--window", "0"],
+            "--window must be at least 1 second",
+        ),
+    ] {
+        let mut all = vec!["tiering", "eval", "--trace"];
+        all.extend(args);
+        let (code, _, err) = cli.run(&all, None);
+        assert_ne!(code, 0, "{all:?}");
+        assert!(err.contains(want), "{all:?}: {err}");
+    }
 }
