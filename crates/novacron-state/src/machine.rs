@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use novacron_types::{
-    ApiError, ApiToken, Image, ImageId, JoinToken, NodeInfo, Operation, OperationId, StoragePool,
-    TokenId, User, UserId, Vm, VmId, VmState,
+    ApiError, ApiToken, Image, ImageId, JoinToken, NodeId, NodeInfo, Operation, OperationId,
+    StoragePool, TokenId, User, UserId, Vm, VmId, VmState,
 };
 
 use crate::command::{Command, CommandResponse, CommandV1, Touched};
@@ -43,6 +43,40 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
+    fn vm(&self, id: &VmId) -> Result<&Vm, ApiError> {
+        self.vms
+            .get(id)
+            .ok_or_else(|| ApiError::not_found("VM", id))
+    }
+
+    fn vm_mut(&mut self, id: &VmId) -> Result<&mut Vm, ApiError> {
+        self.vms
+            .get_mut(id)
+            .ok_or_else(|| ApiError::not_found("VM", id))
+    }
+
+    /// The VM, if it is on `node` (a stale or repeated command about a VM that moved is
+    /// refused).
+    fn vm_on(&self, id: &VmId, node: NodeId) -> Result<&Vm, ApiError> {
+        let vm = self.vm(id)?;
+        if vm.node != node {
+            return Err(ApiError::conflict(format!(
+                "VM '{}' is on host {}, not host {node}",
+                vm.name, vm.node
+            )));
+        }
+        Ok(vm)
+    }
+
+    /// Whether the VM's disks are on a shared pool (another host could open them).
+    pub fn on_shared_pool(&self, vm: &Vm) -> bool {
+        vm.spec
+            .pool
+            .as_ref()
+            .and_then(|p| self.pools.get(p))
+            .is_some_and(|p| p.shared)
+    }
+
     /// [`Self::check_pool`] with the VM's own HA flag, for callers outside `apply`.
     pub fn check_vm_pool(&self, vm: &Vm) -> Result<(), ApiError> {
         self.check_pool(vm, vm.spec.ha)
@@ -276,16 +310,7 @@ impl ClusterState {
                 Ok(vec![Touched::Node(node.0)])
             }
             BeginMigration { id, from, to } => {
-                let vm = self
-                    .vms
-                    .get(id)
-                    .ok_or_else(|| ApiError::not_found("VM", id))?;
-                if vm.node != *from {
-                    return Err(ApiError::conflict(format!(
-                        "VM '{}' is on host {}, not host {from}",
-                        vm.name, vm.node
-                    )));
-                }
+                let vm = self.vm_on(id, *from)?;
                 if let Some(t) = vm.migrating_to {
                     return Err(ApiError::conflict(format!(
                         "VM '{}' is already migrating to host {t}",
@@ -296,32 +321,17 @@ impl ClusterState {
                 let mut there = vm.clone();
                 there.node = *to;
                 self.check_placement(&there)?;
-                let vm = self
-                    .vms
-                    .get_mut(id)
-                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                let vm = self.vm_mut(id)?;
                 vm.migrating_to = Some(*to);
                 Ok(vec![Touched::Vm(*id)])
             }
             EndMigration { id } => {
-                let vm = self
-                    .vms
-                    .get_mut(id)
-                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                let vm = self.vm_mut(id)?;
                 vm.migrating_to = None;
                 Ok(vec![Touched::Vm(*id)])
             }
             MoveVm { id, from, to, at } => {
-                let vm = self
-                    .vms
-                    .get(id)
-                    .ok_or_else(|| ApiError::not_found("VM", id))?;
-                if vm.node != *from {
-                    return Err(ApiError::conflict(format!(
-                        "VM '{}' is on host {}, not host {from}",
-                        vm.name, vm.node
-                    )));
-                }
+                let vm = self.vm_on(id, *from)?;
                 let mut moved = vm.clone();
                 moved.node = *to;
                 moved.updated_at = *at;
@@ -331,15 +341,9 @@ impl ClusterState {
                 Ok(vec![Touched::Vm(*id)])
             }
             SetVmHa { id, ha, at } => {
-                let vm = self
-                    .vms
-                    .get(id)
-                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                let vm = self.vm(id)?;
                 self.check_pool(vm, *ha)?;
-                let vm = self
-                    .vms
-                    .get_mut(id)
-                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                let vm = self.vm_mut(id)?;
                 vm.spec.ha = *ha;
                 vm.updated_at = *at;
                 Ok(vec![Touched::Vm(*id)])
@@ -351,20 +355,11 @@ impl ClusterState {
                 seen,
                 at,
             } => {
-                let vm = self
-                    .vms
-                    .get(id)
-                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                let vm = self.vm_on(id, *from)?;
                 if vm.updated_at != *seen {
                     return Err(ApiError::conflict(format!(
                         "VM '{}' changed since HA decided to move it",
                         vm.name
-                    )));
-                }
-                if vm.node != *from {
-                    return Err(ApiError::conflict(format!(
-                        "VM '{}' is on host {}, not host {from}",
-                        vm.name, vm.node
                     )));
                 }
                 if !vm.spec.ha {
@@ -425,10 +420,7 @@ impl ClusterState {
                 Ok(vec![Touched::Pool(name.clone())])
             }
             DeleteVm { id } => {
-                let vm = self
-                    .vms
-                    .get(id)
-                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                let vm = self.vm(id)?;
                 if vm.state.has_process() {
                     return Err(ApiError::conflict(format!(
                         "VM '{}' is {}; stop it before deleting it",
@@ -440,10 +432,7 @@ impl ClusterState {
                 Ok(vec![Touched::Vm(*id)])
             }
             SetVmDesired { id, desired, at } => {
-                let vm = self
-                    .vms
-                    .get_mut(id)
-                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                let vm = self.vm_mut(id)?;
                 vm.desired = *desired;
                 vm.updated_at = *at;
                 Ok(vec![Touched::Vm(*id)])
@@ -454,10 +443,7 @@ impl ClusterState {
                 reason,
                 at,
             } => {
-                let vm = self
-                    .vms
-                    .get_mut(id)
-                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                let vm = self.vm_mut(id)?;
                 vm.state = *state;
                 vm.state_reason = reason.clone();
                 vm.updated_at = *at;
@@ -470,16 +456,8 @@ impl ClusterState {
                 reason,
                 at,
             } => {
-                let vm = self
-                    .vms
-                    .get_mut(id)
-                    .ok_or_else(|| ApiError::not_found("VM", id))?;
-                if vm.node != *node {
-                    return Err(ApiError::conflict(format!(
-                        "VM '{}' is on host {} now, not host {node}",
-                        vm.name, vm.node
-                    )));
-                }
+                self.vm_on(id, *node)?;
+                let vm = self.vm_mut(id)?;
                 if *state == VmState::Running {
                     vm.recovered_from = None;
                 }
@@ -489,10 +467,7 @@ impl ClusterState {
                 Ok(vec![Touched::Vm(*id)])
             }
             SetVmLabels { id, changes, at } => {
-                let vm = self
-                    .vms
-                    .get_mut(id)
-                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                let vm = self.vm_mut(id)?;
                 let mut labels = vm.labels.clone();
                 for (k, v) in changes {
                     match v {
@@ -514,10 +489,7 @@ impl ClusterState {
                 Ok(vec![Touched::Vm(*id)])
             }
             AddVmSnapshot { id, snapshot } => {
-                let vm = self
-                    .vms
-                    .get_mut(id)
-                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                let vm = self.vm_mut(id)?;
                 if vm.snapshots.iter().any(|s| s.name == snapshot.name) {
                     return Err(ApiError::conflict(format!(
                         "VM '{}' already has a snapshot named '{}'",
@@ -529,10 +501,7 @@ impl ClusterState {
                 Ok(vec![Touched::Vm(*id)])
             }
             RemoveVmSnapshot { id, name, at } => {
-                let vm = self
-                    .vms
-                    .get_mut(id)
-                    .ok_or_else(|| ApiError::not_found("VM", id))?;
+                let vm = self.vm_mut(id)?;
                 let before = vm.snapshots.len();
                 vm.snapshots.retain(|s| &s.name != name);
                 if vm.snapshots.len() == before {

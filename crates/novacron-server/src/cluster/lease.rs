@@ -242,15 +242,7 @@ async fn isolate_and_fence(svc: &Service, lease_expiry: Instant) {
         s.vms
             .values()
             .filter(|v| v.node == me)
-            .map(|v| {
-                let shared = v
-                    .spec
-                    .pool
-                    .as_ref()
-                    .and_then(|p| s.pools.get(p))
-                    .is_some_and(|p| p.shared);
-                (v.id, v.name.clone(), v.spec.ha || shared)
-            })
+            .map(|v| (v.id, v.name.clone(), v.spec.ha || s.on_shared_pool(v)))
             .collect()
     });
     let hv = svc.hypervisor();

@@ -262,14 +262,7 @@ impl Service {
     /// start stalled past the lease (a hung mount, a stopped process) could otherwise come to
     /// life after HA gave the VM to another host.
     pub(crate) fn require_lease(&self, vm: &novacron_types::Vm) -> Result<(), ApiError> {
-        let shared = vm.spec.ha
-            || self.inner.state.read(|s| {
-                vm.spec
-                    .pool
-                    .as_ref()
-                    .and_then(|p| s.pools.get(p))
-                    .is_some_and(|p| p.shared)
-            });
+        let shared = vm.spec.ha || self.inner.state.read(|s| s.on_shared_pool(vm));
         let c = self.cluster();
         if shared && c.lease_left() < c.settings.heartbeat {
             return Err(ApiError::unavailable(format!(
