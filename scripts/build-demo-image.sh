@@ -7,7 +7,12 @@
 #                  `novacron.dirty=N` on the kernel command line it also rewrites N MiB of memory
 #                  in a loop (a guest that dirties memory fast, for migration tests; it needs 2N
 #                  MiB of the initramfs, which gets half the guest's memory). With `novacron.diskwrite=N`
-#                  it writes N x 64 KiB to /dev/vda every second (I/O statistics tests).
+#                  it writes N x 64 KiB to /dev/vda every second (I/O statistics tests). With
+#                  `novacron.seqwrite=DEV` it waits for /dev/DEV (a hot-plugged volume), then
+#                  writes 64 KiB blocks there ten times a second, block n at slot n % 64 of the
+#                  first 4 MiB, each starting "NCSEQ <n, 10 digits>\n" followed by the same random
+#                  bytes, and prints "seqwrite n" once block n is flushed (volume move tests: no
+#                  acknowledged write may be lost).
 #   - disk.qcow2 : a small blank data disk, so every demo VM has a real block device (/dev/vda)
 #                  that tests can write to and read back.
 #   - image.json : the boot parameters NovaCron registers the image with.
@@ -17,7 +22,7 @@
 # except disk.qcow2 (other VMs' disks may be overlays on it; it is blank either way).
 set -euo pipefail
 
-version=3
+version=4
 out=${1:?usage: build-demo-image.sh OUTPUT_DIR}
 if [[ -f "$out/image.json" && -f "$out/vmlinuz" && -f "$out/initrd.img" && -f "$out/disk.qcow2" ]] &&
    grep -q "\"version\": $version" "$out/image.json"; then
@@ -97,6 +102,21 @@ if [ -n "$write" ]; then
      n=$((n + write)); sleep 1
    done) &
   echo "writing $write x 64 KiB/s to vda"
+fi
+seqdev=$(sed -n 's/.*novacron\.seqwrite=\([a-z0-9]*\).*/\1/p' /proc/cmdline)
+if [ -n "$seqdev" ]; then
+  (while [ ! -b "/dev/$seqdev" ]; do sleep 0.2; done
+   echo "seqwrite device $seqdev present"
+   dd if=/dev/urandom of=/tmp/fill bs=65519 count=1 2>/dev/null
+   n=1
+   while true; do
+     { printf 'NCSEQ %010d\n' "$n"; cat /tmp/fill; } > /tmp/blk
+     if dd if=/tmp/blk of="/dev/$seqdev" bs=65536 count=1 seek=$((n % 64)) conv=fsync 2>/dev/null; then
+       echo "seqwrite $n"
+       n=$((n + 1))
+     fi
+     sleep 0.1
+   done) &
 fi
 i=1
 while true; do

@@ -64,7 +64,7 @@ if ! command -v cargo >/dev/null; then
 fi
 
 # The kernel package is looked up in the apt lists, which need to exist.
-if ! grep -qs '"version": 3' .novacron/demo-image/image.json; then
+if ! grep -qs '"version": 4' .novacron/demo-image/image.json; then
   if ! apt-cache depends linux-image-cloud-amd64 2>/dev/null | grep -q 'Depends: linux-image-'; then
     apt_update
   fi

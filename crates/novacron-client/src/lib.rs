@@ -156,6 +156,14 @@ impl Client {
         self.call(Method::POST, path, Some(body)).await
     }
 
+    pub async fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.call(Method::PUT, path, Some(body)).await
+    }
+
     pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
         self.call::<(), serde_json::Value>(Method::DELETE, path, None)
             .await
@@ -328,6 +336,82 @@ impl Client {
     pub async fn delete_pool(&self, name: &str) -> Result<(), ClientError> {
         self.delete(&format!("/api/v1/pools/{}", encode(name)))
             .await
+    }
+
+    /// One page of volumes; `query` is the query string without `?` (filters, `limit`,
+    /// `after`).
+    pub async fn list_volumes(
+        &self,
+        query: &str,
+    ) -> Result<novacron_types::VolumePage, ClientError> {
+        self.get(&format!("/api/v1/volumes?{query}")).await
+    }
+
+    pub async fn get_volume(&self, key: &str) -> Result<novacron_types::Volume, ClientError> {
+        self.get(&format!("/api/v1/volumes/{}", encode(key))).await
+    }
+
+    pub async fn create_volume(
+        &self,
+        req: &novacron_types::CreateVolumeRequest,
+    ) -> Result<novacron_types::Volume, ClientError> {
+        self.post("/api/v1/volumes", req).await
+    }
+
+    pub async fn delete_volume(&self, key: &str) -> Result<(), ClientError> {
+        self.delete(&format!("/api/v1/volumes/{}", encode(key)))
+            .await
+    }
+
+    /// `attach` (body `{"vm": ...}`), `detach`, `resize` (body `{"size_mib": N}`).
+    pub async fn volume_action<B: Serialize>(
+        &self,
+        key: &str,
+        action: &str,
+        body: &B,
+    ) -> Result<novacron_types::Volume, ClientError> {
+        self.post(
+            &format!("/api/v1/volumes/{}/actions/{action}", encode(key)),
+            body,
+        )
+        .await
+    }
+
+    pub async fn snapshot_volume(
+        &self,
+        key: &str,
+        name: &str,
+    ) -> Result<novacron_types::Volume, ClientError> {
+        self.post(
+            &format!("/api/v1/volumes/{}/snapshots", encode(key)),
+            &novacron_types::VolumeSnapshotRequest {
+                name: name.to_string(),
+            },
+        )
+        .await
+    }
+
+    pub async fn move_volume(
+        &self,
+        key: &str,
+        req: &novacron_types::MoveVolumeRequest,
+    ) -> Result<Operation, ClientError> {
+        self.post(
+            &format!("/api/v1/volumes/{}/actions/move", encode(key)),
+            req,
+        )
+        .await
+    }
+
+    pub async fn tiering_policy(&self) -> Result<novacron_types::TieringPolicy, ClientError> {
+        self.get("/api/v1/tiering/policy").await
+    }
+
+    pub async fn set_tiering_policy(
+        &self,
+        p: &novacron_types::TieringPolicy,
+    ) -> Result<novacron_types::TieringPolicy, ClientError> {
+        self.put("/api/v1/tiering/policy", p).await
     }
 
     pub async fn list_images(&self) -> Result<Vec<Image>, ClientError> {

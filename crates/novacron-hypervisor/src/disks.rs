@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use novacron_types::ImageFormat;
+use novacron_types::{ImageFormat, VolumeFormat};
 use serde::Deserialize;
 use tokio::process::Command;
 
@@ -66,6 +66,61 @@ pub async fn create_blank(path: &Path, size_mib: u64) -> Result<(), HvError> {
     )
     .await
     .map(drop)
+}
+
+/// A blank volume file of `size_bytes` in `format`.
+pub async fn create_volume(
+    path: &Path,
+    format: VolumeFormat,
+    size_bytes: u64,
+) -> Result<(), HvError> {
+    let size = size_bytes.to_string();
+    qemu_img(
+        "create volume",
+        &["create", "-q", "-f", format.as_str(), p(path)?, &size],
+    )
+    .await
+    .map(drop)
+}
+
+/// Grows a volume file that no QEMU has open.
+pub async fn resize(path: &Path, format: VolumeFormat, size_bytes: u64) -> Result<(), HvError> {
+    let size = size_bytes.to_string();
+    qemu_img(
+        "resize",
+        &["resize", "-q", "-f", format.as_str(), p(path)?, &size],
+    )
+    .await
+    .map(drop)
+}
+
+/// Copies a volume file no QEMU has open into `dest` as `to`, at most `rate` bytes a second
+/// (`qemu-img convert -r`), compressed (`-c`, qcow2 only) when asked. `dest` is written under
+/// its own name: the caller renames or removes it.
+pub async fn copy_volume(
+    src: &Path,
+    from: VolumeFormat,
+    dest: &Path,
+    to: VolumeFormat,
+    compress: bool,
+    rate: u64,
+) -> Result<(), HvError> {
+    let rate = rate.max(1).to_string();
+    let mut args = vec![
+        "convert",
+        "-q",
+        "-f",
+        from.as_str(),
+        "-O",
+        to.as_str(),
+        "-r",
+        &rate,
+    ];
+    if compress {
+        args.push("-c");
+    }
+    args.extend([p(src)?, p(dest)?]);
+    qemu_img("convert", &args).await.map(drop)
 }
 
 pub async fn snapshot_create(disk: &Path, name: &str) -> Result<(), HvError> {

@@ -18,7 +18,7 @@ pub mod qemu;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use novacron_types::{ImageFormat, KernelBoot, VmId, VmState};
+use novacron_types::{ImageFormat, KernelBoot, VmId, VmState, VolumeFormat, VolumeId};
 use tokio::sync::broadcast;
 
 /// Everything needed to run a VM on this host, resolved by the server from the VM and its image.
@@ -40,6 +40,40 @@ pub struct RuntimeSpec {
     /// `disk_dir` is the same directory on every host (a shared pool): a migration copies no
     /// disk, and another host may open them once this one has let go.
     pub shared_disks: bool,
+    /// Other volumes attached, in their slots' order (at most [`VOLUME_SLOTS`]).
+    pub volumes: Vec<AttachedVolume>,
+}
+
+/// Hot-plug slots (PCIe root ports) every VM gets for volumes.
+pub const VOLUME_SLOTS: usize = 8;
+
+/// A volume file attached to a VM as a virtio disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachedVolume {
+    pub id: VolumeId,
+    pub path: PathBuf,
+    pub format: VolumeFormat,
+}
+
+impl AttachedVolume {
+    /// The guest device's ID (`query-blockstats` reports the disk as `vol-<id>`).
+    pub fn device_id(id: VolumeId) -> String {
+        format!("vol-{id}-dev")
+    }
+    /// The block node QEMU opens the file as at start or hot-plug.
+    pub fn node_name(id: VolumeId) -> String {
+        format!("v{}", id.short())
+    }
+}
+
+/// A running copy of a VM's disk to another file (`blockdev-mirror`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MirrorStatus {
+    pub len: u64,
+    pub offset: u64,
+    /// Caught up: writes now go to both files; `volume_mirror_finish` may switch.
+    pub ready: bool,
+    pub speed: u64,
 }
 
 /// A change of a VM's observed state, published by the driver.
@@ -207,6 +241,69 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Every disk's cumulative I/O counters (`query-blockstats`), by disk name (`root`,
     /// `disk1`, ...), while the VM has a QEMU.
     async fn block_stats(&self, id: VmId) -> Result<Vec<(String, DiskCounters)>, HvError> {
+        let _ = id;
+        Err(unsupported("I/O statistics"))
+    }
+
+    /// Hot-plugs a volume into a running VM (the first free slot).
+    async fn attach_volume(&self, id: VmId, vol: &AttachedVolume) -> Result<(), HvError> {
+        let _ = (id, vol);
+        Err(unsupported("volumes"))
+    }
+    /// Unplugs a volume from a running VM (the guest must release it) and closes its file.
+    async fn detach_volume(&self, id: VmId, vol: VolumeId) -> Result<(), HvError> {
+        let _ = (id, vol);
+        Err(unsupported("volumes"))
+    }
+    /// Grows a disk of a running VM (`device`: `root`, `disk1`, `vol-<id>`).
+    async fn resize_disk(&self, id: VmId, device: &str, size_bytes: u64) -> Result<(), HvError> {
+        let _ = (id, device, size_bytes);
+        Err(unsupported("volumes"))
+    }
+    /// An internal snapshot of one disk of a running VM.
+    async fn snapshot_disk(&self, id: VmId, device: &str, name: &str) -> Result<(), HvError> {
+        let _ = (id, device, name);
+        Err(unsupported("volumes"))
+    }
+    /// Starts copying a running VM's disk into `target` (made here, `format`), at most `speed`
+    /// bytes a second; the guest keeps writing (its writes are copied too).
+    async fn volume_mirror_start(
+        &self,
+        id: VmId,
+        device: &str,
+        target: &std::path::Path,
+        format: VolumeFormat,
+        speed: u64,
+    ) -> Result<(), HvError> {
+        let _ = (id, device, target, format, speed);
+        Err(unsupported("volume moves"))
+    }
+    /// The running copy of `device`, if any.
+    async fn volume_mirror_status(
+        &self,
+        id: VmId,
+        device: &str,
+    ) -> Result<Option<MirrorStatus>, HvError> {
+        let _ = (id, device);
+        Err(unsupported("volume moves"))
+    }
+    async fn volume_mirror_speed(&self, id: VmId, device: &str, speed: u64) -> Result<(), HvError> {
+        let _ = (id, device, speed);
+        Err(unsupported("volume moves"))
+    }
+    /// Once ready: switches the disk to the copy and closes the old file.
+    async fn volume_mirror_finish(&self, id: VmId, device: &str) -> Result<(), HvError> {
+        let _ = (id, device);
+        Err(unsupported("volume moves"))
+    }
+    /// Stops the copy; the disk stays on its old file.
+    async fn volume_mirror_abort(&self, id: VmId, device: &str) -> Result<(), HvError> {
+        let _ = (id, device);
+        Err(unsupported("volume moves"))
+    }
+    /// The guests' mean I/O latency over `device`'s operations so far (`query-blockstats`
+    /// total time / operations), in nanoseconds and operations.
+    async fn io_latency(&self, id: VmId) -> Result<(u64, u64), HvError> {
         let _ = id;
         Err(unsupported("I/O statistics"))
     }

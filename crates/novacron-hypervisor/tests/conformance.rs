@@ -70,6 +70,7 @@ fn demo_spec_for_fake() -> RuntimeSpec {
         boot: None,
         disk_dir: None,
         shared_disks: false,
+        volumes: Vec::new(),
     }
 }
 

@@ -98,6 +98,7 @@ pub struct Pressure {
     pub latency_target_ms: f64,
     /// 1-minute load average per CPU.
     pub load_per_cpu: f64,
+    pub load_target: f64,
 }
 
 /// The adaptive factor (pure): halves-ish under pressure, recovers by steps when calm.
@@ -117,13 +118,56 @@ impl Throttle {
 
     /// The next factor after observing `p`.
     pub fn next(self, p: &Pressure) -> Self {
-        let pressed = p.guest_latency_ms > p.latency_target_ms || p.load_per_cpu > 1.0;
+        let pressed = p.guest_latency_ms > p.latency_target_ms || p.load_per_cpu > p.load_target;
         let factor = if pressed {
             (self.factor * 0.6).max(Self::FLOOR)
         } else {
             (self.factor + 0.1).min(1.0)
         };
         Self { factor }
+    }
+}
+
+/// One move competing for bandwidth: the pools it reads and writes, and its own cap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MoveDemand {
+    pub pools: [String; 2],
+    pub cap: Option<u64>,
+}
+
+/// Each move's rate in bytes a second when the moves run as QEMU jobs with their own `speed`
+/// (pure): the tightest of its cap, the per-volume limit, its pools' limit split evenly among
+/// the moves using each pool, and the global limit split evenly among all moves, all times the
+/// throttle factor. Moves with the same constraints get the same share (fair), and no level's
+/// sum exceeds its limit.
+pub fn shares(limits: &Limits, factor: f64, moves: &[MoveDemand]) -> Vec<u64> {
+    let mut per_pool: HashMap<&str, u64> = HashMap::new();
+    for m in moves {
+        for p in dedup(&m.pools) {
+            *per_pool.entry(p).or_default() += 1;
+        }
+    }
+    let n = moves.len().max(1) as u64;
+    moves
+        .iter()
+        .map(|m| {
+            let mut r = limits.per_volume.min(limits.global / n);
+            if let Some(c) = m.cap {
+                r = r.min(c);
+            }
+            for p in dedup(&m.pools) {
+                r = r.min(limits.per_pool / per_pool[p]);
+            }
+            ((r as f64 * factor) as u64).max(1)
+        })
+        .collect()
+}
+
+fn dedup(pools: &[String; 2]) -> Vec<&str> {
+    if pools[0] == pools[1] {
+        vec![pools[0].as_str()]
+    } else {
+        vec![pools[0].as_str(), pools[1].as_str()]
     }
 }
 
@@ -217,6 +261,8 @@ impl MoveLimiter {
 mod tests {
     use super::*;
 
+    const MB: u64 = 1_000_000;
+
     #[test]
     fn rates_outside_1_to_200_mb_s_are_refused_by_name() {
         let ok = Limits {
@@ -247,6 +293,7 @@ mod tests {
             guest_latency_ms: 40.0,
             latency_target_ms: 10.0,
             load_per_cpu: 0.2,
+            load_target: 1.0,
         };
         let calm = Pressure {
             guest_latency_ms: 2.0,
@@ -293,11 +340,52 @@ mod tests {
             guest_latency_ms: 50.0,
             latency_target_ms: 10.0,
             load_per_cpu: 0.1,
+            load_target: 1.0,
         });
         assert!((f - 0.6).abs() < 1e-12);
         let started = std::time::Instant::now();
         l.take("p", "v2", 8_000_000).await;
         let slower = started.elapsed().as_secs_f64();
         assert!(slower > took * 1.3, "throttled {slower} s vs {took} s");
+    }
+
+    #[test]
+    fn shares_split_each_level_evenly_and_never_exceed_it() {
+        let limits = Limits {
+            global: 100 * MB,
+            per_pool: 30 * MB,
+            per_volume: 50 * MB,
+        };
+        let mv = |a: &str, b: &str, cap| MoveDemand {
+            pools: [a.to_string(), b.to_string()],
+            cap,
+        };
+        // One move: the per-volume limit, or its own cap if lower, or its pool's.
+        assert_eq!(
+            shares(&limits, 1.0, &[mv("hot", "cold", None)]),
+            vec![30 * MB]
+        );
+        assert_eq!(
+            shares(&limits, 1.0, &[mv("hot", "cold", Some(MB))]),
+            vec![MB]
+        );
+        // Three moves out of `hot` share its 30 MB/s; a move elsewhere gets its own pool's.
+        let s = shares(
+            &limits,
+            1.0,
+            &[
+                mv("hot", "cold", None),
+                mv("hot", "warm", None),
+                mv("hot", "cold", None),
+                mv("a", "b", None),
+            ],
+        );
+        assert_eq!(s, vec![10 * MB, 10 * MB, 10 * MB, 25 * MB]);
+        assert!(s.iter().sum::<u64>() <= limits.global);
+        // 100 moves share the global limit evenly (Jain's index 1), halved by the throttle.
+        let many: Vec<MoveDemand> = (0..100).map(|i| mv(&format!("p{i}"), "q", None)).collect();
+        let s = shares(&limits, 0.5, &many);
+        assert!(s.iter().all(|x| *x == s[0]));
+        assert!(s.iter().sum::<u64>() <= limits.global / 2);
     }
 }

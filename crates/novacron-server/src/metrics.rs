@@ -40,6 +40,21 @@ pub struct KindLabels {
     pub status: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub http_requests: Family<RequestLabels, Counter>,
@@ -55,6 +70,13 @@ pub struct Metrics {
     pub pool_capacity: Family<PoolLabels, Gauge>,
     pub pool_provisioned: Family<PoolLabels, Gauge>,
     pub pool_free: Family<PoolLabels, Gauge>,
+    pub volume_moves: Family<ResultLabels, Counter>,
+    pub volume_move_bytes: Counter,
+    pub volume_move_rate: Gauge,
+    pub volume_move_throttle: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub tiering_predictions: Family<ClassLabels, Gauge>,
+    pub tiering_accuracy: Family<ModelLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub tier_used: Family<ClassLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -138,8 +160,59 @@ impl Metrics {
             "Free bytes of each pool this host sees (its file system)",
             pool_free.clone(),
         );
+        let volume_moves = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "volume_moves",
+            "Volume moves between pools by result (started, finished, failed)",
+            volume_moves.clone(),
+        );
+        let volume_move_bytes = Counter::default();
+        registry.register(
+            "volume_move_bytes",
+            "Bytes copied by finished volume moves",
+            volume_move_bytes.clone(),
+        );
+        let volume_move_rate = Gauge::default();
+        registry.register(
+            "volume_move_rate_bytes",
+            "Rate given to the latest volume move, bytes per second",
+            volume_move_rate.clone(),
+        );
+        let volume_move_throttle = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        volume_move_throttle.set(1.0);
+        registry.register(
+            "volume_move_throttle",
+            "Adaptive throttle factor applied to every move's limits (1 = none)",
+            volume_move_throttle.clone(),
+        );
+        let tiering_predictions = Family::<ClassLabels, Gauge>::default();
+        registry.register(
+            "tiering_predictions",
+            "Volumes of this host by predicted class for the next window",
+            tiering_predictions.clone(),
+        );
+        let tiering_accuracy =
+            Family::<ModelLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "tiering_accuracy",
+            "Share of this host's past predictions that were right, by model",
+            tiering_accuracy.clone(),
+        );
+        let tier_used = Family::<ClassLabels, Gauge>::default();
+        registry.register(
+            "tier_provisioned_bytes",
+            "Virtual size of all volumes on each tier's pools (cluster-wide)",
+            tier_used.clone(),
+        );
         Self {
             registry,
+            volume_moves,
+            volume_move_bytes,
+            volume_move_rate,
+            volume_move_throttle,
+            tiering_predictions,
+            tiering_accuracy,
+            tier_used,
             ha_recoveries,
             pool_capacity,
             pool_provisioned,

@@ -296,6 +296,7 @@ pub async fn run(
     tokio::spawn(crate::service::ha::run(service.clone()));
     if identity.role == HostRole::Full {
         tokio::spawn(crate::service::stats::run(service.clone()));
+        tokio::spawn(crate::service::volumes::watch_pressure(service.clone()));
     }
     tokio::spawn(manager::run(cluster.clone()));
 

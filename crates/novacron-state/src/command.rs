@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use novacron_types::{
     ApiError, ApiToken, Image, ImageId, JoinToken, MigrationProgress, NodeId, NodeInfo, Operation,
-    OperationId, OperationStatus, PowerState, StoragePool, TokenId, UnixMillis, User, UserId, Vm,
-    VmId, VmSnapshot, VmState,
+    OperationId, OperationStatus, PowerState, StoragePool, TieringPolicy, TokenId, UnixMillis,
+    User, UserId, Vm, VmId, VmSnapshot, VmState, Volume, VolumeFormat, VolumeId, VolumeSnapshot,
 };
 
 /// The envelope replicated through Raft.
@@ -193,6 +193,59 @@ pub enum CommandV1 {
     PruneOperations {
         before: UnixMillis,
     },
+
+    /// A standalone volume (a VM's own disks are recorded with `CreateVm`). Rules in
+    /// `volumes.rs`.
+    CreateVolume {
+        volume: Volume,
+    },
+    /// Rejected while attached or moving.
+    DeleteVolume {
+        id: VolumeId,
+    },
+    AttachVolume {
+        id: VolumeId,
+        vm: VmId,
+        at: UnixMillis,
+    },
+    DetachVolume {
+        id: VolumeId,
+        at: UnixMillis,
+    },
+    /// Rejected unless it grows.
+    ResizeVolume {
+        id: VolumeId,
+        size_mib: u64,
+        at: UnixMillis,
+    },
+    AddVolumeSnapshot {
+        id: VolumeId,
+        snapshot: VolumeSnapshot,
+    },
+    /// A move to pool `to` begins (one at a time per volume).
+    BeginVolumeMove {
+        id: VolumeId,
+        to: String,
+        at: UnixMillis,
+    },
+    /// The move ended. `moved`: it is now on the target pool (held by `node` when that pool is
+    /// local) as `format`; `None`: it failed and the volume stays where it was.
+    EndVolumeMove {
+        id: VolumeId,
+        moved: Option<MovedVolume>,
+        at: UnixMillis,
+    },
+    SetTieringPolicy {
+        policy: TieringPolicy,
+    },
+}
+
+/// Where a volume ended up after a move.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovedVolume {
+    pub node: Option<NodeId>,
+    pub format: VolumeFormat,
+    pub compressed: bool,
 }
 
 /// The result of applying one command.
@@ -228,4 +281,5 @@ pub enum Touched {
     Token(TokenId),
     Operation(OperationId),
     Pool(String),
+    Volume(VolumeId),
 }

@@ -2,6 +2,7 @@
 //!
 //! - [`command`]: the versioned Raft commands, the only way desired state changes.
 //! - [`machine`]: [`ClusterState`] and its pure `apply` (no I/O, no clock).
+//! - `volumes`: the rules `apply` keeps for volumes (attach, detach, move, delete).
 //! - [`placement`]: which hosts a VM may go to and which is best (pure).
 //! - [`store`]: openraft's log store (the log in [`wal`] segment files, the vote in redb) and
 //!   state machine (rows in redb).
@@ -17,8 +18,9 @@ pub mod network;
 pub mod placement;
 pub mod raft;
 pub mod store;
+mod volumes;
 pub mod wal;
 
-pub use command::{Command, CommandResponse, CommandV1, Touched};
+pub use command::{Command, CommandResponse, CommandV1, MovedVolume, Touched};
 pub use machine::{ClusterMeta, ClusterState};
 pub use raft::{RaftSettings, StateEvent, StateHandle, StateMetrics, TypeConfig};

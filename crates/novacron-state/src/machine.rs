@@ -9,13 +9,13 @@ use serde::{Deserialize, Serialize};
 
 use novacron_types::{
     ApiError, ApiToken, Image, ImageId, JoinToken, NodeId, NodeInfo, Operation, OperationId,
-    StoragePool, TokenId, User, UserId, Vm, VmId, VmState,
+    StoragePool, TieringPolicy, TokenId, User, UserId, Vm, VmId, VmState, Volume, VolumeId,
 };
 
 use crate::command::{Command, CommandResponse, CommandV1, Touched};
 
 /// Cluster-wide settings created once at bootstrap.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterMeta {
     /// HMAC key for session JWTs, shared so any host can check any session.
     pub jwt_secret: String,
@@ -26,6 +26,9 @@ pub struct ClusterMeta {
     /// IDs of removed hosts: never reused, and kept out of Raft membership.
     #[serde(default)]
     pub removed_nodes: BTreeSet<u64>,
+    /// How volumes move between tiers (the defaults until someone sets it).
+    #[serde(default)]
+    pub tiering: Option<TieringPolicy>,
 }
 
 /// Everything replicated. Maps are ordered so snapshots are byte-for-byte reproducible.
@@ -40,10 +43,12 @@ pub struct ClusterState {
     pub operations: BTreeMap<OperationId, Operation>,
     #[serde(default)]
     pub pools: BTreeMap<String, StoragePool>,
+    #[serde(default)]
+    pub volumes: BTreeMap<VolumeId, Volume>,
 }
 
 impl ClusterState {
-    fn vm(&self, id: &VmId) -> Result<&Vm, ApiError> {
+    pub(crate) fn vm(&self, id: &VmId) -> Result<&Vm, ApiError> {
         self.vms
             .get(id)
             .ok_or_else(|| ApiError::not_found("VM", id))
@@ -298,8 +303,14 @@ impl ClusterState {
                 }
                 self.check_pool(vm, vm.spec.ha)?;
                 self.check_placement(vm)?;
+                let disks = self.vm_disk_volumes(vm)?;
                 self.vms.insert(vm.id, vm.clone());
-                Ok(vec![Touched::Vm(vm.id)])
+                let mut touched = vec![Touched::Vm(vm.id)];
+                for d in disks {
+                    touched.push(Touched::Volume(d.id));
+                    self.volumes.insert(d.id, d);
+                }
+                Ok(touched)
             }
             SetNodeMaintenance { node, maintenance } => {
                 let n = self
@@ -338,7 +349,9 @@ impl ClusterState {
                 moved.migrating_to = None;
                 self.check_placement(&moved)?;
                 self.vms.insert(*id, moved);
-                Ok(vec![Touched::Vm(*id)])
+                let mut touched = vec![Touched::Vm(*id)];
+                touched.extend(self.follow_vm(*id, *to));
+                Ok(touched)
             }
             SetVmHa { id, ha, at } => {
                 let vm = self.vm(id)?;
@@ -380,7 +393,9 @@ impl ClusterState {
                 moved.updated_at = *at;
                 self.check_placement(&moved)?;
                 self.vms.insert(*id, moved);
-                Ok(vec![Touched::Vm(*id)])
+                let mut touched = vec![Touched::Vm(*id)];
+                touched.extend(self.follow_vm(*id, *to));
+                Ok(touched)
             }
             CreatePool { pool } => {
                 if self.pools.contains_key(&pool.name) {
@@ -416,6 +431,15 @@ impl ClusterState {
                     ))
                     .with_reason("pool_in_use"));
                 }
+                let volumes = self.volumes_on(name);
+                if !volumes.is_empty() {
+                    return Err(ApiError::conflict(format!(
+                        "pool '{name}' still holds {} volume(s): {}",
+                        volumes.len(),
+                        volumes.join(", ")
+                    ))
+                    .with_reason("pool_in_use"));
+                }
                 self.pools.remove(name);
                 Ok(vec![Touched::Pool(name.clone())])
             }
@@ -428,8 +452,11 @@ impl ClusterState {
                         vm.state.as_str()
                     )));
                 }
+                let at = vm.updated_at;
                 self.vms.remove(id);
-                Ok(vec![Touched::Vm(*id)])
+                let mut touched = vec![Touched::Vm(*id)];
+                touched.extend(self.drop_vm_volumes(*id, at));
+                Ok(touched)
             }
             SetVmDesired { id, desired, at } => {
                 let vm = self.vm_mut(id)?;
@@ -641,6 +668,23 @@ impl ClusterState {
                     self.operations.remove(id);
                 }
                 Ok(old.into_iter().map(Touched::Operation).collect())
+            }
+            CreateVolume { volume } => self.create_volume(volume),
+            DeleteVolume { id } => self.delete_volume(id),
+            AttachVolume { id, vm, at } => self.attach_volume(id, *vm, *at),
+            DetachVolume { id, at } => self.detach_volume(id, *at),
+            ResizeVolume { id, size_mib, at } => self.resize_volume(id, *size_mib, *at),
+            AddVolumeSnapshot { id, snapshot } => self.add_volume_snapshot(id, snapshot),
+            BeginVolumeMove { id, to, at } => self.begin_volume_move(id, to, *at),
+            EndVolumeMove { id, moved, at } => self.end_volume_move(
+                id,
+                moved.as_ref().map(|m| (m.node, m.format, m.compressed)),
+                *at,
+            ),
+            SetTieringPolicy { policy } => {
+                novacron_types::validate::tiering_policy(policy)?;
+                self.meta.tiering = Some(policy.clone());
+                Ok(vec![Touched::Meta])
             }
         }
     }
@@ -933,6 +977,197 @@ mod tests {
         )
         .expect("unused");
         assert!(!s.pools.contains_key("local"));
+    }
+
+    fn volume(name: &str, pool: &str, node: Option<NodeId>) -> Volume {
+        Volume {
+            id: VolumeId::new_random(),
+            name: name.into(),
+            pool: pool.into(),
+            node,
+            size_mib: 16,
+            format: VolumeFormat::Qcow2,
+            compressed: false,
+            attached_to: None,
+            vm_disk: None,
+            snapshots: vec![],
+            labels: Default::default(),
+            moving_to: None,
+            moved_at: None,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn volumes_follow_their_rules() {
+        let mut s = with_host(4096);
+        let mut h2 = s.nodes[&1].clone();
+        h2.id = NodeId(2);
+        s.nodes.insert(2, h2);
+        let img = image("demo");
+        s.images.insert(img.id, img.clone());
+        s.pools.insert("cold".into(), pool("cold", false));
+        s.pools.insert("nfs".into(), pool("nfs", true));
+        let mut v1 = vm("web", img.id);
+        v1.spec.disks = vec![DiskSpec {
+            name: "root".into(),
+            size_mib: 64,
+        }];
+        apply(&mut s, CommandV1::CreateVm { vm: v1.clone() }).expect("vm");
+        // The VM's boot disk is a volume, attached, named after the VM.
+        let root = s.volume_by_name("web-root").expect("root volume").clone();
+        assert_eq!(root.id, VolumeId::of_vm_disk(v1.id, "root"));
+        assert_eq!(root.attached_to, Some(v1.id));
+        assert_eq!((root.pool.as_str(), root.node), ("data", Some(NodeId(1))));
+        let err = apply(&mut s, CommandV1::DeleteVolume { id: root.id }).expect_err("own disk");
+        assert_eq!(err.reason.as_deref(), Some("volume_attached"));
+        let err = apply(&mut s, CommandV1::DetachVolume { id: root.id, at: 1 }).expect_err("own");
+        assert_eq!(err.reason.as_deref(), Some("vm_disk"));
+
+        // A local volume on host 2 cannot go to a VM on host 1; a shared one can.
+        let far = volume("far", "cold", Some(NodeId(2)));
+        apply(
+            &mut s,
+            CommandV1::CreateVolume {
+                volume: far.clone(),
+            },
+        )
+        .expect("far");
+        let err = apply(
+            &mut s,
+            CommandV1::AttachVolume {
+                id: far.id,
+                vm: v1.id,
+                at: 1,
+            },
+        )
+        .expect_err("elsewhere");
+        assert_eq!(err.reason.as_deref(), Some("volume_elsewhere"));
+        let dup = volume("far", "cold", Some(NodeId(1)));
+        assert!(apply(&mut s, CommandV1::CreateVolume { volume: dup }).is_err());
+        let bad = volume("nohost", "cold", None);
+        let err = apply(&mut s, CommandV1::CreateVolume { volume: bad }).expect_err("node");
+        assert_eq!(err.field.as_deref(), Some("node"));
+        let shared = volume("shared", "nfs", None);
+        apply(
+            &mut s,
+            CommandV1::CreateVolume {
+                volume: shared.clone(),
+            },
+        )
+        .expect("shared");
+        apply(
+            &mut s,
+            CommandV1::AttachVolume {
+                id: shared.id,
+                vm: v1.id,
+                at: 2,
+            },
+        )
+        .expect("attach");
+        assert!(
+            apply(&mut s, CommandV1::DeleteVolume { id: shared.id }).is_err(),
+            "attached volumes are not deleted"
+        );
+
+        // Moves: one at a time; a pool with volumes (or moves into it) is not deleted.
+        apply(
+            &mut s,
+            CommandV1::BeginVolumeMove {
+                id: far.id,
+                to: "nfs".into(),
+                at: 3,
+            },
+        )
+        .expect("begin");
+        let err = apply(
+            &mut s,
+            CommandV1::BeginVolumeMove {
+                id: far.id,
+                to: "data".into(),
+                at: 3,
+            },
+        )
+        .expect_err("twice");
+        assert_eq!(err.reason.as_deref(), Some("volume_moving"));
+        assert!(apply(&mut s, CommandV1::DeleteVolume { id: far.id }).is_err());
+        let moved = crate::MovedVolume {
+            node: Some(NodeId(2)),
+            format: VolumeFormat::Qcow2,
+            compressed: false,
+        };
+        assert!(
+            apply(
+                &mut s,
+                CommandV1::EndVolumeMove {
+                    id: far.id,
+                    moved: Some(moved),
+                    at: 4
+                }
+            )
+            .is_err(),
+            "a shared pool names no host"
+        );
+        let moved = crate::MovedVolume {
+            node: None,
+            format: VolumeFormat::Qcow2,
+            compressed: true,
+        };
+        apply(
+            &mut s,
+            CommandV1::EndVolumeMove {
+                id: far.id,
+                moved: Some(moved),
+                at: 4,
+            },
+        )
+        .expect("end");
+        let far_now = s.volume(&far.id).expect("far").clone();
+        assert_eq!(
+            (far_now.pool.as_str(), far_now.node, far_now.compressed),
+            ("nfs", None, true)
+        );
+        assert_eq!(far_now.moved_at, Some(4));
+        let err = apply(&mut s, CommandV1::DeletePool { name: "nfs".into() }).expect_err("in use");
+        assert_eq!(err.reason.as_deref(), Some("pool_in_use"));
+        assert!(
+            apply(
+                &mut s,
+                CommandV1::ResizeVolume {
+                    id: far.id,
+                    size_mib: 8,
+                    at: 5
+                }
+            )
+            .is_err()
+        );
+        apply(
+            &mut s,
+            CommandV1::ResizeVolume {
+                id: far.id,
+                size_mib: 32,
+                at: 5,
+            },
+        )
+        .expect("grow");
+
+        // A VM that moves takes its local disks along; a deleted VM drops its own disks and
+        // leaves the others detached.
+        apply(
+            &mut s,
+            CommandV1::MoveVm {
+                id: v1.id,
+                from: NodeId(1),
+                to: NodeId(2),
+                at: 6,
+            },
+        )
+        .expect("move");
+        assert_eq!(s.volume(&root.id).expect("root").node, Some(NodeId(2)));
+        apply(&mut s, CommandV1::DeleteVm { id: v1.id }).expect("delete vm");
+        assert!(s.volume(&root.id).is_err());
+        assert_eq!(s.volume(&shared.id).expect("kept").attached_to, None);
     }
 
     #[test]

@@ -487,6 +487,7 @@ fn row_key(t: &Touched) -> String {
         Touched::Token(id) => format!("token/{id}"),
         Touched::Operation(id) => format!("op/{id}"),
         Touched::Pool(name) => format!("pool/{name}"),
+        Touched::Volume(id) => format!("volume/{id}"),
     }
 }
 
@@ -501,6 +502,7 @@ fn row_value(s: &ClusterState, t: &Touched) -> io::Result<Option<Vec<u8>>> {
         Touched::Token(id) => s.tokens.get(id).map(to_json).transpose()?,
         Touched::Operation(id) => s.operations.get(id).map(to_json).transpose()?,
         Touched::Pool(name) => s.pools.get(name).map(to_json).transpose()?,
+        Touched::Volume(id) => s.volumes.get(id).map(to_json).transpose()?,
     })
 }
 
@@ -541,6 +543,10 @@ fn load_rows(db: &Database) -> io::Result<ClusterState> {
             Some(("pool", _)) => {
                 let p: novacron_types::StoragePool = from_json(v)?;
                 s.pools.insert(p.name.clone(), p);
+            }
+            Some(("volume", _)) => {
+                let v: novacron_types::Volume = from_json(v)?;
+                s.volumes.insert(v.id, v);
             }
             _ => {
                 return Err(io::Error::new(
@@ -697,6 +703,7 @@ impl StateMachineStore {
         all.extend(s.tokens.keys().map(|k| Touched::Token(*k)));
         all.extend(s.operations.keys().map(|k| Touched::Operation(*k)));
         all.extend(s.pools.keys().map(|k| Touched::Pool(k.clone())));
+        all.extend(s.volumes.keys().map(|k| Touched::Volume(*k)));
         self.write_rows(applied, &all, true, true, snapshot)
     }
 

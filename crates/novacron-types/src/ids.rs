@@ -59,6 +59,23 @@ uuid_id!(
     /// A long-running operation (start, stop, ...).
     OperationId
 );
+uuid_id!(
+    /// A storage volume (a VM's own disks are volumes too).
+    VolumeId
+);
+
+impl VolumeId {
+    /// The volume of VM `vm`'s own disk `disk` (`root`, `disk1`, ...): derived, so every
+    /// replica names it the same without an ID in the command.
+    pub fn of_vm_disk(vm: VmId, disk: &str) -> Self {
+        Self(Uuid::new_v5(&vm.0, disk.as_bytes()))
+    }
+
+    /// A short form for QEMU node names (at most 31 characters).
+    pub fn short(&self) -> String {
+        self.0.simple().to_string()[..12].to_string()
+    }
+}
 
 /// A cluster member. Raft needs a small integer; it is still its own type.
 #[derive(

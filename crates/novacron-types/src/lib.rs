@@ -10,7 +10,7 @@ pub mod resources;
 pub mod validate;
 
 pub use error::{ApiError, ErrorBody, ErrorCode};
-pub use ids::{ImageId, NodeId, OperationId, TokenId, UserId, VmId};
+pub use ids::{ImageId, NodeId, OperationId, TokenId, UserId, VmId, VolumeId};
 pub use resources::*;
 
 /// Seconds since the Unix epoch, as carried in Raft commands (apply must be deterministic, so the

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::{ApiError, ImageId, NodeId, OperationId, TokenId, UnixMillis, UserId, VmId};
+use crate::{ApiError, ImageId, NodeId, OperationId, TokenId, UnixMillis, UserId, VmId, VolumeId};
 
 // ---------------------------------------------------------------------------------------------
 // VMs
@@ -388,6 +388,209 @@ pub struct CreatePoolRequest {
     pub cost_per_gib_month: f64,
     #[serde(default)]
     pub performance_class: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Volumes
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeFormat {
+    #[default]
+    Qcow2,
+    Raw,
+}
+
+impl VolumeFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeFormat::Qcow2 => "qcow2",
+            VolumeFormat::Raw => "raw",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VolumeSnapshot {
+    pub name: String,
+    pub created_at: UnixMillis,
+}
+
+/// A block device's storage: a file in a pool (`data` is each host's own data directory).
+/// A VM's own disks (`vm_disk`: `root` is the boot disk, then `disk1`, ...) are volumes that
+/// come and go with their VM; other volumes are made, attached, detached and deleted on their
+/// own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Volume {
+    pub id: VolumeId,
+    pub name: String,
+    pub pool: String,
+    /// The host holding the file; `None` on a shared pool (every host sees it).
+    pub node: Option<NodeId>,
+    pub size_mib: u64,
+    pub format: VolumeFormat,
+    /// Stored compressed (volumes copied into a cold pool).
+    #[serde(default)]
+    pub compressed: bool,
+    pub attached_to: Option<VmId>,
+    /// Set for a VM's own disks.
+    pub vm_disk: Option<String>,
+    #[serde(default)]
+    pub snapshots: Vec<VolumeSnapshot>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The pool a move in progress copies it to.
+    #[serde(default)]
+    pub moving_to: Option<String>,
+    /// When it last changed pool (hysteresis counts from here).
+    #[serde(default)]
+    pub moved_at: Option<UnixMillis>,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+}
+
+impl Volume {
+    pub fn is_vm_disk(&self) -> bool {
+        self.vm_disk.is_some()
+    }
+}
+
+/// `POST /api/v1/volumes`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolumeRequest {
+    pub name: String,
+    pub size_mib: u64,
+    #[serde(default)]
+    pub format: VolumeFormat,
+    /// Default `data` (the host's own data directory).
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// For a local pool: the host to create it on (default: the VM's host when `attach_to` is
+    /// given, else the host receiving the request).
+    #[serde(default)]
+    pub node: Option<NodeId>,
+    /// Attach it to this VM (name or ID) once made.
+    #[serde(default)]
+    pub attach_to: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `POST /api/v1/volumes/{volume}/actions/attach`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttachVolumeRequest {
+    /// VM name or ID.
+    pub vm: String,
+}
+
+/// `POST /api/v1/volumes/{volume}/actions/resize`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeVolumeRequest {
+    /// The new size; volumes only grow.
+    pub size_mib: u64,
+}
+
+/// `POST /api/v1/volumes/{volume}/snapshots`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSnapshotRequest {
+    pub name: String,
+}
+
+/// `POST /api/v1/volumes/{volume}/actions/move`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveVolumeRequest {
+    /// The pool to move it to.
+    pub pool: String,
+    /// This move's own limit in MB/s (1 to 200); the policy's limits apply too.
+    #[serde(default)]
+    pub rate_mb: Option<u64>,
+}
+
+/// A page of a list. `next` is the cursor to pass as `after` for the following page.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VolumePage {
+    pub items: Vec<Volume>,
+    pub next: Option<String>,
+}
+
+/// Filters of `GET /api/v1/volumes`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeQuery {
+    pub pool: Option<String>,
+    pub tier: Option<PoolTier>,
+    /// VM name or ID the volumes are attached to.
+    pub vm: Option<String>,
+    pub attached: Option<bool>,
+    pub node: Option<NodeId>,
+    /// `key=value`.
+    pub label: Option<String>,
+    /// Page size, 1 to 500 (default 100).
+    pub limit: Option<usize>,
+    /// The previous page's `next`.
+    pub after: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiering policy
+
+/// How NovaCron moves volumes between tiers on its own, and how fast moves may copy.
+/// `PUT /api/v1/tiering/policy`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TieringPolicy {
+    /// Plan and move on its own (moves asked for through the API happen either way).
+    pub enabled: bool,
+    /// Length of a planning window, in seconds (10 to 86400).
+    pub window_s: u64,
+    /// A pool should stay under this share of its capacity (0.1 to 1).
+    pub high_water: f64,
+    /// Windows a volume stays put after a move.
+    pub min_dwell_windows: u64,
+    /// Windows without I/O after which a volume goes one tier colder.
+    pub demote_after_idle_windows: u64,
+    /// Score margin (in log1p operations) for a predicted-hot volume to displace a hot one.
+    pub hysteresis: f64,
+    /// Operations per window from which a volume counts as hot, and as warm.
+    pub hot_ops_per_window: u64,
+    pub warm_ops_per_window: u64,
+    /// Pools being drained (the maintenance policy empties them).
+    #[serde(default)]
+    pub draining_pools: Vec<String>,
+    /// Move rate limits in MB/s (1 to 200): all moves of a host together, per pool, per volume.
+    pub global_mb: u64,
+    pub pool_mb: u64,
+    pub volume_mb: u64,
+    /// Adaptive throttling: back off while the guests' mean I/O latency is above this
+    /// (milliseconds) or the host's load per CPU is above `max_load_per_cpu`.
+    pub max_guest_latency_ms: u64,
+    pub max_load_per_cpu: f64,
+}
+
+impl Default for TieringPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            window_s: 300,
+            high_water: 0.85,
+            min_dwell_windows: 4,
+            demote_after_idle_windows: 12,
+            hysteresis: 0.3,
+            hot_ops_per_window: 1000,
+            warm_ops_per_window: 10,
+            draining_pools: Vec::new(),
+            global_mb: 200,
+            pool_mb: 100,
+            volume_mb: 50,
+            max_guest_latency_ms: 50,
+            max_load_per_cpu: 1.5,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 //! Input validation. Every function names the field at fault so the API can answer 400 with it.
 
 use crate::{
-    ApiError, CreatePoolRequest, CreateVmRequest, KernelBoot, PlacementRequest, PlacementRules,
-    ValidationResult,
+    ApiError, CreatePoolRequest, CreateVmRequest, CreateVolumeRequest, KernelBoot,
+    PlacementRequest, PlacementRules, TieringPolicy, ValidationResult,
 };
 
 pub const MAX_VCPUS: u32 = 128;
@@ -273,6 +273,120 @@ pub fn create_pool(req: &CreatePoolRequest) -> ValidationResult<()> {
     Ok(())
 }
 
+pub const MIN_RATE_MB: u64 = 1;
+pub const MAX_RATE_MB: u64 = 200;
+
+pub fn volume_size(field: &str, size_mib: u64) -> ValidationResult<()> {
+    if size_mib == 0 || size_mib > MAX_DISK_MIB {
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} must be between 1 and {MAX_DISK_MIB} MiB (got {size_mib})"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn create_volume(req: &CreateVolumeRequest) -> ValidationResult<()> {
+    name("name", &req.name)?;
+    volume_size("size_mib", req.size_mib)?;
+    if let Some(pool) = &req.pool {
+        name("pool", pool)?;
+    }
+    if req.labels.len() > MAX_LABELS {
+        return Err(ApiError::invalid(
+            "labels",
+            format!("at most {MAX_LABELS} labels"),
+        ));
+    }
+    labels(req.labels.iter().map(|(k, v)| (k, Some(v))))
+}
+
+/// A move rate limit in MB/s.
+pub fn rate_mb(field: &str, mb: u64) -> ValidationResult<()> {
+    if !(MIN_RATE_MB..=MAX_RATE_MB).contains(&mb) {
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} must be between {MIN_RATE_MB} and {MAX_RATE_MB} MB/s (got {mb})"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn tiering_policy(p: &TieringPolicy) -> ValidationResult<()> {
+    if !(10..=86_400).contains(&p.window_s) {
+        return Err(ApiError::invalid(
+            "window_s",
+            format!("window_s must be between 10 and 86400 (got {})", p.window_s),
+        ));
+    }
+    if !(p.high_water.is_finite() && (0.1..=1.0).contains(&p.high_water)) {
+        return Err(ApiError::invalid(
+            "high_water",
+            format!(
+                "high_water must be between 0.1 and 1 (got {})",
+                p.high_water
+            ),
+        ));
+    }
+    if !(p.hysteresis.is_finite() && (0.0..=10.0).contains(&p.hysteresis)) {
+        return Err(ApiError::invalid(
+            "hysteresis",
+            format!("hysteresis must be between 0 and 10 (got {})", p.hysteresis),
+        ));
+    }
+    for (field, v) in [
+        ("min_dwell_windows", p.min_dwell_windows),
+        ("demote_after_idle_windows", p.demote_after_idle_windows),
+    ] {
+        if v > 100_000 {
+            return Err(ApiError::invalid(
+                field,
+                format!("{field} must be at most 100000 (got {v})"),
+            ));
+        }
+    }
+    if p.demote_after_idle_windows == 0 {
+        return Err(ApiError::invalid(
+            "demote_after_idle_windows",
+            "demote_after_idle_windows must be at least 1",
+        ));
+    }
+    if p.warm_ops_per_window == 0 || p.hot_ops_per_window <= p.warm_ops_per_window {
+        return Err(ApiError::invalid(
+            "hot_ops_per_window",
+            format!(
+                "need 0 < warm_ops_per_window < hot_ops_per_window (got warm {}, hot {})",
+                p.warm_ops_per_window, p.hot_ops_per_window
+            ),
+        ));
+    }
+    for (i, pool) in p.draining_pools.iter().enumerate() {
+        name(&format!("draining_pools[{i}]"), pool)?;
+    }
+    rate_mb("global_mb", p.global_mb)?;
+    rate_mb("pool_mb", p.pool_mb)?;
+    rate_mb("volume_mb", p.volume_mb)?;
+    if !(1..=60_000).contains(&p.max_guest_latency_ms) {
+        return Err(ApiError::invalid(
+            "max_guest_latency_ms",
+            format!(
+                "max_guest_latency_ms must be between 1 and 60000 (got {})",
+                p.max_guest_latency_ms
+            ),
+        ));
+    }
+    if !(p.max_load_per_cpu.is_finite() && (0.1..=100.0).contains(&p.max_load_per_cpu)) {
+        return Err(ApiError::invalid(
+            "max_load_per_cpu",
+            format!(
+                "max_load_per_cpu must be between 0.1 and 100 (got {})",
+                p.max_load_per_cpu
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,6 +545,72 @@ mod tests {
             mutate(&mut r);
             let got = create_pool(&r).err().and_then(|e| e.field);
             assert_eq!(got.as_deref(), *field, "case {what}");
+        }
+    }
+
+    #[test]
+    fn tiering_policy_rejects_each_bad_field_by_name() {
+        type Case = (fn(&mut TieringPolicy), &'static str);
+        let cases: &[Case] = &[
+            (|p| p.window_s = 5, "window_s"),
+            (|p| p.high_water = 1.5, "high_water"),
+            (|p| p.high_water = f64::NAN, "high_water"),
+            (|p| p.hysteresis = -1.0, "hysteresis"),
+            (
+                |p| p.demote_after_idle_windows = 0,
+                "demote_after_idle_windows",
+            ),
+            (|p| p.hot_ops_per_window = 5, "hot_ops_per_window"),
+            (
+                |p| p.draining_pools = vec!["Bad Name".into()],
+                "draining_pools[0]",
+            ),
+            (|p| p.global_mb = 0, "global_mb"),
+            (|p| p.pool_mb = 201, "pool_mb"),
+            (|p| p.volume_mb = 1000, "volume_mb"),
+            (|p| p.max_guest_latency_ms = 0, "max_guest_latency_ms"),
+            (|p| p.max_load_per_cpu = 0.0, "max_load_per_cpu"),
+        ];
+        assert!(tiering_policy(&TieringPolicy::default()).is_ok());
+        for (mutate, field) in cases {
+            let mut p = TieringPolicy::default();
+            mutate(&mut p);
+            let err = tiering_policy(&p).expect_err(field);
+            assert_eq!(err.field.as_deref(), Some(*field), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn create_volume_checks_name_size_pool_and_labels() {
+        let ok = CreateVolumeRequest {
+            name: "logs".into(),
+            size_mib: 64,
+            format: Default::default(),
+            pool: Some("fast".into()),
+            node: None,
+            attach_to: None,
+            labels: Default::default(),
+        };
+        assert!(create_volume(&ok).is_ok());
+        for (mutate, field) in [
+            (
+                (|r: &mut CreateVolumeRequest| r.name = "-x".into()) as fn(&mut _),
+                "name",
+            ),
+            (|r| r.size_mib = 0, "size_mib"),
+            (|r| r.size_mib = MAX_DISK_MIB + 1, "size_mib"),
+            (|r| r.pool = Some("UP".into()), "pool"),
+            (
+                |r| {
+                    r.labels.insert("Bad Key".into(), "v".into());
+                },
+                "labels.Bad Key",
+            ),
+        ] {
+            let mut r = ok.clone();
+            mutate(&mut r);
+            let err = create_volume(&r).expect_err(field);
+            assert_eq!(err.field.as_deref(), Some(field), "{err:?}");
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::config;
 use crate::dev_cluster::DevClusterArgs;
 use crate::output::{self, Format};
 use crate::serve::ServeArgs;
+use crate::volume_cli::{self, PolicyCommand, VolumeCommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -84,7 +85,10 @@ pub enum Command {
     /// Storage pools: directories VM disks live in.
     #[command(subcommand)]
     Pool(PoolCommand),
-    /// Storage tiering: evaluate the temperature predictors on traces.
+    /// Volumes: disks in pools, attached to VMs, moved between tiers.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Storage tiering: the policy, and evaluating the temperature predictors on traces.
     #[command(subcommand)]
     Tiering(TieringCommand),
     /// Run a local cluster of N hosts as separate processes on loopback (Ctrl-C stops it).
@@ -99,6 +103,9 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum TieringCommand {
+    /// The tiering policy (shown, or replaced from a JSON file).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Replay a block I/O trace through every predictor (trained online, never looking ahead)
     /// and print balanced accuracy, macro-F1, hot-tier hit ratio and bytes moved, against the
     /// baselines and an oracle that knows the future.
@@ -554,6 +561,8 @@ pub async fn run(g: Global, command: Command) -> anyhow::Result<()> {
             unreachable!("handled in main")
         }
         Command::Pool(c) => pool(&g, c).await,
+        Command::Volume(c) => volume_cli::run(&g, c).await,
+        Command::Tiering(TieringCommand::Policy(p)) => volume_cli::policy(&g, p).await,
         Command::Tiering(c) => tiering(&g, c),
         Command::Cluster(c) => cluster_cli::run(&g, c).await,
         Command::Login {
@@ -672,7 +681,7 @@ fn vm_rows(vms: &[Vm]) -> Vec<Vec<String>> {
 }
 
 /// Waits for an operation with a spinner on a terminal; fails if the operation failed.
-async fn follow(
+pub(crate) async fn follow(
     c: &Client,
     op: Operation,
     timeout: Duration,
@@ -1153,6 +1162,8 @@ async fn stream_console_from(c: &Client, vm: &str, offset: u64) -> anyhow::Resul
 fn tiering(g: &Global, cmd: TieringCommand) -> anyhow::Result<()> {
     use novacron_tiering::{eval, synth, trace, window};
     match cmd {
+        // Async (it talks to a host); dispatched before this.
+        TieringCommand::Policy(_) => bail!("tiering policy needs a server"),
         TieringCommand::Eval {
             trace: path,
             format,

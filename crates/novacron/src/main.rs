@@ -6,6 +6,7 @@ mod config;
 mod dev_cluster;
 mod output;
 mod serve;
+mod volume_cli;
 
 use std::process::ExitCode;
 

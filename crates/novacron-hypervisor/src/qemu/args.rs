@@ -115,6 +115,35 @@ pub fn command_line(spec: &RuntimeSpec, paths: &VmPaths, accel: Accel) -> Vec<St
             &format!("virtio-blk-pci,drive={id},id={id}-dev{boot}"),
         ]);
     }
+    // Hot-plug slots: a q35 root bus takes no hot-plugged devices, root ports do.
+    for slot in 1..=crate::VOLUME_SLOTS {
+        push(&[
+            "-device",
+            &format!(
+                "pcie-root-port,id=hp{slot},chassis={slot},bus=pcie.0,addr={:#x}",
+                0x10 + slot
+            ),
+        ]);
+    }
+    for (i, v) in spec.volumes.iter().enumerate() {
+        let node = crate::AttachedVolume::node_name(v.id);
+        push(&[
+            "-blockdev",
+            &format!(
+                "driver={},node-name={node},file.driver=file,file.filename={},cache.direct=off",
+                v.format.as_str(),
+                esc(&v.path)
+            ),
+        ]);
+        push(&[
+            "-device",
+            &format!(
+                "virtio-blk-pci,drive={node},id={},bus=hp{}",
+                crate::AttachedVolume::device_id(v.id),
+                i + 1
+            ),
+        ]);
+    }
     if let Some(boot) = &spec.boot {
         push(&["-kernel", &boot.kernel]);
         if let Some(initrd) = &boot.initrd {
@@ -149,6 +178,11 @@ mod tests {
             }),
             disk_dir: None,
             shared_disks: false,
+            volumes: vec![crate::AttachedVolume {
+                id: novacron_types::VolumeId::new_random(),
+                path: "/pool/v.raw".into(),
+                format: novacron_types::VolumeFormat::Raw,
+            }],
         };
         let paths = VmPaths::new(Path::new("/data/vms"), spec.id);
         let args = command_line(&spec, &paths, Accel::Tcg).join(" ");
@@ -161,6 +195,12 @@ mod tests {
             format!("file.filename={dir}/disk1.qcow2"),
             format!("-qmp unix:{dir}/qmp.sock,server=on,wait=off"),
             "-kernel /img/vmlinuz -initrd /img/initrd -append console=ttyS0".to_string(),
+            "pcie-root-port,id=hp8,chassis=8".to_string(),
+            format!(
+                "driver=raw,node-name=v{},file.driver=file,file.filename=/pool/v.raw",
+                spec.volumes[0].id.short()
+            ),
+            format!("id=vol-{}-dev,bus=hp1", spec.volumes[0].id),
         ] {
             assert!(args.contains(&want), "missing {want:?} in {args}");
         }

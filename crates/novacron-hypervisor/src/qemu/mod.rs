@@ -6,6 +6,7 @@ mod migration;
 pub mod qmp_raw;
 pub mod runner;
 pub mod state_map;
+mod volumes;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -203,15 +204,12 @@ fn parse_blockstats(reply: &serde_json::Value) -> Vec<(String, crate::DiskCounte
         .unwrap_or_default()
         .iter()
         .filter_map(|e| {
-            let name = e["node-name"]
+            // The guest device's name first: a disk moved to another file has a new node.
+            let name = e["qdev"]
                 .as_str()
-                .filter(|n| !n.is_empty())
-                .or_else(|| {
-                    e["qdev"]
-                        .as_str()
-                        .and_then(|q| q.split('/').find(|p| p.ends_with("-dev")))
-                        .map(|p| p.trim_end_matches("-dev"))
-                })?;
+                .and_then(|q| q.split('/').find(|p| p.ends_with("-dev")))
+                .map(|p| p.trim_end_matches("-dev"))
+                .or_else(|| e["node-name"].as_str().filter(|n| !n.is_empty()))?;
             if name.starts_with("mig-") {
                 return None;
             }
@@ -622,6 +620,48 @@ impl Hypervisor for QemuHypervisor {
 
     fn console_path(&self, id: VmId) -> PathBuf {
         self.paths(id).console_log()
+    }
+
+    async fn attach_volume(&self, id: VmId, vol: &crate::AttachedVolume) -> Result<(), HvError> {
+        volumes::attach(self, id, vol).await
+    }
+    async fn detach_volume(&self, id: VmId, vol: novacron_types::VolumeId) -> Result<(), HvError> {
+        volumes::detach(self, id, vol).await
+    }
+    async fn resize_disk(&self, id: VmId, device: &str, size_bytes: u64) -> Result<(), HvError> {
+        volumes::resize(self, id, device, size_bytes).await
+    }
+    async fn snapshot_disk(&self, id: VmId, device: &str, name: &str) -> Result<(), HvError> {
+        volumes::snapshot(self, id, device, name).await
+    }
+    async fn volume_mirror_start(
+        &self,
+        id: VmId,
+        device: &str,
+        target: &Path,
+        format: novacron_types::VolumeFormat,
+        speed: u64,
+    ) -> Result<(), HvError> {
+        volumes::mirror_start(self, id, device, target, format, speed).await
+    }
+    async fn volume_mirror_status(
+        &self,
+        id: VmId,
+        device: &str,
+    ) -> Result<Option<crate::MirrorStatus>, HvError> {
+        volumes::mirror_status(self, id, device).await
+    }
+    async fn volume_mirror_speed(&self, id: VmId, device: &str, speed: u64) -> Result<(), HvError> {
+        volumes::mirror_speed(self, id, device, speed).await
+    }
+    async fn volume_mirror_finish(&self, id: VmId, device: &str) -> Result<(), HvError> {
+        volumes::mirror_finish(self, id, device).await
+    }
+    async fn volume_mirror_abort(&self, id: VmId, device: &str) -> Result<(), HvError> {
+        volumes::mirror_abort(self, id, device).await
+    }
+    async fn io_latency(&self, id: VmId) -> Result<(u64, u64), HvError> {
+        volumes::io_latency(self, id).await
     }
 
     async fn block_stats(&self, id: VmId) -> Result<Vec<(String, crate::DiskCounters)>, HvError> {

@@ -75,6 +75,13 @@ raw_commands! {
     QueryStatus = "query-status",
     QueryBlockstats = "query-blockstats",
     Cont = "cont",
+    DeviceAdd = "device_add",
+    DeviceDel = "device_del",
+    QueryBlock = "query-block",
+    BlockResize = "block_resize",
+    BlockdevSnapshotInternalSync = "blockdev-snapshot-internal-sync",
+    BlockJobSetSpeed = "block-job-set-speed",
+    BlockJobComplete = "block-job-complete",
 }
 
 /// No arguments.

@@ -43,6 +43,7 @@ pub fn demo_spec() -> RuntimeSpec {
         }),
         disk_dir: None,
         shared_disks: false,
+        volumes: Vec::new(),
     }
 }
 

@@ -121,22 +121,46 @@ pub async fn to_vm_owner(
         None => None,
     };
     match owner {
-        Some(node) if node != svc.node_id() => {
-            let (parts, body) = req.into_parts();
-            let body = match axum::body::to_bytes(body, 1024 * 1024).await {
-                Ok(b) => b,
-                Err(e) => {
-                    return HttpError(ApiError::invalid("body", e.to_string())).into_response();
-                }
-            };
-            let pq = parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str().to_string())
-                .unwrap_or_else(|| parts.uri.path().to_string());
-            to_node(svc, node, parts.method, &pq, &parts.headers, body).await
-        }
+        Some(node) if node != svc.node_id() => pass_on(svc, node, req).await,
         // Ours, or unknown here (the handler's linearizable read decides).
         _ => next.run(req).await,
     }
+}
+
+/// Route layer for `/api/v1/volumes/{volume}/...`: runs the request on the host that must do
+/// the volume's file work (its VM's host, or the host holding a local volume). A detached
+/// volume on a shared pool is handled anywhere.
+pub async fn to_volume_owner(
+    State(st): State<AppState>,
+    Path(params): Path<std::collections::HashMap<String, String>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let svc = &st.service;
+    let owner = match params.get("volume") {
+        Some(key) => match svc.get_volume(key).await {
+            Ok(v) => svc.volume_owner(&v),
+            Err(_) => svc.find_volume(key).ok().and_then(|v| svc.volume_owner(&v)),
+        },
+        None => None,
+    };
+    match owner {
+        Some(node) if node != svc.node_id() => pass_on(svc, node, req).await,
+        _ => next.run(req).await,
+    }
+}
+
+/// Sends the whole request to `node` and returns its answer.
+pub async fn pass_on(svc: &Service, node: NodeId, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, 1024 * 1024).await {
+        Ok(b) => b,
+        Err(e) => return HttpError(ApiError::invalid("body", e.to_string())).into_response(),
+    };
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| parts.uri.path().to_string());
+    to_node(svc, node, parts.method, &pq, &parts.headers, body).await
 }

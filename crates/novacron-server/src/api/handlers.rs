@@ -17,6 +17,10 @@ use novacron_types::{
     ImportImageRequest, MigrateVmRequest, NodeInfo, Operation, PlacementReport, PlacementRequest,
     Role, StoragePool, TokenView, UpdateVmRequest, UserView, Vm, VmSnapshot,
 };
+use novacron_types::{
+    AttachVolumeRequest, CreateVolumeRequest, MoveVolumeRequest, NodeId, PoolTier,
+    ResizeVolumeRequest, TieringPolicy, Volume, VolumePage, VolumeQuery, VolumeSnapshotRequest,
+};
 
 use super::AppState;
 use super::error::ApiResult;
@@ -668,6 +672,210 @@ pub async fn delete_pool(
 ) -> ApiResult<StatusCode> {
     st.service.delete_pool(&pool).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Volumes
+
+#[utoipa::path(get, path = "/api/v1/volumes", tag = "volumes",
+    params(("pool" = Option<String>, Query), ("tier" = Option<PoolTier>, Query),
+           ("vm" = Option<String>, Query, description = "attached to this VM (ID or name)"),
+           ("attached" = Option<bool>, Query), ("node" = Option<u64>, Query),
+           ("label" = Option<String>, Query, description = "key=value"),
+           ("limit" = Option<usize>, Query, description = "page size, 1 to 500 (default 100)"),
+           ("after" = Option<String>, Query, description = "the previous page's `next`")),
+    responses((status = 200, body = VolumePage), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Volumes in ID order, filtered, a page at a time.
+pub async fn list_volumes(State(st): State<AppState>, q: Query) -> ApiResult<Json<VolumePage>> {
+    const KNOWN: [&str; 8] = [
+        "pool", "tier", "vm", "attached", "node", "label", "limit", "after",
+    ];
+    if let Some(k) = q.0.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(ApiError::invalid(
+            k.clone(),
+            format!("unknown filter '{k}' (known: {})", KNOWN.join(", ")),
+        )
+        .into());
+    }
+    let tier = match q.0.get("tier").map(String::as_str) {
+        None => None,
+        Some("hot") => Some(PoolTier::Hot),
+        Some("warm") => Some(PoolTier::Warm),
+        Some("cold") => Some(PoolTier::Cold),
+        Some(t) => {
+            return Err(ApiError::invalid(
+                "tier",
+                format!("tier must be hot, warm or cold (got '{t}')"),
+            )
+            .into());
+        }
+    };
+    let query = VolumeQuery {
+        pool: q.0.get("pool").cloned(),
+        tier,
+        vm: q.0.get("vm").cloned(),
+        attached: q.bool("attached")?,
+        node: q.u64("node", u64::MAX)?.map(NodeId),
+        label: q.0.get("label").cloned(),
+        limit: q.u64("limit", 100_000)?.map(|l| l as usize),
+        after: q.0.get("after").cloned(),
+    };
+    Ok(Json(st.service.list_volumes(query).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/volumes/{volume}", tag = "volumes",
+    params(("volume" = String, Path, description = "ID or name")),
+    responses((status = 200, body = Volume), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn get_volume(
+    State(st): State<AppState>,
+    Path(volume): Path<String>,
+) -> ApiResult<Json<Volume>> {
+    Ok(Json(st.service.get_volume(&volume).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/volumes", tag = "volumes", request_body = CreateVolumeRequest,
+    responses((status = 201, body = Volume), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Creates a volume on the host that will hold it (the VM's host with `attach_to`, else `node`,
+/// else the host receiving the request; the request is passed there).
+pub async fn create_volume(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    req: axum::extract::Request,
+) -> ApiResult<Response> {
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, 1024 * 1024)
+        .await
+        .map_err(|e| ApiError::invalid("body", e.to_string()))?;
+    let create: CreateVolumeRequest = super::extract::decode(&bytes)?;
+    novacron_types::validate::create_volume(&create)?;
+    let host = st.service.volume_create_host(&create).await?;
+    if host != st.service.node_id() {
+        let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+        return Ok(super::forward::pass_on(&st.service, host, req).await);
+    }
+    let v = st.service.create_volume(create, &who).await?;
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+#[utoipa::path(delete, path = "/api/v1/volumes/{volume}", tag = "volumes",
+    params(("volume" = String, Path, description = "ID or name")),
+    responses((status = 204), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "attached or moving; `reason` says which")),
+    security(("bearer" = [])))]
+pub async fn delete_volume(
+    State(st): State<AppState>,
+    Path(volume): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.service.delete_volume(&volume).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/volumes/{volume}/actions/attach", tag = "volumes",
+    params(("volume" = String, Path, description = "ID or name")), request_body = AttachVolumeRequest,
+    responses((status = 200, body = Volume), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Attaches a volume to a VM; a running VM gets it hot-plugged. Runs on the VM's host.
+pub async fn attach_volume(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(volume): Path<String>,
+    req: axum::extract::Request,
+) -> ApiResult<Response> {
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, 1024 * 1024)
+        .await
+        .map_err(|e| ApiError::invalid("body", e.to_string()))?;
+    let attach: AttachVolumeRequest = super::extract::decode(&bytes)?;
+    let vm = st.service.get_vm(&attach.vm).await?;
+    if vm.node != st.service.node_id() {
+        let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+        return Ok(super::forward::pass_on(&st.service, vm.node, req).await);
+    }
+    let v = st.service.attach_volume(&volume, attach, &who).await?;
+    Ok(Json(v).into_response())
+}
+
+#[utoipa::path(post, path = "/api/v1/volumes/{volume}/actions/detach", tag = "volumes",
+    params(("volume" = String, Path, description = "ID or name")),
+    responses((status = 200, body = Volume), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Detaches a volume; a running VM's guest must release the device (ACPI hot-unplug).
+pub async fn detach_volume(
+    State(st): State<AppState>,
+    Path(volume): Path<String>,
+) -> ApiResult<Json<Volume>> {
+    Ok(Json(st.service.detach_volume(&volume).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/volumes/{volume}/actions/resize", tag = "volumes",
+    params(("volume" = String, Path, description = "ID or name")), request_body = ResizeVolumeRequest,
+    responses((status = 200, body = Volume), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Grows a volume (live for a running VM's disk).
+pub async fn resize_volume(
+    State(st): State<AppState>,
+    Path(volume): Path<String>,
+    JsonBody(req): JsonBody<ResizeVolumeRequest>,
+) -> ApiResult<Json<Volume>> {
+    Ok(Json(st.service.resize_volume(&volume, req).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/volumes/{volume}/snapshots", tag = "volumes",
+    params(("volume" = String, Path, description = "ID or name")), request_body = VolumeSnapshotRequest,
+    responses((status = 201, body = Volume), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// An internal (qcow2) snapshot of the volume, taken live when its VM runs.
+pub async fn snapshot_volume(
+    State(st): State<AppState>,
+    Path(volume): Path<String>,
+    JsonBody(req): JsonBody<VolumeSnapshotRequest>,
+) -> ApiResult<(StatusCode, Json<Volume>)> {
+    Ok((
+        StatusCode::CREATED,
+        Json(st.service.snapshot_volume(&volume, req).await?),
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/volumes/{volume}/actions/move", tag = "volumes",
+    params(("volume" = String, Path, description = "ID or name")), request_body = MoveVolumeRequest,
+    responses((status = 202, body = Operation, description = "The move runs; follow the operation"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Moves a volume to another pool: live (`blockdev-mirror`) when its VM runs, else a copy
+/// (compressed into a cold pool), within the tiering policy's rate limits.
+pub async fn move_volume(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(volume): Path<String>,
+    JsonBody(req): JsonBody<MoveVolumeRequest>,
+) -> ApiResult<Response> {
+    Ok(accepted(
+        st.service
+            .move_volume(&volume, req, "asked through the API", &who)
+            .await?,
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/tiering/policy", tag = "volumes",
+    responses((status = 200, body = TieringPolicy)), security(("bearer" = [])))]
+pub async fn get_tiering_policy(State(st): State<AppState>) -> ApiResult<Json<TieringPolicy>> {
+    Ok(Json(st.service.get_tiering_policy().await?))
+}
+
+#[utoipa::path(put, path = "/api/v1/tiering/policy", tag = "volumes", request_body = TieringPolicy,
+    responses((status = 200, body = TieringPolicy), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Replaces the tiering policy (validated; every field is required).
+pub async fn set_tiering_policy(
+    State(st): State<AppState>,
+    JsonBody(req): JsonBody<TieringPolicy>,
+) -> ApiResult<Json<TieringPolicy>> {
+    Ok(Json(st.service.set_tiering_policy(req).await?))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, delete, get, patch, post};
+use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use novacron_types::{ApiError, ErrorCode, Role};
@@ -117,6 +117,14 @@ fn on_owner(state: &AppState, route: MethodRouter<AppState>) -> MethodRouter<App
     route.route_layer(middleware::from_fn_with_state(
         state.clone(),
         forward::to_vm_owner,
+    ))
+}
+
+/// Runs the route on the host that must do the file work of the volume in its path.
+fn on_volume_owner(state: &AppState, route: MethodRouter<AppState>) -> MethodRouter<AppState> {
+    route.route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        forward::to_volume_owner,
     ))
 }
 
@@ -281,6 +289,39 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/pools/{pool}",
             viewer(s, get(get_pool)).merge(admin(s, delete(delete_pool))),
+        )
+        .route(
+            "/api/v1/volumes",
+            viewer(s, get(list_volumes)).merge(operator(s, post(create_volume))),
+        )
+        .route(
+            "/api/v1/volumes/{volume}",
+            viewer(s, get(get_volume))
+                .merge(operator(s, on_volume_owner(s, delete(delete_volume)))),
+        )
+        .route(
+            "/api/v1/volumes/{volume}/actions/attach",
+            operator(s, post(attach_volume)),
+        )
+        .route(
+            "/api/v1/volumes/{volume}/actions/detach",
+            operator(s, on_volume_owner(s, post(detach_volume))),
+        )
+        .route(
+            "/api/v1/volumes/{volume}/actions/resize",
+            operator(s, on_volume_owner(s, post(resize_volume))),
+        )
+        .route(
+            "/api/v1/volumes/{volume}/actions/move",
+            operator(s, on_volume_owner(s, post(move_volume))),
+        )
+        .route(
+            "/api/v1/volumes/{volume}/snapshots",
+            operator(s, on_volume_owner(s, post(snapshot_volume))),
+        )
+        .route(
+            "/api/v1/tiering/policy",
+            viewer(s, get(get_tiering_policy)).merge(admin(s, put(set_tiering_policy))),
         )
         .route("/api/v1/placement", viewer(s, post(place)))
         .route("/api/v1/nodes", viewer(s, get(list_nodes)))

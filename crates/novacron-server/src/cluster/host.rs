@@ -43,6 +43,11 @@ pub fn load1() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The 1-minute load average per usable CPU.
+pub fn load_per_cpu() -> Option<f64> {
+    Some(load1() / cpus().max(1) as f64)
+}
+
 /// Free bytes for unprivileged users on the file system holding `path`.
 pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
     let st = nix::sys::statvfs::statvfs(path).ok()?;

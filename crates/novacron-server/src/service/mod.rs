@@ -15,6 +15,7 @@ mod pools;
 pub mod stats;
 mod users;
 mod vms;
+pub mod volumes;
 
 pub use cluster::{JoinReply, JoinRequest, JoinTokenCreated, JoinTokenRequest};
 pub use migration::{ColdCopied, ColdRequest, IncomingRequest, MigrationSettings};
@@ -75,6 +76,7 @@ pub(crate) struct Inner {
     ha_retries: Mutex<ha::HaRetries>,
     pool_probe: Mutex<pools::PoolProbe>,
     io_stats: Mutex<novacron_tiering::series::Store>,
+    moves: volumes::Moves,
 }
 
 /// The application. Cheap to clone.
@@ -112,6 +114,7 @@ impl Service {
                 io_stats: Mutex::new(novacron_tiering::series::Store::new(
                     settings.stats_interval.as_secs().max(1),
                 )),
+                moves: Default::default(),
                 settings,
             }),
         }

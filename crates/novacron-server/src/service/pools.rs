@@ -54,6 +54,17 @@ fn read_mark(dir: &Path) -> Option<String> {
     serde_json::from_slice::<Mark>(&text).ok().map(|m| m.pool)
 }
 
+/// A shared pool is usable when mounted (its mark there); a local one when its directory can
+/// be made.
+fn usable(p: &StoragePool) -> bool {
+    let dir = Path::new(&p.path);
+    if p.shared {
+        read_mark(dir).as_deref() == Some(p.name.as_str())
+    } else {
+        std::fs::create_dir_all(dir).is_ok()
+    }
+}
+
 impl Service {
     pub async fn list_pools(&self) -> Result<Vec<StoragePool>, ApiError> {
         self.inner
@@ -190,17 +201,21 @@ impl Service {
             .state
             .read(|s| s.pools.values().cloned().collect());
         for p in pools {
-            let dir = Path::new(&p.path);
-            let usable = if p.shared {
-                read_mark(dir).as_deref() == Some(p.name.as_str())
-            } else {
-                std::fs::create_dir_all(dir).is_ok()
-            };
-            if usable && let Some(free) = host::free_bytes(dir) {
+            if usable(&p)
+                && let Some(free) = host::free_bytes(Path::new(&p.path))
+            {
                 out.insert(p.name, free);
             }
         }
         out
+    }
+
+    /// Whether this host can use pool `name` now (checked on the spot, for file work).
+    pub(crate) fn pool_usable_here(&self, name: &str) -> bool {
+        self.inner
+            .state
+            .read(|s| s.pools.get(name).cloned())
+            .is_some_and(|p| usable(&p))
     }
 
     /// A VM's shared pool must be mounted here (its mark in place) before files are made,

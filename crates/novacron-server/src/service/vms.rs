@@ -185,6 +185,7 @@ impl Service {
             boot: vm.spec.boot.clone().or(image.boot.clone()),
             shared_disks: pool.as_ref().is_some_and(|p| p.shared),
             disk_dir: pool.map(|p| p.disk_dir),
+            volumes: self.attached_volumes(vm.id)?,
         })
     }
 

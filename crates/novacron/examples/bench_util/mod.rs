@@ -48,5 +48,6 @@ pub fn demo_spec(
         }),
         disk_dir: None,
         shared_disks: false,
+        volumes: Vec::new(),
     }
 }

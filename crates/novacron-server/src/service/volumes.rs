@@ -1,0 +1,1049 @@
+//! Volumes: files in pools that VMs use as disks. A VM's own disks (`root`, `disk1`, ...) are
+//! volumes recorded with the VM; other volumes are created, attached (hot-plugged into a
+//! running VM), detached, grown, snapshotted, moved between pools and deleted here.
+//!
+//! Where a volume's file is (see `volume_file`):
+//! - a VM's own disk: in the VM's directory (a link into its pool, see `pools.rs`);
+//! - pool `data`: `DATA/volumes/<id>.<format>` on the host holding it;
+//! - a local pool: `<pool>/host-<node>/volumes/<id>.<format>`;
+//! - a shared pool: `<pool>/volumes/<id>.<format>`.
+//!
+//! A move (`volume.move` operation) copies the file to the target pool and switches to it:
+//! a volume of a running VM with QEMU's `blockdev-mirror` at the rate the move scheduler gives
+//! it (changed on the fly with `block-job-set-speed`), then a pivot the guest does not notice;
+//! a volume no QEMU has open with `qemu-img convert -r RATE`, compressed (`-c`) into a cold
+//! pool. The old file goes only after the replicated state records the new place.
+//!
+//! Invariants: file work happens on the host that must do it (the attached VM's host, or the
+//! host holding a local volume; the API forwards there); a VM's own disks do not move on their
+//! own (they move with the VM); at most [`MAX_MOVES`] moves run on a host at once, sharing the
+//! policy's limits evenly (`limiter::shares`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use novacron_hypervisor::{AttachedVolume, disks};
+use novacron_state::{CommandV1, MovedVolume};
+use novacron_types::{
+    ApiError, AttachVolumeRequest, CreateVolumeRequest, MoveVolumeRequest, NodeId, Operation,
+    PoolTier, ResizeVolumeRequest, TieringPolicy, Vm, VmId, VmState, Volume, VolumeFormat,
+    VolumeId, VolumePage, VolumeQuery, VolumeSnapshot, VolumeSnapshotRequest, now_millis, validate,
+};
+
+use super::{Service, hv_error};
+use crate::auth::Principal;
+use crate::limiter::{self, Limits, MoveDemand, Pressure, Throttle};
+
+/// Moves a host runs at once; more wait their turn.
+pub const MAX_MOVES: usize = 100;
+
+const MB: u64 = 1_000_000;
+
+/// The moves of this host: a turn for each (at most [`MAX_MOVES`]), what each competes for,
+/// and the adaptive throttle.
+pub(crate) struct Moves {
+    turns: Arc<tokio::sync::Semaphore>,
+    active: Mutex<BTreeMap<VolumeId, MoveDemand>>,
+    throttle: Mutex<Throttle>,
+    /// The last I/O time and operation totals of the guests, for the latency between samples.
+    last_io: Mutex<Option<(u64, u64)>>,
+}
+
+impl Default for Moves {
+    fn default() -> Self {
+        Self {
+            turns: Arc::new(tokio::sync::Semaphore::new(MAX_MOVES)),
+            active: Mutex::default(),
+            throttle: Mutex::default(),
+            last_io: Mutex::default(),
+        }
+    }
+}
+
+/// Removes a move from the active set however its work ends.
+struct Active<'a> {
+    moves: &'a Moves,
+    id: VolumeId,
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.moves
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+fn limits_of(p: &TieringPolicy) -> Limits {
+    Limits {
+        global: p.global_mb * MB,
+        per_pool: p.pool_mb * MB,
+        per_volume: p.volume_mb * MB,
+    }
+}
+
+/// The guest device name of a volume (`query-blockstats`, hypervisor calls).
+pub(crate) fn device_of(v: &Volume) -> String {
+    match &v.vm_disk {
+        Some(d) => d.clone(),
+        None => format!("vol-{}", v.id),
+    }
+}
+
+impl Service {
+    pub(crate) fn tiering_policy(&self) -> TieringPolicy {
+        self.inner
+            .state
+            .read(|s| s.meta.tiering.clone())
+            .unwrap_or_default()
+    }
+
+    pub async fn get_tiering_policy(&self) -> Result<TieringPolicy, ApiError> {
+        Ok(self
+            .inner
+            .state
+            .read_linearizable(|s| s.meta.tiering.clone())
+            .await?
+            .unwrap_or_default())
+    }
+
+    pub async fn set_tiering_policy(&self, p: TieringPolicy) -> Result<TieringPolicy, ApiError> {
+        validate::tiering_policy(&p)?;
+        self.inner
+            .state
+            .propose(CommandV1::SetTieringPolicy { policy: p.clone() })
+            .await?;
+        Ok(p)
+    }
+
+    /// Finds a volume by ID or name in this host's copy of the state.
+    pub fn find_volume(&self, key: &str) -> Result<Volume, ApiError> {
+        self.inner
+            .state
+            .read(|s| match key.parse::<VolumeId>() {
+                Ok(id) => s.volumes.get(&id).cloned(),
+                Err(_) => s.volume_by_name(key).cloned(),
+            })
+            .ok_or_else(|| ApiError::not_found("volume", key))
+    }
+
+    pub async fn get_volume(&self, key: &str) -> Result<Volume, ApiError> {
+        self.inner.state.read_linearizable(|_| ()).await?;
+        self.find_volume(key)
+    }
+
+    /// The host that must do a volume's file work (`None`: any host, a detached volume on a
+    /// shared pool).
+    pub fn volume_owner(&self, v: &Volume) -> Option<NodeId> {
+        self.inner.state.read(|s| s.volume_host(v))
+    }
+
+    pub async fn list_volumes(&self, q: VolumeQuery) -> Result<VolumePage, ApiError> {
+        let limit = q.limit.unwrap_or(100);
+        if !(1..=500).contains(&limit) {
+            return Err(ApiError::invalid(
+                "limit",
+                format!("limit must be between 1 and 500 (got {limit})"),
+            ));
+        }
+        let label = match &q.label {
+            Some(l) => Some(l.split_once('=').ok_or_else(|| {
+                ApiError::invalid("label", format!("label filter '{l}' must be key=value"))
+            })?),
+            None => None,
+        };
+        let after = match &q.after {
+            Some(a) => Some(a.parse::<VolumeId>().map_err(|_| {
+                ApiError::invalid(
+                    "after",
+                    format!("'{a}' is not a cursor from a previous page"),
+                )
+            })?),
+            None => None,
+        };
+        let vm = match &q.vm {
+            Some(key) => Some(self.get_vm(key).await?.id),
+            None => None,
+        };
+        self.inner
+            .state
+            .read_linearizable(|s| {
+                let tier_of = |pool: &str| match pool {
+                    "data" => None,
+                    p => s.pools.get(p).map(|p| p.tier),
+                };
+                let mut items = Vec::new();
+                let mut more = false;
+                let start = match after {
+                    Some(a) => std::ops::Bound::Excluded(a),
+                    None => std::ops::Bound::Unbounded,
+                };
+                for v in s
+                    .volumes
+                    .range((start, std::ops::Bound::Unbounded))
+                    .map(|(_, v)| v)
+                {
+                    let keep = q.pool.as_ref().is_none_or(|p| &v.pool == p)
+                        && q.tier.is_none_or(|t| tier_of(&v.pool) == Some(t))
+                        && vm.is_none_or(|id| v.attached_to == Some(id))
+                        && q.attached.is_none_or(|a| v.attached_to.is_some() == a)
+                        && q.node.is_none_or(|n| s.volume_host(v) == Some(n))
+                        && label.is_none_or(|(k, val)| v.labels.get(k).is_some_and(|x| x == val));
+                    if !keep {
+                        continue;
+                    }
+                    if items.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    items.push(v.clone());
+                }
+                let next = more
+                    .then(|| items.last().map(|v: &Volume| v.id.to_string()))
+                    .flatten();
+                VolumePage { items, next }
+            })
+            .await
+    }
+
+    /// Where a volume's file is (or goes) on this host, for pool `pool` as held by `node`.
+    pub(crate) fn volume_file(
+        &self,
+        v: &Volume,
+        pool: &str,
+        node: Option<NodeId>,
+        format: VolumeFormat,
+    ) -> Result<PathBuf, ApiError> {
+        if let (Some(disk), Some(vm)) = (&v.vm_disk, v.attached_to) {
+            return Ok(self
+                .data_dir()
+                .join("vms")
+                .join(vm.to_string())
+                .join(format!("{disk}.qcow2")));
+        }
+        let name = format!("{}.{}", v.id, format.as_str());
+        if pool == "data" {
+            return Ok(self.data_dir().join("volumes").join(name));
+        }
+        let p = self
+            .inner
+            .state
+            .read(|s| s.pools.get(pool).cloned())
+            .ok_or_else(|| ApiError::not_found("pool", pool))?;
+        let root = PathBuf::from(&p.path);
+        Ok(match node {
+            Some(n) if !p.shared => root.join(format!("host-{n}")).join("volumes").join(name),
+            _ => root.join("volumes").join(name),
+        })
+    }
+
+    fn current_file(&self, v: &Volume) -> Result<PathBuf, ApiError> {
+        self.volume_file(v, &v.pool, v.node, v.format)
+    }
+
+    /// A pool's directory must be usable here before files are made there (a shared pool
+    /// mounted, with its mark).
+    fn require_pool_visible(&self, pool: &str) -> Result<(), ApiError> {
+        if pool != "data" && !self.pool_usable_here(pool) {
+            return Err(ApiError::conflict(format!(
+                "pool '{pool}' is not usable on host {} (not mounted, or its directory cannot \
+                 be made)",
+                self.inner.node
+            ))
+            .with_reason("pool_unavailable"));
+        }
+        Ok(())
+    }
+
+    /// Volumes to give QEMU when it starts `vm` (its own disks are on its command line anyway).
+    pub(crate) fn attached_volumes(&self, vm: VmId) -> Result<Vec<AttachedVolume>, ApiError> {
+        let vols: Vec<Volume> = self.inner.state.read(|s| {
+            s.volumes_of(vm)
+                .into_iter()
+                .filter(|v| !v.is_vm_disk())
+                .cloned()
+                .collect()
+        });
+        vols.iter()
+            .map(|v| {
+                Ok(AttachedVolume {
+                    id: v.id,
+                    path: self.current_file(v)?,
+                    format: v.format,
+                })
+            })
+            .collect()
+    }
+
+    /// The VM a volume is attached to and whether its QEMU runs now.
+    fn live_vm(&self, v: &Volume) -> Option<Vm> {
+        let vm = v
+            .attached_to
+            .and_then(|id| self.find_vm(&id.to_string()).ok())?;
+        matches!(vm.state, VmState::Running | VmState::Paused).then_some(vm)
+    }
+
+    fn not_here(&self, what: &str, host: NodeId) -> ApiError {
+        ApiError::unavailable(format!(
+            "{what} must be done on host {host}, not host {}; send the request there",
+            self.inner.node
+        ))
+    }
+
+    /// The host a create must run on: the VM's host when attaching, the asked host, or here.
+    pub async fn volume_create_host(&self, req: &CreateVolumeRequest) -> Result<NodeId, ApiError> {
+        if let Some(vm) = &req.attach_to {
+            let vm = self.get_vm(vm).await?;
+            if let Some(n) = req.node
+                && n != vm.node
+            {
+                return Err(ApiError::invalid(
+                    "node",
+                    format!("VM '{}' is on host {}, not host {n}", vm.name, vm.node),
+                ));
+            }
+            return Ok(vm.node);
+        }
+        Ok(req.node.unwrap_or(self.inner.node))
+    }
+
+    pub async fn create_volume(
+        &self,
+        req: CreateVolumeRequest,
+        who: &Principal,
+    ) -> Result<Volume, ApiError> {
+        validate::create_volume(&req)?;
+        let host = self.volume_create_host(&req).await?;
+        if host != self.inner.node {
+            return Err(self.not_here("creating this volume", host));
+        }
+        let pool = req.pool.clone().unwrap_or_else(|| "data".into());
+        let shared = if pool == "data" {
+            false
+        } else {
+            self.get_pool(&pool).await?.shared
+        };
+        self.require_pool_visible(&pool)?;
+        if self.find_volume(&req.name).is_ok() {
+            return Err(ApiError::conflict(format!(
+                "a volume named '{}' already exists",
+                req.name
+            )));
+        }
+        let now = now_millis();
+        let v = Volume {
+            id: VolumeId::new_random(),
+            name: req.name.clone(),
+            pool: pool.clone(),
+            node: (!shared).then_some(self.inner.node),
+            size_mib: req.size_mib,
+            format: req.format,
+            compressed: false,
+            attached_to: None,
+            vm_disk: None,
+            snapshots: Vec::new(),
+            labels: req.labels.clone(),
+            moving_to: None,
+            moved_at: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let file = self.current_file(&v)?;
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| ApiError::internal(format!("cannot make {}: {e}", dir.display())))?;
+        }
+        disks::create_volume(&file, v.format, v.size_mib * 1024 * 1024)
+            .await
+            .map_err(hv_error)?;
+        if let Err(e) = self
+            .inner
+            .state
+            .propose(CommandV1::CreateVolume { volume: v.clone() })
+            .await
+        {
+            let _ = std::fs::remove_file(&file);
+            return Err(e);
+        }
+        if let Some(vm) = &req.attach_to {
+            self.attach_volume(
+                &v.id.to_string(),
+                AttachVolumeRequest { vm: vm.clone() },
+                who,
+            )
+            .await
+            .map_err(|e| ApiError {
+                message: format!(
+                    "volume '{}' was created but not attached: {}",
+                    v.name, e.message
+                ),
+                ..e
+            })?;
+        }
+        self.find_volume(&v.id.to_string())
+    }
+
+    pub async fn delete_volume(&self, key: &str) -> Result<(), ApiError> {
+        let v = self.get_volume(key).await?;
+        if let Some(host) = self.volume_owner(&v)
+            && host != self.inner.node
+        {
+            return Err(self.not_here("deleting this volume", host));
+        }
+        let file = self.current_file(&v)?;
+        if v.attached_to.is_none() {
+            self.require_pool_visible(&v.pool)?;
+        }
+        self.inner
+            .state
+            .propose(CommandV1::DeleteVolume { id: v.id })
+            .await?;
+        if let Err(e) = std::fs::remove_file(&file)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(volume = %v.id, "removing {}: {e}", file.display());
+        }
+        Ok(())
+    }
+
+    pub async fn attach_volume(
+        &self,
+        key: &str,
+        req: AttachVolumeRequest,
+        _who: &Principal,
+    ) -> Result<Volume, ApiError> {
+        let v = self.get_volume(key).await?;
+        let (vm, _guard) = self.lock_own_vm(&req.vm).await?;
+        if v.attached_to.is_some() || v.moving_to.is_some() {
+            // `apply` says why, with the reason code.
+            self.inner
+                .state
+                .propose(CommandV1::AttachVolume {
+                    id: v.id,
+                    vm: vm.id,
+                    at: now_millis(),
+                })
+                .await?;
+        }
+        let attached = self.inner.state.read(|s| {
+            s.volumes_of(vm.id)
+                .iter()
+                .filter(|x| !x.is_vm_disk())
+                .count()
+        });
+        if attached >= novacron_hypervisor::VOLUME_SLOTS {
+            return Err(ApiError::conflict(format!(
+                "VM '{}' has {attached} volumes attached, the most it can take",
+                vm.name
+            ))
+            .with_reason("no_free_slot"));
+        }
+        if v.node.is_some_and(|n| n != vm.node) {
+            return Err(ApiError::conflict(format!(
+                "volume '{}' is on host {}'s local pool '{}', but VM '{}' runs on host {}",
+                v.name,
+                v.node.unwrap_or_default(),
+                v.pool,
+                vm.name,
+                vm.node
+            ))
+            .with_reason("volume_elsewhere"));
+        }
+        let file = self.current_file(&v)?;
+        if !file.exists() {
+            return Err(ApiError::conflict(format!(
+                "volume '{}' has no file at {} on host {}",
+                v.name,
+                file.display(),
+                self.inner.node
+            ))
+            .with_reason("pool_unavailable"));
+        }
+        let running = matches!(vm.state, VmState::Running | VmState::Paused);
+        if running {
+            let av = AttachedVolume {
+                id: v.id,
+                path: file,
+                format: v.format,
+            };
+            self.inner
+                .hv
+                .attach_volume(vm.id, &av)
+                .await
+                .map_err(hv_error)?;
+        }
+        if let Err(e) = self
+            .inner
+            .state
+            .propose(CommandV1::AttachVolume {
+                id: v.id,
+                vm: vm.id,
+                at: now_millis(),
+            })
+            .await
+        {
+            if running {
+                let _ = self.inner.hv.detach_volume(vm.id, v.id).await;
+            }
+            return Err(e);
+        }
+        self.find_volume(&v.id.to_string())
+    }
+
+    pub async fn detach_volume(&self, key: &str) -> Result<Volume, ApiError> {
+        let v = self.get_volume(key).await?;
+        let Some(vm) = v.attached_to else {
+            return Err(
+                ApiError::conflict(format!("volume '{}' is not attached", v.name))
+                    .with_reason("not_attached"),
+            );
+        };
+        if v.is_vm_disk() {
+            return Err(ApiError::conflict(format!(
+                "volume '{}' is its VM's own disk; it cannot be detached",
+                v.name
+            ))
+            .with_reason("vm_disk"));
+        }
+        if v.moving_to.is_some() {
+            // `apply` refuses with the reason.
+            self.inner
+                .state
+                .propose(CommandV1::DetachVolume {
+                    id: v.id,
+                    at: now_millis(),
+                })
+                .await?;
+        }
+        let (vm, _guard) = self.lock_own_vm(&vm.to_string()).await?;
+        if matches!(vm.state, VmState::Running | VmState::Paused) {
+            self.inner
+                .hv
+                .detach_volume(vm.id, v.id)
+                .await
+                .map_err(hv_error)?;
+        }
+        self.inner
+            .state
+            .propose(CommandV1::DetachVolume {
+                id: v.id,
+                at: now_millis(),
+            })
+            .await?;
+        self.find_volume(&v.id.to_string())
+    }
+
+    /// The VM lock when the volume is attached to a VM of this host (file work on an attached
+    /// volume must not race the VM's start or stop).
+    async fn lock_for(
+        &self,
+        v: &Volume,
+        what: &str,
+    ) -> Result<Option<tokio::sync::OwnedMutexGuard<()>>, ApiError> {
+        match v.attached_to {
+            Some(vm) => Ok(Some(self.lock_own_vm(&vm.to_string()).await?.1)),
+            None => {
+                if let Some(host) = v.node
+                    && host != self.inner.node
+                {
+                    return Err(self.not_here(what, host));
+                }
+                self.require_pool_visible(&v.pool)?;
+                Ok(None)
+            }
+        }
+    }
+
+    pub async fn resize_volume(
+        &self,
+        key: &str,
+        req: ResizeVolumeRequest,
+    ) -> Result<Volume, ApiError> {
+        validate::volume_size("size_mib", req.size_mib)?;
+        let v = self.get_volume(key).await?;
+        if req.size_mib <= v.size_mib {
+            return Err(ApiError::invalid(
+                "size_mib",
+                format!(
+                    "volumes only grow: '{}' has {} MiB, asked for {}",
+                    v.name, v.size_mib, req.size_mib
+                ),
+            ));
+        }
+        if v.moving_to.is_some() {
+            return Err(ApiError::conflict(format!(
+                "volume '{}' is moving; resize it after the move",
+                v.name
+            ))
+            .with_reason("volume_moving"));
+        }
+        let _guard = self.lock_for(&v, "resizing this volume").await?;
+        let bytes = req.size_mib * 1024 * 1024;
+        match self.live_vm(&v) {
+            Some(vm) => self
+                .inner
+                .hv
+                .resize_disk(vm.id, &device_of(&v), bytes)
+                .await
+                .map_err(hv_error)?,
+            None => disks::resize(&self.current_file(&v)?, v.format, bytes)
+                .await
+                .map_err(hv_error)?,
+        }
+        self.inner
+            .state
+            .propose(CommandV1::ResizeVolume {
+                id: v.id,
+                size_mib: req.size_mib,
+                at: now_millis(),
+            })
+            .await?;
+        self.find_volume(&v.id.to_string())
+    }
+
+    pub async fn snapshot_volume(
+        &self,
+        key: &str,
+        req: VolumeSnapshotRequest,
+    ) -> Result<Volume, ApiError> {
+        validate::name("name", &req.name)?;
+        let v = self.get_volume(key).await?;
+        if v.format == VolumeFormat::Raw {
+            return Err(ApiError::conflict(format!(
+                "volume '{}' is raw; only qcow2 volumes keep snapshots",
+                v.name
+            ))
+            .with_reason("raw_volume"));
+        }
+        if v.snapshots.iter().any(|s| s.name == req.name) {
+            return Err(ApiError::conflict(format!(
+                "volume '{}' already has a snapshot named '{}'",
+                v.name, req.name
+            )));
+        }
+        let _guard = self.lock_for(&v, "snapshotting this volume").await?;
+        match self.live_vm(&v) {
+            Some(vm) => self
+                .inner
+                .hv
+                .snapshot_disk(vm.id, &device_of(&v), &req.name)
+                .await
+                .map_err(hv_error)?,
+            None => disks::snapshot_create(&self.current_file(&v)?, &req.name)
+                .await
+                .map_err(hv_error)?,
+        }
+        self.inner
+            .state
+            .propose(CommandV1::AddVolumeSnapshot {
+                id: v.id,
+                snapshot: VolumeSnapshot {
+                    name: req.name,
+                    created_at: now_millis(),
+                },
+            })
+            .await?;
+        self.find_volume(&v.id.to_string())
+    }
+
+    /// Starts moving a volume to another pool (an operation, `volume.move`).
+    pub async fn move_volume(
+        &self,
+        key: &str,
+        req: MoveVolumeRequest,
+        why: &str,
+        who: &Principal,
+    ) -> Result<Operation, ApiError> {
+        validate::name("pool", &req.pool)?;
+        if let Some(r) = req.rate_mb {
+            validate::rate_mb("rate_mb", r)?;
+        }
+        let v = self.get_volume(key).await?;
+        if v.is_vm_disk() {
+            return Err(ApiError::conflict(format!(
+                "volume '{}' is a VM's own disk; it moves with its VM (choose its pool when \
+                 creating the VM)",
+                v.name
+            ))
+            .with_reason("vm_disk_not_movable"));
+        }
+        let target = if req.pool == "data" {
+            None
+        } else {
+            Some(self.get_pool(&req.pool).await?)
+        };
+        if let Some(host) = self.volume_owner(&v)
+            && host != self.inner.node
+        {
+            return Err(self.not_here("moving this volume", host));
+        }
+        self.require_pool_visible(&req.pool)?;
+        if v.pool != "data" || v.attached_to.is_none() {
+            self.require_pool_visible(&v.pool)?;
+        }
+        let shared = target.as_ref().is_some_and(|p| p.shared);
+        let cold = target.as_ref().is_some_and(|p| p.tier == PoolTier::Cold);
+        let node = (!shared).then_some(self.inner.node);
+        // Cold pools keep compressed qcow2 (a raw volume becomes qcow2 there).
+        let format = if cold { VolumeFormat::Qcow2 } else { v.format };
+        let guard = match v.attached_to {
+            Some(vm) => Some(self.lock_own_vm(&vm.to_string()).await?.1),
+            None => None,
+        };
+        let svc = self.clone();
+        let to = req.pool.clone();
+        let cap = req.rate_mb.map(|r| r * MB);
+        let why = why.to_string();
+        self.spawn_operation(
+            "volume.move",
+            vec![format!("/api/v1/volumes/{}", v.id)],
+            who,
+            vec![CommandV1::BeginVolumeMove {
+                id: v.id,
+                to: to.clone(),
+                at: now_millis(),
+            }],
+            move |ctx| async move {
+                let _guard = guard;
+                let plan = MovePlan {
+                    from_file: svc.current_file(&v)?,
+                    to_file: svc.volume_file(&v, &to, node, format)?,
+                    to,
+                    node,
+                    format,
+                    compress: cold,
+                    cap,
+                    v,
+                };
+                svc.run_move(&ctx, plan, &why).await
+            },
+        )
+        .await
+    }
+
+    async fn run_move(
+        &self,
+        ctx: &super::OpCtx,
+        plan: MovePlan,
+        why: &str,
+    ) -> Result<(), ApiError> {
+        let m = &self.inner.metrics;
+        let v = &plan.v;
+        ctx.progress(0, format!("waiting for a move slot ({why})"))
+            .await;
+        let turn = self
+            .inner
+            .moves
+            .turns
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::internal("move slots closed"))?;
+        self.inner
+            .moves
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                v.id,
+                MoveDemand {
+                    pools: [v.pool.clone(), plan.to.clone()],
+                    cap: plan.cap,
+                },
+            );
+        let _active = Active {
+            moves: &self.inner.moves,
+            id: v.id,
+        };
+        m.volume_moves.get_or_create(&result_label("started")).inc();
+        let started = Instant::now();
+        let result = self.copy(ctx, &plan).await;
+        drop(turn);
+        let moved = result.is_ok().then_some(MovedVolume {
+            node: plan.node,
+            format: plan.format,
+            compressed: plan.compress,
+        });
+        // The new place must be recorded before the old file goes; retry through a brief
+        // loss of quorum.
+        let mut recorded = Err(ApiError::internal("not tried"));
+        for _ in 0..30 {
+            recorded = self
+                .inner
+                .state
+                .propose(CommandV1::EndVolumeMove {
+                    id: v.id,
+                    moved: moved.clone(),
+                    at: now_millis(),
+                })
+                .await;
+            if recorded.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        match (&result, &recorded) {
+            (Ok(bytes), Ok(())) => {
+                let _ = std::fs::remove_file(&plan.from_file);
+                m.volume_moves
+                    .get_or_create(&result_label("finished"))
+                    .inc();
+                m.volume_move_bytes.inc_by(*bytes);
+                tracing::info!(
+                    volume = %v.id, from = v.pool, to = plan.to, bytes, why,
+                    secs = started.elapsed().as_secs_f64(), "volume moved"
+                );
+                Ok(())
+            }
+            (Ok(_), Err(e)) => {
+                m.volume_moves.get_or_create(&result_label("failed")).inc();
+                Err(ApiError::internal(format!(
+                    "volume '{}' was copied to {} but the new place could not be recorded \
+                     ({}); both files are kept",
+                    v.name,
+                    plan.to_file.display(),
+                    e.message
+                )))
+            }
+            (Err(e), _) => {
+                m.volume_moves.get_or_create(&result_label("failed")).inc();
+                Err(e.clone())
+            }
+        }
+    }
+
+    /// Copies the file (live or not); returns the bytes copied.
+    async fn copy(&self, ctx: &super::OpCtx, plan: &MovePlan) -> Result<u64, ApiError> {
+        let v = &plan.v;
+        if let Some(dir) = plan.to_file.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| ApiError::internal(format!("cannot make {}: {e}", dir.display())))?;
+        }
+        if plan.to_file.exists() {
+            return Err(ApiError::conflict(format!(
+                "{} already exists; a previous move left it (remove it)",
+                plan.to_file.display()
+            )));
+        }
+        match self.live_vm(v) {
+            Some(vm) => self.copy_live(ctx, plan, &vm).await,
+            None => {
+                let rate = self.share_of(v.id);
+                self.inner.metrics.volume_move_rate.set(rate as i64);
+                ctx.progress(
+                    5,
+                    format!(
+                        "copying {} MiB to pool '{}' at {:.1} MB/s{}",
+                        v.size_mib,
+                        plan.to,
+                        rate as f64 / MB as f64,
+                        if plan.compress { ", compressed" } else { "" }
+                    ),
+                )
+                .await;
+                let part = plan.to_file.with_extension("part");
+                let r = disks::copy_volume(
+                    &plan.from_file,
+                    v.format,
+                    &part,
+                    plan.format,
+                    plan.compress,
+                    rate,
+                )
+                .await
+                .map_err(hv_error)
+                .and_then(|()| {
+                    std::fs::rename(&part, &plan.to_file)
+                        .map_err(|e| ApiError::internal(format!("renaming the copy: {e}")))
+                });
+                if let Err(e) = r {
+                    let _ = std::fs::remove_file(&part);
+                    return Err(e);
+                }
+                Ok(v.size_mib * 1024 * 1024)
+            }
+        }
+    }
+
+    async fn copy_live(
+        &self,
+        ctx: &super::OpCtx,
+        plan: &MovePlan,
+        vm: &Vm,
+    ) -> Result<u64, ApiError> {
+        let hv = &self.inner.hv;
+        let dev = device_of(&plan.v);
+        let mut speed = self.share_of(plan.v.id);
+        hv.volume_mirror_start(vm.id, &dev, &plan.to_file, plan.format, speed)
+            .await
+            .map_err(hv_error)?;
+        let result: Result<u64, ApiError> = async {
+            let mut last_report = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let st = hv
+                    .volume_mirror_status(vm.id, &dev)
+                    .await
+                    .map_err(hv_error)?
+                    .ok_or_else(|| {
+                        ApiError::internal(format!(
+                            "the copy of volume '{}' stopped (the VM stopped, or an I/O error)",
+                            plan.v.name
+                        ))
+                    })?;
+                self.inner.metrics.volume_move_rate.set(speed as i64);
+                if st.ready {
+                    hv.volume_mirror_finish(vm.id, &dev)
+                        .await
+                        .map_err(hv_error)?;
+                    return Ok(st.len);
+                }
+                let want = self.share_of(plan.v.id);
+                if want.abs_diff(speed) * 20 > speed {
+                    hv.volume_mirror_speed(vm.id, &dev, want)
+                        .await
+                        .map_err(hv_error)?;
+                    speed = want;
+                }
+                if last_report.elapsed() >= Duration::from_secs(1) {
+                    last_report = Instant::now();
+                    let pct = (st.offset * 90 / st.len.max(1)).min(90) as u8;
+                    ctx.progress(
+                        5 + pct,
+                        format!(
+                            "mirroring to pool '{}': {} of {} MiB at {:.1} MB/s",
+                            plan.to,
+                            st.offset >> 20,
+                            st.len >> 20,
+                            speed as f64 / MB as f64
+                        ),
+                    )
+                    .await;
+                }
+            }
+        }
+        .await;
+        if result.is_err() {
+            let _ = hv.volume_mirror_abort(vm.id, &dev).await;
+            let _ = std::fs::remove_file(&plan.to_file);
+        }
+        result
+    }
+
+    /// This move's rate now (bytes/s): its even share of the policy's limits, throttled.
+    fn share_of(&self, id: VolumeId) -> u64 {
+        let limits = limits_of(&self.tiering_policy());
+        let factor = self.throttle_factor();
+        let active = self
+            .inner
+            .moves
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let ids: Vec<VolumeId> = active.keys().copied().collect();
+        let demands: Vec<MoveDemand> = active.values().cloned().collect();
+        drop(active);
+        let shares = limiter::shares(&limits, factor, &demands);
+        ids.iter()
+            .position(|x| *x == id)
+            .map(|i| shares[i])
+            .unwrap_or(limits.per_volume)
+    }
+
+    pub(crate) fn throttle_factor(&self) -> f64 {
+        self.inner
+            .moves
+            .throttle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .factor
+    }
+
+    /// Adaptive throttling, once a second while moves run: the guests' mean I/O latency since
+    /// the last look and the host's load per CPU against the policy's targets.
+    pub(crate) async fn observe_pressure(&self) {
+        let busy = !self
+            .inner
+            .moves
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        let me = self.inner.node;
+        let vms: Vec<VmId> = self.inner.state.read(|s| {
+            s.vms
+                .values()
+                .filter(|v| v.node == me && v.state == VmState::Running)
+                .map(|v| v.id)
+                .collect()
+        });
+        let (mut ns, mut ops) = (0u64, 0u64);
+        for id in vms {
+            if let Ok((n, o)) = self.inner.hv.io_latency(id).await {
+                ns += n;
+                ops += o;
+            }
+        }
+        let prev = self
+            .inner
+            .moves
+            .last_io
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace((ns, ops));
+        if !busy {
+            return;
+        }
+        let latency_ms = match prev {
+            Some((pn, po)) if ops > po && ns >= pn => (ns - pn) as f64 / (ops - po) as f64 / 1e6,
+            _ => 0.0,
+        };
+        let policy = self.tiering_policy();
+        let load = crate::cluster::host::load_per_cpu().unwrap_or(0.0);
+        let p = Pressure {
+            guest_latency_ms: latency_ms,
+            latency_target_ms: policy.max_guest_latency_ms as f64,
+            load_per_cpu: load,
+            load_target: policy.max_load_per_cpu,
+        };
+        let mut t = self
+            .inner
+            .moves
+            .throttle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *t = t.next(&p);
+        self.inner.metrics.volume_move_throttle.set(t.factor);
+    }
+}
+
+struct MovePlan {
+    v: Volume,
+    from_file: PathBuf,
+    to_file: PathBuf,
+    to: String,
+    node: Option<NodeId>,
+    format: VolumeFormat,
+    compress: bool,
+    cap: Option<u64>,
+}
+
+fn result_label(r: &str) -> crate::metrics::ResultLabels {
+    crate::metrics::ResultLabels {
+        result: r.to_string(),
+    }
+}
+
+/// Runs for the life of the host: the throttle's eyes.
+pub async fn watch_pressure(svc: Service) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        svc.observe_pressure().await;
+    }
+}

@@ -1,0 +1,393 @@
+//! Volumes in the replicated state: the rules `apply` enforces for them (pure, like the rest of
+//! `apply`).
+//!
+//! Invariants:
+//! - volume names are unique;
+//! - a VM's own disks (`vm_disk`) exist exactly as long as their VM, always attached to it;
+//! - a volume is attached to at most one VM, and a volume on a local pool only to a VM on the
+//!   host holding its file;
+//! - a volume being moved (`moving_to`) is not deleted, detached, attached or moved again;
+//! - a pool holding any volume cannot be deleted.
+
+use novacron_types::{
+    ApiError, NodeId, UnixMillis, Vm, VmId, Volume, VolumeFormat, VolumeId, VolumeSnapshot,
+};
+
+use crate::command::Touched;
+use crate::machine::ClusterState;
+
+impl ClusterState {
+    pub fn volume(&self, id: &VolumeId) -> Result<&Volume, ApiError> {
+        self.volumes
+            .get(id)
+            .ok_or_else(|| ApiError::not_found("volume", id))
+    }
+
+    fn volume_mut(&mut self, id: &VolumeId) -> Result<&mut Volume, ApiError> {
+        self.volumes
+            .get_mut(id)
+            .ok_or_else(|| ApiError::not_found("volume", id))
+    }
+
+    pub fn volume_by_name(&self, name: &str) -> Option<&Volume> {
+        self.volumes.values().find(|v| v.name == name)
+    }
+
+    /// Volumes attached to `vm`, its own disks first (`root`, `disk1`, ...), then the others
+    /// by name.
+    pub fn volumes_of(&self, vm: VmId) -> Vec<&Volume> {
+        let mut v: Vec<&Volume> = self
+            .volumes
+            .values()
+            .filter(|v| v.attached_to == Some(vm))
+            .collect();
+        v.sort_by(|a, b| {
+            (a.vm_disk.is_none(), &a.vm_disk, &a.name).cmp(&(
+                b.vm_disk.is_none(),
+                &b.vm_disk,
+                &b.name,
+            ))
+        });
+        v
+    }
+
+    /// The host that must do a volume's file work: its VM's host when attached, else the
+    /// host holding the file (`None`: any host, on a shared pool).
+    pub fn volume_host(&self, v: &Volume) -> Option<NodeId> {
+        match v.attached_to.and_then(|vm| self.vms.get(&vm)) {
+            Some(vm) => Some(vm.node),
+            None => v.node,
+        }
+    }
+
+    fn pool_is_shared(&self, pool: &str) -> Result<bool, ApiError> {
+        if pool == "data" {
+            return Ok(false);
+        }
+        self.pools
+            .get(pool)
+            .map(|p| p.shared)
+            .ok_or_else(|| ApiError::not_found("pool", pool))
+    }
+
+    fn not_moving(v: &Volume, what: &str) -> Result<(), ApiError> {
+        match &v.moving_to {
+            Some(to) => Err(ApiError::conflict(format!(
+                "volume '{}' is moving to pool '{to}'; {what} after the move",
+                v.name
+            ))
+            .with_reason("volume_moving")),
+            None => Ok(()),
+        }
+    }
+
+    /// The volumes of a new VM's own disks (the boot disk is `root`, sized like its image).
+    pub(crate) fn vm_disk_volumes(&self, vm: &Vm) -> Result<Vec<Volume>, ApiError> {
+        let shared = match &vm.spec.pool {
+            Some(p) => self.pool_is_shared(p)?,
+            None => false,
+        };
+        let disks = vm.spec.disks.iter().map(|d| (d.name.clone(), d.size_mib));
+        let mut out = Vec::new();
+        for (disk, size_mib) in disks {
+            let name = format!("{}-{disk}", vm.name);
+            if self.volume_by_name(&name).is_some() {
+                return Err(ApiError::conflict(format!(
+                    "a volume named '{name}' already exists (VM '{}' would name its {disk} disk \
+                     so)",
+                    vm.name
+                )));
+            }
+            out.push(Volume {
+                id: VolumeId::of_vm_disk(vm.id, &disk),
+                name,
+                pool: vm.spec.pool.clone().unwrap_or_else(|| "data".into()),
+                node: (!shared).then_some(vm.node),
+                size_mib,
+                format: VolumeFormat::Qcow2,
+                compressed: false,
+                attached_to: Some(vm.id),
+                vm_disk: Some(disk),
+                snapshots: Vec::new(),
+                labels: Default::default(),
+                moving_to: None,
+                moved_at: None,
+                created_at: vm.created_at,
+                updated_at: vm.created_at,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A VM was recorded on another host (live migration, HA): its local disks went with it.
+    pub(crate) fn follow_vm(&mut self, vm: VmId, to: NodeId) -> Vec<Touched> {
+        let mut touched = Vec::new();
+        for v in self.volumes.values_mut() {
+            if v.attached_to == Some(vm) && v.node.is_some() {
+                v.node = Some(to);
+                touched.push(Touched::Volume(v.id));
+            }
+        }
+        touched
+    }
+
+    /// A VM was deleted: its own disks go, other volumes stay, detached.
+    pub(crate) fn drop_vm_volumes(&mut self, vm: VmId, at: UnixMillis) -> Vec<Touched> {
+        let mut touched = Vec::new();
+        self.volumes.retain(|id, v| {
+            if v.attached_to != Some(vm) {
+                return true;
+            }
+            touched.push(Touched::Volume(*id));
+            if v.vm_disk.is_some() {
+                return false;
+            }
+            v.attached_to = None;
+            v.updated_at = at;
+            true
+        });
+        touched
+    }
+
+    pub(crate) fn create_volume(&mut self, v: &Volume) -> Result<Vec<Touched>, ApiError> {
+        if self.volumes.contains_key(&v.id) {
+            return Err(ApiError::conflict(format!(
+                "volume ID {} already exists",
+                v.id
+            )));
+        }
+        if self.volume_by_name(&v.name).is_some() {
+            return Err(ApiError::conflict(format!(
+                "a volume named '{}' already exists",
+                v.name
+            )));
+        }
+        if v.vm_disk.is_some() {
+            return Err(ApiError::invalid(
+                "vm_disk",
+                "a VM's own disks are made with the VM",
+            ));
+        }
+        let shared = self.pool_is_shared(&v.pool)?;
+        if shared != v.node.is_none() {
+            return Err(ApiError::invalid(
+                "node",
+                "a volume names its host exactly when its pool is local",
+            ));
+        }
+        if let Some(n) = v.node
+            && !self.nodes.contains_key(&n.0)
+        {
+            return Err(ApiError::not_found("host", n));
+        }
+        if let Some(vm) = v.attached_to {
+            self.check_attach(v, vm)?;
+        }
+        self.volumes.insert(v.id, v.clone());
+        Ok(vec![Touched::Volume(v.id)])
+    }
+
+    fn check_attach(&self, v: &Volume, vm: VmId) -> Result<(), ApiError> {
+        let vm = self.vm(&vm)?;
+        if let Some(n) = v.node
+            && n != vm.node
+        {
+            return Err(ApiError::conflict(format!(
+                "volume '{}' is on host {n}'s local pool '{}', but VM '{}' runs on host {}",
+                v.name, v.pool, vm.name, vm.node
+            ))
+            .with_reason("volume_elsewhere"));
+        }
+        if let Some(t) = vm.migrating_to {
+            return Err(
+                ApiError::conflict(format!("VM '{}' is migrating to host {t}", vm.name))
+                    .with_reason("already_migrating"),
+            );
+        }
+        Ok(())
+    }
+
+    pub(crate) fn delete_volume(&mut self, id: &VolumeId) -> Result<Vec<Touched>, ApiError> {
+        let v = self.volume(id)?;
+        if let Some(vm) = v.attached_to {
+            let vm = self.vms.get(&vm).map(|x| x.name.as_str()).unwrap_or("?");
+            return Err(ApiError::conflict(format!(
+                "volume '{}' is attached to VM '{vm}'; {}",
+                v.name,
+                if v.vm_disk.is_some() {
+                    "it is that VM's own disk and goes with the VM"
+                } else {
+                    "detach it first"
+                }
+            ))
+            .with_reason("volume_attached"));
+        }
+        Self::not_moving(v, "delete it")?;
+        self.volumes.remove(id);
+        Ok(vec![Touched::Volume(*id)])
+    }
+
+    pub(crate) fn attach_volume(
+        &mut self,
+        id: &VolumeId,
+        vm: VmId,
+        at: UnixMillis,
+    ) -> Result<Vec<Touched>, ApiError> {
+        let v = self.volume(id)?;
+        if let Some(other) = v.attached_to {
+            let name = self.vms.get(&other).map(|x| x.name.as_str()).unwrap_or("?");
+            return Err(ApiError::conflict(format!(
+                "volume '{}' is already attached to VM '{name}'",
+                v.name
+            ))
+            .with_reason("volume_attached"));
+        }
+        Self::not_moving(v, "attach it")?;
+        self.check_attach(v, vm)?;
+        let v = self.volume_mut(id)?;
+        v.attached_to = Some(vm);
+        v.updated_at = at;
+        Ok(vec![Touched::Volume(*id)])
+    }
+
+    pub(crate) fn detach_volume(
+        &mut self,
+        id: &VolumeId,
+        at: UnixMillis,
+    ) -> Result<Vec<Touched>, ApiError> {
+        let v = self.volume(id)?;
+        if v.vm_disk.is_some() {
+            return Err(ApiError::conflict(format!(
+                "volume '{}' is its VM's own disk; it cannot be detached",
+                v.name
+            ))
+            .with_reason("vm_disk"));
+        }
+        if v.attached_to.is_none() {
+            return Err(
+                ApiError::conflict(format!("volume '{}' is not attached", v.name))
+                    .with_reason("not_attached"),
+            );
+        }
+        Self::not_moving(v, "detach it")?;
+        // Attached to a VM on its host: the file stays there.
+        let host = self.volume_host(v);
+        let shared = self.pool_is_shared(&v.pool)?;
+        let v = self.volume_mut(id)?;
+        v.attached_to = None;
+        if !shared {
+            v.node = host.or(v.node);
+        }
+        v.updated_at = at;
+        Ok(vec![Touched::Volume(*id)])
+    }
+
+    pub(crate) fn resize_volume(
+        &mut self,
+        id: &VolumeId,
+        size_mib: u64,
+        at: UnixMillis,
+    ) -> Result<Vec<Touched>, ApiError> {
+        let v = self.volume(id)?;
+        if size_mib <= v.size_mib {
+            return Err(ApiError::invalid(
+                "size_mib",
+                format!(
+                    "volumes only grow: '{}' has {} MiB, asked for {size_mib}",
+                    v.name, v.size_mib
+                ),
+            ));
+        }
+        Self::not_moving(v, "resize it")?;
+        let v = self.volume_mut(id)?;
+        v.size_mib = size_mib;
+        v.updated_at = at;
+        Ok(vec![Touched::Volume(*id)])
+    }
+
+    pub(crate) fn add_volume_snapshot(
+        &mut self,
+        id: &VolumeId,
+        snapshot: &VolumeSnapshot,
+    ) -> Result<Vec<Touched>, ApiError> {
+        let v = self.volume(id)?;
+        if v.snapshots.iter().any(|s| s.name == snapshot.name) {
+            return Err(ApiError::conflict(format!(
+                "volume '{}' already has a snapshot named '{}'",
+                v.name, snapshot.name
+            )));
+        }
+        let v = self.volume_mut(id)?;
+        v.snapshots.push(snapshot.clone());
+        v.updated_at = snapshot.created_at;
+        Ok(vec![Touched::Volume(*id)])
+    }
+
+    pub(crate) fn begin_volume_move(
+        &mut self,
+        id: &VolumeId,
+        to: &str,
+        at: UnixMillis,
+    ) -> Result<Vec<Touched>, ApiError> {
+        let v = self.volume(id)?;
+        Self::not_moving(v, "move it again")?;
+        if v.pool == to {
+            return Err(ApiError::conflict(format!(
+                "volume '{}' is already on pool '{to}'",
+                v.name
+            ))
+            .with_reason("same_pool"));
+        }
+        self.pool_is_shared(to)?;
+        let v = self.volume_mut(id)?;
+        v.moving_to = Some(to.to_string());
+        v.updated_at = at;
+        Ok(vec![Touched::Volume(*id)])
+    }
+
+    /// A move ended: on success the volume is now on `moving_to` (held on `node` for a local
+    /// pool), stored as `format`, `compressed`; on failure it stays where it was.
+    pub(crate) fn end_volume_move(
+        &mut self,
+        id: &VolumeId,
+        done: Option<(Option<NodeId>, VolumeFormat, bool)>,
+        at: UnixMillis,
+    ) -> Result<Vec<Touched>, ApiError> {
+        let v = self.volume(id)?;
+        let Some(to) = v.moving_to.clone() else {
+            return Err(ApiError::conflict(format!(
+                "volume '{}' is not moving",
+                v.name
+            )));
+        };
+        if let Some((node, _, _)) = &done {
+            let shared = self.pool_is_shared(&to)?;
+            if shared != node.is_none() {
+                return Err(ApiError::invalid(
+                    "node",
+                    "a volume names its host exactly when its pool is local",
+                ));
+            }
+        }
+        let v = self.volume_mut(id)?;
+        v.moving_to = None;
+        v.updated_at = at;
+        if let Some((node, format, compressed)) = done {
+            v.pool = to;
+            v.node = node;
+            v.format = format;
+            v.compressed = compressed;
+            v.moved_at = Some(at);
+        }
+        Ok(vec![Touched::Volume(*id)])
+    }
+
+    /// Names of the volumes on `pool` (a pool in use cannot be deleted).
+    pub(crate) fn volumes_on(&self, pool: &str) -> Vec<&str> {
+        self.volumes
+            .values()
+            .filter(|v| v.pool == pool || v.moving_to.as_deref() == Some(pool))
+            .map(|v| v.name.as_str())
+            .collect()
+    }
+}

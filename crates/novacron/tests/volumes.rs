@@ -1,0 +1,635 @@
+//! Volumes on a real node with real QEMU guests:
+//! - a volume hot-plugged into a running guest that writes to it shows in the I/O statistics,
+//!   moves hot → cold → hot while the guest keeps writing (live, `blockdev-mirror`), and loses
+//!   nothing: the data written before is the same (checksum), and every write the guest saw
+//!   acknowledged is on disk, in order;
+//! - a detached volume is copied compressed into a cold pool and back, each copy held to its
+//!   rate limit, its content unchanged;
+//! - the API's and CLI's errors, filters and pagination.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use novacron_client::Client;
+use novacron_types::{
+    AttachVolumeRequest, CreatePoolRequest, CreateVmRequest, CreateVolumeRequest, KernelBoot,
+    MoveVolumeRequest, PoolTier, VmState, Volume, VolumeFormat,
+};
+
+const MIB: u64 = 1 << 20;
+/// The guest's `novacron.seqwrite` blocks: 64 slots of 64 KiB at the start of the disk.
+const SLOTS: u64 = 64;
+const BLOCK: u64 = 64 * 1024;
+const HEADER: usize = 17;
+
+async fn pools(c: &Client, root: &Path) {
+    for (name, tier, cost) in [
+        ("fast", PoolTier::Hot, 0.2),
+        ("archive", PoolTier::Cold, 0.01),
+    ] {
+        let dir = root.join(name);
+        c.create_pool(&CreatePoolRequest {
+            name: name.into(),
+            path: dir.display().to_string(),
+            tier,
+            shared: false,
+            capacity_bytes: 10 << 30,
+            cost_per_gib_month: cost,
+            performance_class: None,
+        })
+        .await
+        .expect("pool");
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sha256(path: &Path) -> String {
+    run(Command::new("sha256sum").arg(path))
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The volume's content as raw bytes in `into`.
+fn raw_copy(file: &Path, format: VolumeFormat, into: &Path) -> Vec<u8> {
+    run(Command::new("qemu-img").args([
+        "convert",
+        "-f",
+        format.as_str(),
+        "-O",
+        "raw",
+        &file.display().to_string(),
+        &into.display().to_string(),
+    ]));
+    std::fs::read(into).expect("read raw copy")
+}
+
+fn volume_file(data: &Path, pools: &Path, v: &Volume) -> PathBuf {
+    let name = format!("{}.{}", v.id, v.format.as_str());
+    match v.pool.as_str() {
+        "data" => data.join("volumes").join(name),
+        p => pools
+            .join(p)
+            .join(format!("host-{}", v.node.expect("local volume").0))
+            .join("volumes")
+            .join(name),
+    }
+}
+
+async fn move_to(c: &Client, vol: &str, pool: &str, rate_mb: Option<u64>) -> (Volume, Duration) {
+    let started = Instant::now();
+    let op = c
+        .move_volume(
+            vol,
+            &MoveVolumeRequest {
+                pool: pool.into(),
+                rate_mb,
+            },
+        )
+        .await
+        .expect("move");
+    assert_eq!(op.kind, "volume.move");
+    c.wait_success(&op, Duration::from_secs(180))
+        .await
+        .unwrap_or_else(|e| panic!("move of {vol} to {pool}: {e}"));
+    let took = started.elapsed();
+    let v = c.get_volume(vol).await.expect("volume");
+    assert_eq!(v.pool, pool);
+    assert_eq!(v.moving_to, None);
+    (v, took)
+}
+
+fn last_ack(console: &str) -> u64 {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("seqwrite "))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+async fn wait_ack(c: &Client, vm: &str, at_least: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let n = last_ack(&console_text(c, vm).await);
+        if n >= at_least {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest acknowledged only {n} writes, waiting for {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_moves_hot_cold_hot_under_a_writing_guest_and_loses_nothing() {
+    let node = Node::start_with(vec!["--stats-interval".into(), "1".into()]);
+    let c = node.admin().await;
+    let root = tempfile::tempdir().expect("tmp");
+    pools(&c, root.path()).await;
+
+    // A 16 MiB volume on the hot pool; its last 12 MiB hold random data the guest never
+    // touches (it writes the first 4 MiB).
+    let v = c
+        .create_volume(&CreateVolumeRequest {
+            name: "data1".into(),
+            size_mib: 16,
+            format: VolumeFormat::Qcow2,
+            pool: Some("fast".into()),
+            node: None,
+            attach_to: None,
+            labels: [("app".to_string(), "db".to_string())].into(),
+        })
+        .await
+        .expect("create volume");
+    let file = volume_file(&node.data_dir(), root.path(), &v);
+    assert!(file.exists(), "{} missing", file.display());
+    let seed = root.path().join("seed.bin");
+    run(Command::new("dd").args([
+        "if=/dev/urandom",
+        &format!("of={}", seed.display()),
+        "bs=1M",
+        "count=12",
+        "status=none",
+    ]));
+    run(Command::new("qemu-io").args([
+        "-f",
+        "qcow2",
+        "-c",
+        &format!("write -q -s {} 4M 12M", seed.display()),
+        &file.display().to_string(),
+    ]));
+    let seed_sum = sha256(&seed);
+
+    let demo = demo_dir();
+    let path = |f: &str| demo.join(f).to_string_lossy().into_owned();
+    c.create_vm(&CreateVmRequest {
+        boot: Some(KernelBoot {
+            kernel: path("vmlinuz"),
+            initrd: Some(path("initrd.img")),
+            cmdline: Some("console=ttyS0 quiet panic=-1 novacron.seqwrite=vdb".into()),
+        }),
+        ..demo_vm("writer")
+    })
+    .await
+    .expect("create vm");
+    let op = c.vm_action("writer", "start").await.expect("start");
+    c.wait_success(&op, Duration::from_secs(60))
+        .await
+        .expect("started");
+    wait_console(
+        &c,
+        "writer",
+        "NOVACRON-DEMO-GUEST READY",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+
+    // Hot-plug: the guest sees /dev/vdb appear and starts writing.
+    let attached = c
+        .volume_action(
+            "data1",
+            "attach",
+            &AttachVolumeRequest {
+                vm: "writer".into(),
+            },
+        )
+        .await
+        .expect("attach");
+    let vm = c.get_vm("writer").await.expect("vm");
+    assert_eq!(attached.attached_to, Some(vm.id));
+    wait_console(
+        &c,
+        "writer",
+        "seqwrite device vdb present",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_ack(&c, "writer", 10).await;
+
+    // The collector sees the guest's writes to the volume.
+    let disk = format!("vol-{}", v.id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c.disk_stats("writer", None).await.expect("stats");
+        let wr: u64 = r
+            .disks
+            .iter()
+            .filter(|d| d.disk == disk)
+            .flat_map(|d| d.buckets.iter())
+            .map(|b| b.wr_bytes)
+            .sum();
+        if wr >= 10 * BLOCK {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the volume's writes never showed: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Hot → cold, live, at most 4 MB/s: 16 MiB takes at least ~4 s.
+    let before = wait_ack(&c, "writer", 1).await;
+    let (cold, took) = move_to(&c, "data1", "archive", Some(4)).await;
+    let rate = 16.0 * MIB as f64 / took.as_secs_f64() / 1e6;
+    eprintln!("live move to cold: {took:?}, {rate:.2} MB/s (limit 4)");
+    assert!(
+        rate <= 4.0 * 1.1,
+        "the live move ran at {rate:.2} MB/s, over its 4 MB/s limit"
+    );
+    assert!(!file.exists(), "the hot copy is removed after the move");
+    let cold_file = volume_file(&node.data_dir(), root.path(), &cold);
+    assert!(cold_file.exists(), "{} missing", cold_file.display());
+    // The guest noticed nothing: its writes go on.
+    let after_cold = wait_ack(&c, "writer", before + 10).await;
+
+    // And back, live, at the policy's limits.
+    let (hot, _) = move_to(&c, "data1", "fast", None).await;
+    assert!(
+        !cold_file.exists(),
+        "the cold copy is removed after the move"
+    );
+    let acked = wait_ack(&c, "writer", (after_cold + 10).max(SLOTS + 10)).await;
+    assert_eq!(
+        c.get_vm("writer").await.expect("vm").state,
+        VmState::Running
+    );
+
+    // Stop the guest and read the volume as it is on disk.
+    let op = c.vm_action("writer", "force-stop").await.expect("stop");
+    c.wait_success(&op, Duration::from_secs(60))
+        .await
+        .expect("stopped");
+    let acked = acked.max(last_ack(&console_text(&c, "writer").await));
+    let hot_file = volume_file(&node.data_dir(), root.path(), &hot);
+    let bytes = raw_copy(&hot_file, hot.format, &root.path().join("final.raw"));
+    assert_eq!(bytes.len() as u64, 16 * MIB);
+
+    // The data written before the moves: same checksum.
+    let tail = root.path().join("tail.bin");
+    std::fs::write(&tail, &bytes[(4 * MIB) as usize..]).expect("write tail");
+    assert_eq!(
+        sha256(&tail),
+        seed_sum,
+        "the volume's data changed across the moves"
+    );
+
+    // Every acknowledged write is there, and the disk is exactly writes 1..=S for some S >= the
+    // last acknowledged: each slot holds the latest block written to it, with intact contents.
+    let header = |slot: u64| -> u64 {
+        let b = &bytes[(slot * BLOCK) as usize..(slot * BLOCK) as usize + HEADER];
+        let text = std::str::from_utf8(b).unwrap_or_else(|_| panic!("slot {slot}: not a header"));
+        text.strip_prefix("NCSEQ ")
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("slot {slot}: bad header {text:?}"))
+    };
+    let seqs: Vec<u64> = (0..SLOTS).map(header).collect();
+    let last = *seqs.iter().max().unwrap_or(&0);
+    assert!(
+        last >= acked,
+        "write {acked} was acknowledged but the disk ends at {last}"
+    );
+    for (slot, n) in seqs.iter().enumerate() {
+        assert_eq!(*n % SLOTS, slot as u64, "slot {slot} holds write {n}");
+        assert!(
+            *n + SLOTS > last,
+            "slot {slot} holds write {n}, but write {} (newer, same slot) was made",
+            n + SLOTS
+        );
+    }
+    let body = |slot: u64| &bytes[(slot * BLOCK) as usize + HEADER..((slot + 1) * BLOCK) as usize];
+    for slot in 1..SLOTS {
+        assert!(body(slot) == body(0), "slot {slot}'s data is torn");
+    }
+    eprintln!(
+        "guest acknowledged {acked} writes (before: {before}, after the cold move: \
+         {after_cold}); disk holds 1..={last}"
+    );
+
+    // Metrics: two finished moves, their bytes.
+    let text = reqwest::Client::new()
+        .get(format!("{}/metrics", node.url))
+        .bearer_auth(c.token().expect("token"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    assert!(
+        text.contains("novacron_volume_moves_total{result=\"finished\"} 2"),
+        "{text}"
+    );
+    let moved: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("novacron_volume_move_bytes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("bytes moved");
+    assert!(moved >= 32.0 * MIB as f64, "bytes moved: {moved}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_volume_goes_compressed_into_cold_and_back_within_its_rate() {
+    let node = Node::start();
+    let c = node.admin().await;
+    let root = tempfile::tempdir().expect("tmp");
+    pools(&c, root.path()).await;
+    let v = c
+        .create_volume(&CreateVolumeRequest {
+            name: "logs".into(),
+            size_mib: 16,
+            format: VolumeFormat::Raw,
+            pool: Some("fast".into()),
+            node: None,
+            attach_to: None,
+            labels: Default::default(),
+        })
+        .await
+        .expect("create");
+    // Compressible content: text, like logs.
+    let file = volume_file(&node.data_dir(), root.path(), &v);
+    let text: Vec<u8> = (0..16 * MIB)
+        .map(|i| b"novacron log line 0123456789\n"[(i % 29) as usize])
+        .collect();
+    std::fs::write(&file, &text).expect("fill");
+    let sum = sha256(&file);
+
+    // Into cold at 2 MB/s: at least ~8 s, compressed qcow2.
+    let (cold, took) = move_to(&c, "logs", "archive", Some(2)).await;
+    let rate = 16.0 * MIB as f64 / took.as_secs_f64() / 1e6;
+    eprintln!("copy into cold: {took:?}, {rate:.2} MB/s (limit 2)");
+    assert!(
+        rate <= 2.0 * 1.1,
+        "the copy ran at {rate:.2} MB/s, over its 2 MB/s limit"
+    );
+    assert!(
+        rate >= 2.0 * 0.5,
+        "the copy ran at {rate:.2} MB/s, far under its limit"
+    );
+    assert_eq!((cold.format, cold.compressed), (VolumeFormat::Qcow2, true));
+    let cold_file = volume_file(&node.data_dir(), root.path(), &cold);
+    let size = std::fs::metadata(&cold_file).expect("cold file").len();
+    assert!(
+        size < 4 * MIB,
+        "the cold copy is not compressed: {size} bytes"
+    );
+    assert!(!file.exists());
+
+    // Back to hot: the same content.
+    let (hot, _) = move_to(&c, "logs", "fast", None).await;
+    assert!(!hot.compressed);
+    let hot_file = volume_file(&node.data_dir(), root.path(), &hot);
+    let back = root.path().join("back.raw");
+    raw_copy(&hot_file, hot.format, &back);
+    assert_eq!(sha256(&back), sum, "content changed through cold and back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_errors_filters_pages_and_cli() {
+    let node = Node::start();
+    let c = node.admin().await;
+    let root = tempfile::tempdir().expect("tmp");
+    pools(&c, root.path()).await;
+    let mk = |name: &str, pool: &str, size_mib: u64| CreateVolumeRequest {
+        name: name.into(),
+        size_mib,
+        format: VolumeFormat::Qcow2,
+        pool: Some(pool.into()),
+        node: None,
+        attach_to: None,
+        labels: Default::default(),
+    };
+    for (name, pool) in [("a1", "fast"), ("a2", "fast"), ("b1", "archive")] {
+        c.create_volume(&mk(name, pool, 8)).await.expect(name);
+    }
+    c.create_vm(&demo_vm("box")).await.expect("vm");
+    // The VM's boot disk is a volume too.
+    let boot = c.get_volume("box-root").await.expect("boot volume");
+    assert_eq!(boot.vm_disk.as_deref(), Some("root"));
+
+    // Errors name what is wrong.
+    let status = |e: &novacron_client::ClientError| {
+        (
+            e.status(),
+            e.api().and_then(|a| a.field.clone()),
+            e.api().and_then(|a| a.reason.clone()),
+        )
+    };
+    let e = c
+        .create_volume(&mk("z", "fast", 0))
+        .await
+        .expect_err("size");
+    assert_eq!(status(&e), (Some(400), Some("size_mib".into()), None));
+    let e = c
+        .create_volume(&mk("z", "nowhere", 8))
+        .await
+        .expect_err("pool");
+    assert_eq!(e.status(), Some(404));
+    let e = c
+        .create_volume(&mk("a1", "fast", 8))
+        .await
+        .expect_err("dup");
+    assert_eq!(e.status(), Some(409));
+    let e = c.delete_volume("box-root").await.expect_err("boot");
+    assert_eq!(status(&e).2.as_deref(), Some("volume_attached"));
+    let e = c
+        .move_volume(
+            "box-root",
+            &MoveVolumeRequest {
+                pool: "fast".into(),
+                rate_mb: None,
+            },
+        )
+        .await
+        .expect_err("boot move");
+    assert_eq!(status(&e).2.as_deref(), Some("vm_disk_not_movable"));
+    let e = c
+        .move_volume(
+            "a1",
+            &MoveVolumeRequest {
+                pool: "archive".into(),
+                rate_mb: Some(500),
+            },
+        )
+        .await
+        .expect_err("rate");
+    assert_eq!(status(&e).1.as_deref(), Some("rate_mb"));
+    let e = c
+        .volume_action(
+            "a1",
+            "resize",
+            &novacron_types::ResizeVolumeRequest { size_mib: 4 },
+        )
+        .await
+        .expect_err("shrink");
+    assert_eq!(status(&e).1.as_deref(), Some("size_mib"));
+    let e = c.delete_pool("archive").await.expect_err("pool in use");
+    assert_eq!(status(&e).2.as_deref(), Some("pool_in_use"));
+    for bad in [
+        "limit=0",
+        "tier=lukewarm",
+        "colour=red",
+        "after=xyz",
+        "label=novalue",
+    ] {
+        let e = c.list_volumes(bad).await.expect_err(bad);
+        assert_eq!(e.status(), Some(400), "{bad}");
+    }
+
+    // Grow, snapshot, attach to a stopped VM, detach.
+    let grown = c
+        .volume_action(
+            "a1",
+            "resize",
+            &novacron_types::ResizeVolumeRequest { size_mib: 32 },
+        )
+        .await
+        .expect("grow");
+    assert_eq!(grown.size_mib, 32);
+    let file = volume_file(&node.data_dir(), root.path(), &grown);
+    let info =
+        run(Command::new("qemu-img").args(["info", "--output=json", &file.display().to_string()]));
+    assert!(
+        info.contains(&format!("\"virtual-size\": {}", 32 * MIB)),
+        "{info}"
+    );
+    let snap = c.snapshot_volume("a1", "before").await.expect("snapshot");
+    assert_eq!(snap.snapshots.len(), 1);
+    let info = run(Command::new("qemu-img").args(["snapshot", "-l", &file.display().to_string()]));
+    assert!(info.contains("before"), "{info}");
+    c.volume_action("a2", "attach", &AttachVolumeRequest { vm: "box".into() })
+        .await
+        .expect("attach to a stopped VM");
+    let e = c.delete_volume("a2").await.expect_err("attached");
+    assert_eq!(status(&e).2.as_deref(), Some("volume_attached"));
+
+    // Filters and pages (in ID order, `next` continues).
+    let page = c.list_volumes("limit=2").await.expect("page 1");
+    assert_eq!(page.items.len(), 2);
+    let next = page.next.clone().expect("more");
+    let rest = c
+        .list_volumes(&format!("limit=2&after={next}"))
+        .await
+        .expect("page 2");
+    assert_eq!(rest.items.len(), 2, "4 volumes: a1, a2, b1, box-root");
+    assert_eq!(rest.next, None);
+    let all: Vec<String> = page
+        .items
+        .iter()
+        .chain(rest.items.iter())
+        .map(|v| v.name.clone())
+        .collect();
+    let mut sorted = all.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["a1", "a2", "b1", "box-root"]);
+    let names = |p: novacron_types::VolumePage| {
+        let mut n: Vec<String> = p.items.into_iter().map(|v| v.name).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(
+        names(c.list_volumes("tier=cold").await.expect("cold")),
+        ["b1"]
+    );
+    assert_eq!(
+        names(c.list_volumes("vm=box").await.expect("vm")),
+        ["a2", "box-root"]
+    );
+    assert_eq!(
+        names(
+            c.list_volumes("attached=false&pool=fast")
+                .await
+                .expect("detached")
+        ),
+        ["a1"]
+    );
+    let detached = c
+        .volume_action("a2", "detach", &serde_json::json!({}))
+        .await
+        .expect("detach");
+    assert_eq!(detached.attached_to, None);
+    c.delete_volume("a2").await.expect("delete");
+    assert_eq!(
+        c.get_volume("a2").await.expect_err("gone").status(),
+        Some(404)
+    );
+
+    // The policy: validated, stored.
+    let mut p = c.tiering_policy().await.expect("policy");
+    p.volume_mb = 300;
+    let e = c.set_tiering_policy(&p).await.expect_err("bad policy");
+    assert_eq!(status(&e).1.as_deref(), Some("volume_mb"));
+    p.volume_mb = 20;
+    p.enabled = true;
+    c.set_tiering_policy(&p).await.expect("policy");
+    assert_eq!(c.tiering_policy().await.expect("policy").volume_mb, 20);
+
+    // The CLI.
+    let cli = Cli {
+        server: node.url.clone(),
+        config: node.dir.path().join("client.toml"),
+    };
+    let (code, _, err) = cli.run(&["login", "--password-stdin"], Some(ADMIN_PASSWORD));
+    assert_eq!(code, 0, "{err}");
+    cli.ok(&[
+        "volume",
+        "create",
+        "c1",
+        "--size-mib",
+        "8",
+        "--pool",
+        "fast",
+        "--label",
+        "app=web",
+    ]);
+    let out = cli.ok(&["volume", "list", "--label", "app=web"]);
+    let rows: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(rows, ["c1"], "{out}");
+    let out = cli.ok(&["volume", "move", "c1", "archive", "--rate-mb", "50"]);
+    assert!(
+        out.contains("archive") && out.contains("compressed"),
+        "{out}"
+    );
+    let out = cli.ok(&["tiering", "policy", "show"]);
+    assert!(out.contains("\"volume_mb\": 20"), "{out}");
+    let (code, _, err) = cli.run(
+        &[
+            "volume",
+            "create",
+            "c2",
+            "--size-mib",
+            "8",
+            "--format",
+            "vmdk",
+        ],
+        None,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("--format"), "{err}");
+    let (code, _, err) = cli.run(&["volume", "delete", "box-root"], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("attached"), "{err}");
+}
