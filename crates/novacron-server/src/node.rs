@@ -297,6 +297,7 @@ pub async fn run(
     if identity.role == HostRole::Full {
         tokio::spawn(crate::service::stats::run(service.clone()));
         tokio::spawn(crate::service::volumes::watch_pressure(service.clone()));
+        tokio::spawn(crate::service::tiering::run(service.clone()));
     }
     tokio::spawn(manager::run(cluster.clone()));
 

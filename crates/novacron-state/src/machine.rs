@@ -356,6 +356,16 @@ impl ClusterState {
             SetVmHa { id, ha, at } => {
                 let vm = self.vm(id)?;
                 self.check_pool(vm, *ha)?;
+                if let Some(v) = self.local_volumes_of(*id).first().filter(|_| *ha) {
+                    return Err(ApiError::invalid(
+                        "ha",
+                        format!(
+                            "VM '{}' cannot have HA: volume '{}' on a local pool is attached",
+                            vm.name, v.name
+                        ),
+                    )
+                    .with_reason("ha_needs_shared_pool"));
+                }
                 let vm = self.vm_mut(id)?;
                 vm.spec.ha = *ha;
                 vm.updated_at = *at;

@@ -204,7 +204,24 @@ impl ClusterState {
                     .with_reason("already_migrating"),
             );
         }
+        if vm.spec.ha && v.node.is_some() {
+            return Err(ApiError::conflict(format!(
+                "VM '{}' has HA, which restarts it on another host; volume '{}' is on a local \
+                 pool that host could not open",
+                vm.name, v.name
+            ))
+            .with_reason("ha_needs_shared_pool"));
+        }
         Ok(())
+    }
+
+    /// Volumes on local pools attached to `vm` besides its own disks (they keep it on its
+    /// host: no HA, no migration).
+    pub fn local_volumes_of(&self, vm: VmId) -> Vec<&Volume> {
+        self.volumes_of(vm)
+            .into_iter()
+            .filter(|v| !v.is_vm_disk() && v.node.is_some())
+            .collect()
     }
 
     pub(crate) fn delete_volume(&mut self, id: &VolumeId) -> Result<Vec<Touched>, ApiError> {

@@ -8,6 +8,8 @@
 //!   daily and weekly periodicity, recency, neighbours) and the temperature classes.
 //! - [`model`]: the predictors (Holt-Winters, Markov chain, neural network, their ensemble)
 //!   and the baselines.
+//! - [`online`]: the models as a host runs them: whole volumes, window by window, with
+//!   each model's running accuracy.
 //! - [`eval`]: replaying a trace through all of them, online, against an oracle.
 //! - [`planner`]: predictions and policies (maintenance, capacity, performance, time, cost)
 //!   into a move plan with a reason per move, with hysteresis.
@@ -18,6 +20,7 @@
 pub mod eval;
 pub mod features;
 pub mod model;
+pub mod online;
 pub mod planner;
 pub mod series;
 pub mod synth;

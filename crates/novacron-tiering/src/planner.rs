@@ -38,6 +38,11 @@ impl Tier {
         }
     }
 
+    /// Every colder tier, nearest first (a cluster may have no warm pool).
+    fn colder_all(self) -> impl Iterator<Item = Tier> {
+        std::iter::successors(self.colder(), |t| t.colder())
+    }
+
     fn for_class(c: Temperature) -> Tier {
         match c {
             Temperature::Hot => Tier::Hot,
@@ -225,9 +230,9 @@ pub fn plan(
         if room.used[p] <= room.limit(p) {
             continue;
         }
-        let Some(colder) = pool.tier.colder() else {
+        if pool.tier.colder().is_none() {
             continue;
-        };
+        }
         for &v in &by_score {
             if room.used[p] <= room.limit(p) {
                 break;
@@ -236,7 +241,11 @@ pub fn plan(
             if vol.pool != p || moved[v] || settled(vol) {
                 continue;
             }
-            if let Some(to) = room.cheapest(colder, vol.size_bytes, p) {
+            if let Some(to) = pool
+                .tier
+                .colder_all()
+                .find_map(|t| room.cheapest(t, vol.size_bytes, p))
+            {
                 let reason = format!(
                     "pool '{}' is above {:.0}% of its capacity; coldest volume first",
                     pool.name,
@@ -342,25 +351,27 @@ pub fn plan(
             continue;
         }
         let tier = pools[vol.pool].tier;
-        let (policy, target, reason) = if vol.idle_windows >= policies.demote_after_idle {
-            match tier.colder() {
-                Some(t) => (
+        let (policy, targets, reason): (_, Vec<Tier>, _) =
+            if vol.idle_windows >= policies.demote_after_idle {
+                // One tier colder: the nearest colder tier that has a pool with room.
+                (
                     Policy::Time,
-                    t,
+                    tier.colder_all().collect(),
                     format!("idle for {} windows", vol.idle_windows),
-                ),
-                None => continue,
-            }
-        } else if vol.predicted == Temperature::Cold && tier < Tier::Cold {
-            (
-                Policy::Cost,
-                Tier::for_class(vol.predicted),
-                "predicted cold: the cheapest tier will do".to_string(),
-            )
-        } else {
-            continue;
-        };
-        if let Some(to) = room.cheapest(target, vol.size_bytes, vol.pool) {
+                )
+            } else if vol.predicted == Temperature::Cold && tier < Tier::Cold {
+                (
+                    Policy::Cost,
+                    vec![Tier::for_class(vol.predicted)],
+                    "predicted cold: the cheapest tier will do".to_string(),
+                )
+            } else {
+                continue;
+            };
+        if let Some(to) = targets
+            .iter()
+            .find_map(|t| room.cheapest(*t, vol.size_bytes, vol.pool))
+        {
             take(&mut out, &mut moved, &mut room, v, to, policy, reason);
         }
     }
@@ -516,5 +527,35 @@ mod tests {
         let plan = plan(&pools, &vols, &Policies::default(), 100);
         assert_eq!((plan[0].to, plan[0].policy), (2, Policy::Time));
         assert!(plan[0].reason.contains("idle for 100 windows"));
+    }
+
+    #[test]
+    fn a_missing_tier_is_skipped_not_a_dead_end() {
+        // Hot and cold pools only: an idle volume demotes straight to cold; a full hot pool
+        // sheds to cold.
+        let pools = vec![
+            pool("fast", Tier::Hot, 10, 0.2),
+            pool("archive", Tier::Cold, 10, 0.01),
+        ];
+        let mut idle = vol("idle", 0, Temperature::Warm, 0.5);
+        idle.idle_windows = 100;
+        let moves = plan(&pools, &[idle], &Policies::default(), 1000);
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert_eq!((moves[0].to, moves[0].policy), (1, Policy::Time));
+
+        let mut full = pools.clone();
+        full[0].capacity_bytes = 1 << 30;
+        let vols = [
+            vol("a", 0, Temperature::Warm, 1.0),
+            vol("b", 0, Temperature::Warm, 2.0),
+        ];
+        let full = with_usage(full, &vols);
+        let moves = plan(&full, &vols, &Policies::default(), 1000);
+        assert!(
+            moves
+                .iter()
+                .any(|m| m.volume == 0 && m.to == 1 && m.policy == Policy::Capacity),
+            "{moves:?}"
+        );
     }
 }

@@ -556,9 +556,9 @@ pub struct TieringPolicy {
     pub demote_after_idle_windows: u64,
     /// Score margin (in log1p operations) for a predicted-hot volume to displace a hot one.
     pub hysteresis: f64,
-    /// Operations per window from which a volume counts as hot, and as warm.
+    /// Operations per window from which a volume counts as hot (any I/O makes it warm, none
+    /// cold).
     pub hot_ops_per_window: u64,
-    pub warm_ops_per_window: u64,
     /// Pools being drained (the maintenance policy empties them).
     #[serde(default)]
     pub draining_pools: Vec<String>,
@@ -582,7 +582,6 @@ impl Default for TieringPolicy {
             demote_after_idle_windows: 12,
             hysteresis: 0.3,
             hot_ops_per_window: 1000,
-            warm_ops_per_window: 10,
             draining_pools: Vec::new(),
             global_mb: 200,
             pool_mb: 100,
@@ -591,6 +590,51 @@ impl Default for TieringPolicy {
             max_load_per_cpu: 1.5,
         }
     }
+}
+
+/// One volume's forecast in a tiering pass.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VolumeForecast {
+    pub volume: VolumeId,
+    pub name: String,
+    pub pool: String,
+    /// I/O operations in the window that just closed.
+    pub ops: u64,
+    /// `cold`, `warm` or `hot` for the next window.
+    pub predicted: String,
+    /// Expected `log1p(operations)` next window.
+    pub score: f64,
+    pub idle_windows: u64,
+}
+
+/// A move a tiering pass planned, with the policy that asked for it and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PlannedVolumeMove {
+    pub volume: VolumeId,
+    pub name: String,
+    pub from: String,
+    pub to: String,
+    /// `maintenance`, `capacity`, `performance`, `time` or `cost`.
+    pub policy: String,
+    pub reason: String,
+    /// The move's operation, when it started.
+    pub operation: Option<OperationId>,
+    /// Why it did not start.
+    pub error: Option<String>,
+}
+
+/// The last tiering pass of a host (`GET /api/v1/tiering/plan`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TieringReport {
+    pub node: NodeId,
+    pub at: UnixMillis,
+    pub window_s: u64,
+    /// Windows the models have learnt from.
+    pub windows: u64,
+    pub volumes: Vec<VolumeForecast>,
+    pub moves: Vec<PlannedVolumeMove>,
+    /// Share of past class forecasts that came true, by model.
+    pub accuracy: BTreeMap<String, f64>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -351,12 +351,12 @@ pub fn tiering_policy(p: &TieringPolicy) -> ValidationResult<()> {
             "demote_after_idle_windows must be at least 1",
         ));
     }
-    if p.warm_ops_per_window == 0 || p.hot_ops_per_window <= p.warm_ops_per_window {
+    if p.hot_ops_per_window < 2 {
         return Err(ApiError::invalid(
             "hot_ops_per_window",
             format!(
-                "need 0 < warm_ops_per_window < hot_ops_per_window (got warm {}, hot {})",
-                p.warm_ops_per_window, p.hot_ops_per_window
+                "hot_ops_per_window must be at least 2 (got {})",
+                p.hot_ops_per_window
             ),
         ));
     }
@@ -560,7 +560,7 @@ mod tests {
                 |p| p.demote_after_idle_windows = 0,
                 "demote_after_idle_windows",
             ),
-            (|p| p.hot_ops_per_window = 5, "hot_ops_per_window"),
+            (|p| p.hot_ops_per_window = 1, "hot_ops_per_window"),
             (
                 |p| p.draining_pools = vec!["Bad Name".into()],
                 "draining_pools[0]",

@@ -521,6 +521,12 @@ async fn volume_errors_filters_pages_and_cli() {
         .expect("attach to a stopped VM");
     let e = c.delete_volume("a2").await.expect_err("attached");
     assert_eq!(status(&e).2.as_deref(), Some("volume_attached"));
+    // A local volume keeps its VM on its host.
+    let e = c
+        .migrate_vm("box", &Default::default())
+        .await
+        .expect_err("local volume attached");
+    assert_eq!(status(&e).2.as_deref(), Some("local_volumes_attached"), "{e}");
 
     // Filters and pages (in ID order, `next` continues).
     let page = c.list_volumes("limit=2").await.expect("page 1");
@@ -632,4 +638,108 @@ async fn volume_errors_filters_pages_and_cli() {
     let (code, _, err) = cli.run(&["volume", "delete", "box-root"], None);
     assert_ne!(code, 0);
     assert!(err.contains("attached"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tiering_engine_moves_a_busy_volume_hot_and_an_idle_one_cold_by_itself() {
+    let node = Node::start_with(vec!["--stats-interval".into(), "1".into()]);
+    let c = node.admin().await;
+    let root = tempfile::tempdir().expect("tmp");
+    pools(&c, root.path()).await;
+    let mk = |name: &str, pool: &str| CreateVolumeRequest {
+        name: name.into(),
+        size_mib: 8,
+        format: VolumeFormat::Qcow2,
+        pool: Some(pool.into()),
+        node: None,
+        attach_to: None,
+        labels: Default::default(),
+    };
+    c.create_volume(&mk("idle", "fast")).await.expect("idle");
+    c.create_volume(&mk("busy", "archive")).await.expect("busy");
+    let demo = demo_dir();
+    let path = |f: &str| demo.join(f).to_string_lossy().into_owned();
+    c.create_vm(&CreateVmRequest {
+        boot: Some(KernelBoot {
+            kernel: path("vmlinuz"),
+            initrd: Some(path("initrd.img")),
+            cmdline: Some("console=ttyS0 quiet panic=-1 novacron.seqwrite=vdb".into()),
+        }),
+        ..demo_vm("app")
+    })
+    .await
+    .expect("vm");
+    let op = c.vm_action("app", "start").await.expect("start");
+    c.wait_success(&op, Duration::from_secs(60))
+        .await
+        .expect("started");
+    wait_console(
+        &c,
+        "app",
+        "NOVACRON-DEMO-GUEST READY",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    c.volume_action("busy", "attach", &AttachVolumeRequest { vm: "app".into() })
+        .await
+        .expect("attach");
+    wait_ack(&c, "app", 5).await;
+
+    // No pass while the policy is off.
+    let e = c
+        .get::<novacron_types::TieringReport>("/api/v1/tiering/plan")
+        .await
+        .expect_err("no pass yet");
+    assert_eq!(e.status(), Some(404));
+
+    // 10-second windows; about 10 writes a second is hot (>= 20 per window).
+    let mut p = c.tiering_policy().await.expect("policy");
+    p.enabled = true;
+    p.window_s = 10;
+    p.hot_ops_per_window = 20;
+    p.demote_after_idle_windows = 1;
+    p.min_dwell_windows = 0;
+    c.set_tiering_policy(&p).await.expect("set policy");
+
+    let deadline = Instant::now() + Duration::from_secs(150);
+    loop {
+        let busy = c.get_volume("busy").await.expect("busy");
+        let idle = c.get_volume("idle").await.expect("idle");
+        if busy.pool == "fast" && idle.pool == "archive" {
+            assert!(idle.compressed, "a detached volume is compressed into cold");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the engine did not move them: busy on {}, idle on {}; last pass: {:?}",
+            busy.pool,
+            idle.pool,
+            c.get::<serde_json::Value>("/api/v1/tiering/plan").await
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // The moves are operations that succeeded, and a pass explains itself.
+    let ops: Vec<novacron_types::Operation> = c.get("/api/v1/operations").await.expect("ops");
+    let moves: Vec<_> = ops.iter().filter(|o| o.kind == "volume.move").collect();
+    assert!(
+        moves.len() >= 2
+            && moves
+                .iter()
+                .all(|o| o.status == novacron_types::OperationStatus::Success),
+        "{moves:?}"
+    );
+    let report: novacron_types::TieringReport = c.get("/api/v1/tiering/plan").await.expect("plan");
+    let busy = report
+        .volumes
+        .iter()
+        .find(|v| v.name == "busy")
+        .expect("busy forecast");
+    assert_eq!(busy.predicted, "hot", "{report:?}");
+    assert!(report.accuracy.contains_key("ensemble"), "{report:?}");
+    assert_eq!(
+        c.get_vm("app").await.expect("vm").state,
+        VmState::Running,
+        "the guest ran through its volume's move"
+    );
 }

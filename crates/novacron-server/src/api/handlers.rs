@@ -19,7 +19,8 @@ use novacron_types::{
 };
 use novacron_types::{
     AttachVolumeRequest, CreateVolumeRequest, MoveVolumeRequest, NodeId, PoolTier,
-    ResizeVolumeRequest, TieringPolicy, Volume, VolumePage, VolumeQuery, VolumeSnapshotRequest,
+    ResizeVolumeRequest, TieringPolicy, TieringReport, Volume, VolumePage, VolumeQuery,
+    VolumeSnapshotRequest,
 };
 
 use super::AppState;
@@ -859,6 +860,15 @@ pub async fn move_volume(
             .move_volume(&volume, req, "asked through the API", &who)
             .await?,
     ))
+}
+
+#[utoipa::path(get, path = "/api/v1/tiering/plan", tag = "volumes",
+    responses((status = 200, body = TieringReport), (status = 404, body = ErrorBody, description = "no pass yet")),
+    security(("bearer" = [])))]
+/// The last tiering pass of the host answering: each volume's forecast, the moves planned
+/// with the policy and reason for each, and the models' running accuracy.
+pub async fn tiering_plan(State(st): State<AppState>) -> ApiResult<Json<TieringReport>> {
+    Ok(Json(st.service.tiering_report()?))
 }
 
 #[utoipa::path(get, path = "/api/v1/tiering/policy", tag = "volumes",

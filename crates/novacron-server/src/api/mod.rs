@@ -323,6 +323,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/tiering/policy",
             viewer(s, get(get_tiering_policy)).merge(admin(s, put(set_tiering_policy))),
         )
+        .route("/api/v1/tiering/plan", viewer(s, get(tiering_plan)))
         .route("/api/v1/placement", viewer(s, post(place)))
         .route("/api/v1/nodes", viewer(s, get(list_nodes)))
         .route("/api/v1/nodes/{id}/evacuate", admin(s, post(evacuate_node)))

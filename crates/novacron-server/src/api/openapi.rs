@@ -36,7 +36,7 @@ impl Modify for BearerAuth {
         handlers::list_volumes, handlers::get_volume, handlers::create_volume, handlers::delete_volume,
         handlers::attach_volume, handlers::detach_volume, handlers::resize_volume,
         handlers::snapshot_volume, handlers::move_volume, handlers::get_tiering_policy,
-        handlers::set_tiering_policy,
+        handlers::set_tiering_policy, handlers::tiering_plan,
         handlers::list_operations, handlers::get_operation, handlers::cancel_operation,
         handlers::wait_operation,
         handlers::cluster_status, handlers::create_join_token, handlers::join_cluster,

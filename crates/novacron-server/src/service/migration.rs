@@ -578,6 +578,24 @@ impl Service {
                 ),
             ));
         }
+        let local: Vec<String> = self.inner.state.read(|s| {
+            s.volumes_of(vm.id)
+                .iter()
+                .filter(|v| !v.is_vm_disk() && v.node.is_some())
+                .map(|v| v.name.clone())
+                .collect()
+        });
+        if !local.is_empty() {
+            return Err(refused(
+                "local_volumes_attached",
+                format!(
+                    "VM '{}' has volumes on this host's local pools attached ({}); detach them \
+                     or move them to a shared pool first",
+                    vm.name,
+                    local.join(", ")
+                ),
+            ));
+        }
         let target = self.migration_target(&vm, req.target, !cold).await?;
         let permit = self
             .migrations()

@@ -13,6 +13,7 @@ mod migration;
 mod ops;
 mod pools;
 pub mod stats;
+pub mod tiering;
 mod users;
 mod vms;
 pub mod volumes;
@@ -77,6 +78,7 @@ pub(crate) struct Inner {
     pool_probe: Mutex<pools::PoolProbe>,
     io_stats: Mutex<novacron_tiering::series::Store>,
     moves: volumes::Moves,
+    tiering: Mutex<tiering::Tiering>,
 }
 
 /// The application. Cheap to clone.
@@ -115,6 +117,7 @@ impl Service {
                     settings.stats_interval.as_secs().max(1),
                 )),
                 moves: Default::default(),
+                tiering: Mutex::default(),
                 settings,
             }),
         }
