@@ -151,7 +151,7 @@ impl Metrics {
         let pool_provisioned = Family::<PoolLabels, Gauge>::default();
         registry.register(
             "pool_provisioned_bytes",
-            "Virtual size of the VM disks recorded on each pool",
+            "Virtual size of the volumes (VM disks included) recorded on each pool",
             pool_provisioned.clone(),
         );
         let pool_free = Family::<PoolLabels, Gauge>::default();
@@ -201,7 +201,7 @@ impl Metrics {
         let tier_used = Family::<ClassLabels, Gauge>::default();
         registry.register(
             "tier_provisioned_bytes",
-            "Virtual size of all volumes on each tier's pools (cluster-wide)",
+            "Virtual size of all volumes on each tier's pools (cluster-wide; label class = tier)",
             tier_used.clone(),
         );
         Self {

@@ -326,15 +326,7 @@ async fn a_volume_moves_hot_cold_hot_under_a_writing_guest_and_loses_nothing() {
     );
 
     // Metrics: two finished moves, their bytes.
-    let text = reqwest::Client::new()
-        .get(format!("{}/metrics", node.url))
-        .bearer_auth(c.token().expect("token"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
+    let text = metrics_text(&node, &c).await;
     assert!(
         text.contains("novacron_volume_moves_total{result=\"finished\"} 2"),
         "{text}"
@@ -526,7 +518,11 @@ async fn volume_errors_filters_pages_and_cli() {
         .migrate_vm("box", &Default::default())
         .await
         .expect_err("local volume attached");
-    assert_eq!(status(&e).2.as_deref(), Some("local_volumes_attached"), "{e}");
+    assert_eq!(
+        status(&e).2.as_deref(),
+        Some("local_volumes_attached"),
+        "{e}"
+    );
 
     // Filters and pages (in ID order, `next` continues).
     let page = c.list_volumes("limit=2").await.expect("page 1");
@@ -742,4 +738,28 @@ async fn the_tiering_engine_moves_a_busy_volume_hot_and_an_idle_one_cold_by_itse
         VmState::Running,
         "the guest ran through its volume's move"
     );
+    let text = metrics_text(&node, &c).await;
+    for want in [
+        "novacron_tiering_predictions{class=\"hot\"} 1",
+        "novacron_tiering_accuracy{model=\"ensemble\"}",
+        "novacron_volume_move_throttle ",
+        "novacron_volume_moves_total{result=\"started\"}",
+        // 8 MiB on each tier (plus the VM's boot disk, in the data directory: no tier).
+        "novacron_tier_provisioned_bytes{class=\"hot\"} 8388608",
+        "novacron_tier_provisioned_bytes{class=\"cold\"} 8388608",
+    ] {
+        assert!(text.contains(want), "{want} missing:\n{text}");
+    }
+}
+
+async fn metrics_text(node: &Node, c: &Client) -> String {
+    reqwest::Client::new()
+        .get(format!("{}/metrics", node.url))
+        .bearer_auth(c.token().expect("token"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body")
 }

@@ -219,17 +219,22 @@ impl Service {
         m.raft_last_log_index.set(r.last_log_index as i64);
         m.raft_applied_index.set(r.applied_index as i64);
         m.raft_is_leader.set(i64::from(r.role == "leader"));
-        let pools = self.inner.state.read(|s| {
-            s.pools
+        // Provisioned = the virtual size of every volume on the pool (a VM's own disks are
+        // volumes too); a volume being moved counts on both pools.
+        let (pools, tiers) = self.inner.state.read(|s| {
+            let mut per_pool = std::collections::HashMap::<&str, u64>::new();
+            for v in s.volumes.values() {
+                for p in std::iter::once(&v.pool).chain(v.moving_to.as_ref()) {
+                    *per_pool.entry(p.as_str()).or_default() += v.size_mib << 20;
+                }
+            }
+            let mut tiers = std::collections::BTreeMap::<&'static str, u64>::new();
+            let pools = s
+                .pools
                 .values()
                 .map(|p| {
-                    let provisioned: u64 = s
-                        .vms
-                        .values()
-                        .filter(|v| v.spec.pool.as_deref() == Some(p.name.as_str()))
-                        .flat_map(|v| v.spec.disks.iter())
-                        .map(|d| d.size_mib << 20)
-                        .sum();
+                    let provisioned = per_pool.get(p.name.as_str()).copied().unwrap_or(0);
+                    *tiers.entry(p.tier.as_str()).or_default() += provisioned;
                     (
                         p.name.clone(),
                         p.tier.as_str(),
@@ -237,8 +242,16 @@ impl Service {
                         provisioned,
                     )
                 })
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            (pools, tiers)
         });
+        for tier in ["hot", "warm", "cold"] {
+            m.tier_used
+                .get_or_create(&crate::metrics::ClassLabels {
+                    class: tier.to_string(),
+                })
+                .set(tiers.get(tier).copied().unwrap_or(0) as i64);
+        }
         let free = self.visible_pools();
         for (pool, tier, capacity, provisioned) in pools {
             let labels = crate::metrics::PoolLabels {
