@@ -2,6 +2,7 @@
 //! `novacron`, with a QMP socket, a pidfile and a console log in the VM's directory.
 
 pub mod args;
+pub mod copy;
 mod migration;
 pub mod qmp_raw;
 pub mod runner;

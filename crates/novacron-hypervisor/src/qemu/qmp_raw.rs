@@ -82,6 +82,9 @@ raw_commands! {
     BlockdevSnapshotInternalSync = "blockdev-snapshot-internal-sync",
     BlockJobSetSpeed = "block-job-set-speed",
     BlockJobComplete = "block-job-complete",
+    BlockdevBackup = "blockdev-backup",
+    QueryJobs = "query-jobs",
+    Quit = "quit",
 }
 
 /// No arguments.

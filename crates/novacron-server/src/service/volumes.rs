@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use novacron_hypervisor::qemu::copy::FileCopy;
 use novacron_hypervisor::{AttachedVolume, disks};
 use novacron_state::{CommandV1, MovedVolume};
 use novacron_types::{
@@ -831,42 +832,86 @@ impl Service {
         }
         match self.live_vm(v) {
             Some(vm) => self.copy_live(ctx, plan, &vm).await,
-            None => {
-                let rate = self.share_of(v.id);
-                self.inner.metrics.volume_move_rate.set(rate as i64);
+            None => self.copy_detached(ctx, plan).await,
+        }
+    }
+
+    /// A copy of a file no QEMU has open: a block job in a `qemu-storage-daemon` of its own,
+    /// paced like a live move (its speed follows this move's share).
+    async fn copy_detached(&self, ctx: &super::OpCtx, plan: &MovePlan) -> Result<u64, ApiError> {
+        let v = &plan.v;
+        let mut speed = self.share_of(v.id);
+        let part = plan.to_file.with_extension("part");
+        let copy = FileCopy::start(
+            &plan.from_file,
+            v.format,
+            &part,
+            plan.format,
+            plan.compress,
+            speed,
+        )
+        .await
+        .map_err(hv_error);
+        let copy = match copy {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(&part);
+                return Err(e);
+            }
+        };
+        let mut copy = copy;
+        let mut last_report = Instant::now();
+        let result = loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let st = match copy.status().await.map_err(hv_error) {
+                Ok(st) => st,
+                Err(e) => break Err(e),
+            };
+            self.inner.metrics.volume_move_rate.set(speed as i64);
+            match st.done {
+                Some(Ok(())) => break Ok(st.len),
+                Some(Err(e)) => {
+                    break Err(ApiError::internal(format!(
+                        "copying volume '{}' to pool '{}': {e}",
+                        v.name, plan.to
+                    )));
+                }
+                None => {}
+            }
+            let want = self.share_of(v.id);
+            if want.abs_diff(speed) * 20 > speed {
+                if let Err(e) = copy.set_speed(want).await.map_err(hv_error) {
+                    break Err(e);
+                }
+                speed = want;
+            }
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                last_report = Instant::now();
+                let pct = (st.offset * 90 / st.len.max(1)).min(90) as u8;
                 ctx.progress(
-                    5,
+                    5 + pct,
                     format!(
-                        "copying {} MiB to pool '{}' at {:.1} MB/s{}",
-                        v.size_mib,
+                        "copying to pool '{}': {} of {} MiB at {:.1} MB/s{}",
                         plan.to,
-                        rate as f64 / MB as f64,
+                        st.offset >> 20,
+                        st.len >> 20,
+                        speed as f64 / MB as f64,
                         if plan.compress { ", compressed" } else { "" }
                     ),
                 )
                 .await;
-                let part = plan.to_file.with_extension("part");
-                let r = disks::copy_volume(
-                    &plan.from_file,
-                    v.format,
-                    &part,
-                    plan.format,
-                    plan.compress,
-                    rate,
-                )
-                .await
-                .map_err(hv_error)
-                .and_then(|()| {
-                    std::fs::rename(&part, &plan.to_file)
-                        .map_err(|e| ApiError::internal(format!("renaming the copy: {e}")))
-                });
-                if let Err(e) = r {
-                    let _ = std::fs::remove_file(&part);
-                    return Err(e);
-                }
-                Ok(v.size_mib * 1024 * 1024)
             }
+        };
+        copy.stop().await;
+        let result = result.and_then(|bytes| {
+            std::fs::rename(&part, &plan.to_file)
+                .map(|()| bytes)
+                .map_err(|e| ApiError::internal(format!("renaming the copy: {e}")))
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&part);
         }
+        result
     }
 
     async fn copy_live(
