@@ -26,6 +26,15 @@ const SLOTS: u64 = 64;
 const BLOCK: u64 = 64 * 1024;
 const HEADER: usize = 17;
 
+/// These tests check each move against its own limit: the adaptive throttle (unit-tested in
+/// `limiter.rs`) would slow moves down on a test machine busy with other guests.
+async fn no_throttle(c: &Client) {
+    let mut p = c.tiering_policy().await.expect("policy");
+    p.max_load_per_cpu = 100.0;
+    p.max_guest_latency_ms = 60_000;
+    c.set_tiering_policy(&p).await.expect("policy");
+}
+
 async fn pools(c: &Client, root: &Path) {
     for (name, tier, cost) in [
         ("fast", PoolTier::Hot, 0.2),
@@ -143,6 +152,7 @@ async fn a_volume_moves_hot_cold_hot_under_a_writing_guest_and_loses_nothing() {
     let c = node.admin().await;
     let root = tempfile::tempdir().expect("tmp");
     pools(&c, root.path()).await;
+    no_throttle(&c).await;
 
     // A 16 MiB volume on the hot pool; its last 12 MiB hold random data the guest never
     // touches (it writes the first 4 MiB).
@@ -345,6 +355,7 @@ async fn a_detached_volume_goes_compressed_into_cold_and_back_within_its_rate() 
     let c = node.admin().await;
     let root = tempfile::tempdir().expect("tmp");
     pools(&c, root.path()).await;
+    no_throttle(&c).await;
     let v = c
         .create_volume(&CreateVolumeRequest {
             name: "logs".into(),
@@ -690,6 +701,7 @@ async fn the_tiering_engine_moves_a_busy_volume_hot_and_an_idle_one_cold_by_itse
     assert_eq!(e.status(), Some(404));
 
     // 10-second windows; about 10 writes a second is hot (>= 20 per window).
+    no_throttle(&c).await;
     let mut p = c.tiering_policy().await.expect("policy");
     p.enabled = true;
     p.window_s = 10;
