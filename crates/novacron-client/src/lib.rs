@@ -391,6 +391,35 @@ impl Client {
         .await
     }
 
+    pub async fn delete_volume_snapshot(
+        &self,
+        key: &str,
+        name: &str,
+    ) -> Result<novacron_types::Volume, ClientError> {
+        self.call::<(), _>(
+            Method::DELETE,
+            &format!("/api/v1/volumes/{}/snapshots/{}", encode(key), encode(name)),
+            None,
+        )
+        .await
+    }
+
+    pub async fn restore_volume_snapshot(
+        &self,
+        key: &str,
+        name: &str,
+    ) -> Result<novacron_types::Volume, ClientError> {
+        self.post(
+            &format!(
+                "/api/v1/volumes/{}/snapshots/{}/restore",
+                encode(key),
+                encode(name)
+            ),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
     pub async fn move_volume(
         &self,
         key: &str,

@@ -222,6 +222,11 @@ pub enum CommandV1 {
         id: VolumeId,
         snapshot: VolumeSnapshot,
     },
+    RemoveVolumeSnapshot {
+        id: VolumeId,
+        name: String,
+        at: UnixMillis,
+    },
     /// A move to pool `to` begins (one at a time per volume).
     BeginVolumeMove {
         id: VolumeId,

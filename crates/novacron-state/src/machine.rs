@@ -685,6 +685,7 @@ impl ClusterState {
             DetachVolume { id, at } => self.detach_volume(id, *at),
             ResizeVolume { id, size_mib, at } => self.resize_volume(id, *size_mib, *at),
             AddVolumeSnapshot { id, snapshot } => self.add_volume_snapshot(id, snapshot),
+            RemoveVolumeSnapshot { id, name, at } => self.remove_volume_snapshot(id, name, *at),
             BeginVolumeMove { id, to, at } => self.begin_volume_move(id, to, *at),
             EndVolumeMove { id, moved, at } => self.end_volume_move(
                 id,

@@ -340,6 +340,22 @@ impl ClusterState {
         Ok(vec![Touched::Volume(*id)])
     }
 
+    pub(crate) fn remove_volume_snapshot(
+        &mut self,
+        id: &VolumeId,
+        name: &str,
+        at: UnixMillis,
+    ) -> Result<Vec<Touched>, ApiError> {
+        let v = self.volume_mut(id)?;
+        let before = v.snapshots.len();
+        v.snapshots.retain(|s| s.name != name);
+        if v.snapshots.len() == before {
+            return Err(ApiError::not_found("snapshot", name));
+        }
+        v.updated_at = at;
+        Ok(vec![Touched::Volume(*id)])
+    }
+
     pub(crate) fn begin_volume_move(
         &mut self,
         id: &VolumeId,

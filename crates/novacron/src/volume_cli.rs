@@ -80,6 +80,16 @@ pub enum VolumeCommand {
         volume: String,
         name: String,
     },
+    /// Roll a volume back to a snapshot (its VM stopped, or detached).
+    Restore {
+        volume: String,
+        name: String,
+    },
+    /// Delete a snapshot (its VM stopped, or detached).
+    DeleteSnapshot {
+        volume: String,
+        name: String,
+    },
     /// Move a volume to another pool (live when its VM runs; compressed into a cold pool).
     Move {
         volume: String,
@@ -243,6 +253,12 @@ pub async fn run(g: &Global, cmd: VolumeCommand) -> anyhow::Result<()> {
         }
         VolumeCommand::Snapshot { volume, name } => {
             show(g, &[c.snapshot_volume(&volume, &name).await?])
+        }
+        VolumeCommand::Restore { volume, name } => {
+            show(g, &[c.restore_volume_snapshot(&volume, &name).await?])
+        }
+        VolumeCommand::DeleteSnapshot { volume, name } => {
+            show(g, &[c.delete_volume_snapshot(&volume, &name).await?])
         }
         VolumeCommand::Move {
             volume,

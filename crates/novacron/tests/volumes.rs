@@ -519,6 +519,36 @@ async fn volume_errors_filters_pages_and_cli() {
     assert_eq!(snap.snapshots.len(), 1);
     let info = run(Command::new("qemu-img").args(["snapshot", "-l", &file.display().to_string()]));
     assert!(info.contains("before"), "{info}");
+    // A move would lose the snapshot: refused. Restore rolls the data back; delete removes it.
+    let e = c
+        .move_volume(
+            "a1",
+            &MoveVolumeRequest {
+                pool: "archive".into(),
+                rate_mb: None,
+            },
+        )
+        .await
+        .expect_err("snapshots");
+    assert_eq!(status(&e).2.as_deref(), Some("has_snapshots"));
+    let f = file.display().to_string();
+    run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -q -P 0xab 0 64k", &f]));
+    c.restore_volume_snapshot("a1", "before")
+        .await
+        .expect("restore");
+    run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "read -q -P 0 0 64k", &f]));
+    let e = c
+        .restore_volume_snapshot("a1", "nope")
+        .await
+        .expect_err("unknown snapshot");
+    assert_eq!(e.status(), Some(404));
+    let gone = c
+        .delete_volume_snapshot("a1", "before")
+        .await
+        .expect("delete snapshot");
+    assert!(gone.snapshots.is_empty());
+    let info = run(Command::new("qemu-img").args(["snapshot", "-l", &f]));
+    assert!(!info.contains("before"), "{info}");
     c.volume_action("a2", "attach", &AttachVolumeRequest { vm: "box".into() })
         .await
         .expect("attach to a stopped VM");

@@ -842,6 +842,38 @@ pub async fn snapshot_volume(
     ))
 }
 
+#[utoipa::path(delete, path = "/api/v1/volumes/{volume}/snapshots/{name}", tag = "volumes",
+    params(("volume" = String, Path, description = "ID or name"), ("name" = String, Path)),
+    responses((status = 200, body = Volume), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Deletes a snapshot (the volume must not be open by a running VM).
+pub async fn delete_volume_snapshot(
+    State(st): State<AppState>,
+    Path((volume, name)): Path<(String, String)>,
+) -> ApiResult<Json<Volume>> {
+    Ok(Json(
+        st.service
+            .volume_snapshot_action(&volume, &name, false)
+            .await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/volumes/{volume}/snapshots/{name}/restore", tag = "volumes",
+    params(("volume" = String, Path, description = "ID or name"), ("name" = String, Path)),
+    responses((status = 200, body = Volume), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Rolls the volume back to a snapshot (the volume must not be open by a running VM).
+pub async fn restore_volume_snapshot(
+    State(st): State<AppState>,
+    Path((volume, name)): Path<(String, String)>,
+) -> ApiResult<Json<Volume>> {
+    Ok(Json(
+        st.service
+            .volume_snapshot_action(&volume, &name, true)
+            .await?,
+    ))
+}
+
 #[utoipa::path(post, path = "/api/v1/volumes/{volume}/actions/move", tag = "volumes",
     params(("volume" = String, Path, description = "ID or name")), request_body = MoveVolumeRequest,
     responses((status = 202, body = Operation, description = "The move runs; follow the operation"),

@@ -320,6 +320,14 @@ pub fn router(state: AppState) -> Router {
             operator(s, on_volume_owner(s, post(snapshot_volume))),
         )
         .route(
+            "/api/v1/volumes/{volume}/snapshots/{name}",
+            operator(s, on_volume_owner(s, delete(delete_volume_snapshot))),
+        )
+        .route(
+            "/api/v1/volumes/{volume}/snapshots/{name}/restore",
+            operator(s, on_volume_owner(s, post(restore_volume_snapshot))),
+        )
+        .route(
             "/api/v1/tiering/policy",
             viewer(s, get(get_tiering_policy)).merge(admin(s, put(set_tiering_policy))),
         )

@@ -651,6 +651,47 @@ impl Service {
         self.find_volume(&v.id.to_string())
     }
 
+    /// Restores (`restore`) or deletes a snapshot of a volume no running VM has open.
+    pub async fn volume_snapshot_action(
+        &self,
+        key: &str,
+        name: &str,
+        restore: bool,
+    ) -> Result<Volume, ApiError> {
+        let v = self.get_volume(key).await?;
+        if !v.snapshots.iter().any(|s| s.name == name) {
+            return Err(ApiError::not_found("snapshot", name));
+        }
+        let _guard = self
+            .lock_for(&v, "changing this volume's snapshots")
+            .await?;
+        if let Some(vm) = self.live_vm(&v) {
+            return Err(ApiError::conflict(format!(
+                "volume '{}' is in use by VM '{}', which runs; stop the VM or detach the volume \
+                 first",
+                v.name, vm.name
+            ))
+            .with_reason("volume_in_use"));
+        }
+        let file = self.current_file(&v)?;
+        if restore {
+            disks::snapshot_apply(&file, name).await.map_err(hv_error)?;
+            return self.find_volume(&v.id.to_string());
+        }
+        disks::snapshot_delete(&file, name)
+            .await
+            .map_err(hv_error)?;
+        self.inner
+            .state
+            .propose(CommandV1::RemoveVolumeSnapshot {
+                id: v.id,
+                name: name.to_string(),
+                at: now_millis(),
+            })
+            .await?;
+        self.find_volume(&v.id.to_string())
+    }
+
     /// Starts moving a volume to another pool (an operation, `volume.move`).
     pub async fn move_volume(
         &self,
@@ -671,6 +712,15 @@ impl Service {
                 v.name
             ))
             .with_reason("vm_disk_not_movable"));
+        }
+        if !v.snapshots.is_empty() {
+            // Snapshots live inside the file; a copy takes only the current data.
+            return Err(ApiError::conflict(format!(
+                "volume '{}' has {} snapshot(s), which a move would lose; delete them first",
+                v.name,
+                v.snapshots.len()
+            ))
+            .with_reason("has_snapshots"));
         }
         let target = if req.pool == "data" {
             None
