@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use novacron_types::{CreateVmRequest, KernelBoot, VmState};
+use novacron_types::VmState;
 
 fn written(r: &novacron_types::DiskIoReport, disk: &str) -> (u64, u64) {
     r.disks
@@ -20,19 +20,10 @@ fn written(r: &novacron_types::DiskIoReport, disk: &str) -> (u64, u64) {
 async fn a_guest_writing_to_its_disk_shows_in_the_collected_statistics() {
     let node = Node::start_with(vec!["--stats-interval".into(), "1".into()]);
     let c = node.admin().await;
-    let demo = demo_dir();
-    let path = |f: &str| demo.join(f).to_string_lossy().into_owned();
     // 4 x 64 KiB a second to /dev/vda, flushed (`novacron.diskwrite`).
-    c.create_vm(&CreateVmRequest {
-        boot: Some(KernelBoot {
-            kernel: path("vmlinuz"),
-            initrd: Some(path("initrd.img")),
-            cmdline: Some("console=ttyS0 quiet panic=-1 novacron.diskwrite=4".into()),
-        }),
-        ..demo_vm("writer")
-    })
-    .await
-    .expect("create writer");
+    c.create_vm(&demo_vm_with("writer", "novacron.diskwrite=4"))
+        .await
+        .expect("create writer");
     c.create_vm(&demo_vm("idle")).await.expect("create idle");
     for vm in ["writer", "idle"] {
         let op = c.vm_action(vm, "start").await.expect("start");

@@ -299,17 +299,10 @@ async fn a_running_guest_moves_between_hosts_and_back_out_of_failures() {
 async fn a_guest_dirtying_memory_faster_than_the_cap_finishes_by_post_copy() {
     let cluster = TestCluster::start(&["full", "full"], &[]).await;
     let c = cluster.admin(0).await;
-    let demo = common::demo_dir();
-    let path = |f: &str| demo.join(f).to_string_lossy().into_owned();
     // The demo guest rewrites 16 MiB of random data in a loop (`novacron.dirty`).
     c.create_vm(&CreateVmRequest {
         node: Some(NodeId(1)),
-        boot: Some(novacron_types::KernelBoot {
-            kernel: path("vmlinuz"),
-            initrd: Some(path("initrd.img")),
-            cmdline: Some("console=ttyS0 quiet panic=-1 novacron.dirty=16".into()),
-        }),
-        ..demo_vm("dirty")
+        ..common::demo_vm_with("dirty", "novacron.dirty=16")
     })
     .await
     .expect("create");

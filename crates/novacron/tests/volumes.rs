@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use novacron_client::Client;
 use novacron_types::{
-    AttachVolumeRequest, CreatePoolRequest, CreateVmRequest, CreateVolumeRequest, KernelBoot,
-    MoveVolumeRequest, PoolTier, VmState, Volume, VolumeFormat,
+    AttachVolumeRequest, CreatePoolRequest, CreateVolumeRequest, MoveVolumeRequest, PoolTier,
+    VmState, Volume, VolumeFormat,
 };
 
 const MIB: u64 = 1 << 20;
@@ -187,18 +187,9 @@ async fn a_volume_moves_hot_cold_hot_under_a_writing_guest_and_loses_nothing() {
     ]));
     let seed_sum = sha256(&seed);
 
-    let demo = demo_dir();
-    let path = |f: &str| demo.join(f).to_string_lossy().into_owned();
-    c.create_vm(&CreateVmRequest {
-        boot: Some(KernelBoot {
-            kernel: path("vmlinuz"),
-            initrd: Some(path("initrd.img")),
-            cmdline: Some("console=ttyS0 quiet panic=-1 novacron.seqwrite=vdb".into()),
-        }),
-        ..demo_vm("writer")
-    })
-    .await
-    .expect("create vm");
+    c.create_vm(&demo_vm_with("writer", "novacron.seqwrite=vdb"))
+        .await
+        .expect("create vm");
     let op = c.vm_action("writer", "start").await.expect("start");
     c.wait_success(&op, Duration::from_secs(60))
         .await
@@ -269,6 +260,7 @@ async fn a_volume_moves_hot_cold_hot_under_a_writing_guest_and_loses_nothing() {
     assert!(!file.exists(), "the hot copy is removed after the move");
     let cold_file = volume_file(&node.data_dir(), root.path(), &cold);
     assert!(cold_file.exists(), "{} missing", cold_file.display());
+    assert!(!cold.compressed, "a live mirror stores plain clusters");
     // The guest noticed nothing: its writes go on.
     let after_cold = wait_ack(&c, "writer", before + 10).await;
 
@@ -694,18 +686,9 @@ async fn the_tiering_engine_moves_a_busy_volume_hot_and_an_idle_one_cold_by_itse
     };
     c.create_volume(&mk("idle", "fast")).await.expect("idle");
     c.create_volume(&mk("busy", "archive")).await.expect("busy");
-    let demo = demo_dir();
-    let path = |f: &str| demo.join(f).to_string_lossy().into_owned();
-    c.create_vm(&CreateVmRequest {
-        boot: Some(KernelBoot {
-            kernel: path("vmlinuz"),
-            initrd: Some(path("initrd.img")),
-            cmdline: Some("console=ttyS0 quiet panic=-1 novacron.seqwrite=vdb".into()),
-        }),
-        ..demo_vm("app")
-    })
-    .await
-    .expect("vm");
+    c.create_vm(&demo_vm_with("app", "novacron.seqwrite=vdb"))
+        .await
+        .expect("vm");
     let op = c.vm_action("app", "start").await.expect("start");
     c.wait_success(&op, Duration::from_secs(60))
         .await

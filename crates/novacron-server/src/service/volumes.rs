@@ -814,11 +814,12 @@ impl Service {
         let started = Instant::now();
         let result = self.copy(ctx, &plan).await;
         drop(turn);
-        let moved = result.is_ok().then_some(MovedVolume {
+        let moved = result.as_ref().ok().map(|(_, compressed)| MovedVolume {
             node: plan.node,
             format: plan.format,
-            compressed: plan.compress,
+            compressed: *compressed,
         });
+        let result = result.map(|(bytes, _)| bytes);
         // The new place must be recorded before the old file goes; retry through a brief
         // loss of quorum.
         let mut recorded = Err(ApiError::internal("not tried"));
@@ -867,8 +868,9 @@ impl Service {
         }
     }
 
-    /// Copies the file (live or not); returns the bytes copied.
-    async fn copy(&self, ctx: &super::OpCtx, plan: &MovePlan) -> Result<u64, ApiError> {
+    /// Copies the file (live or not); returns the bytes copied and whether they are stored
+    /// compressed.
+    async fn copy(&self, ctx: &super::OpCtx, plan: &MovePlan) -> Result<(u64, bool), ApiError> {
         let v = &plan.v;
         if let Some(dir) = plan.to_file.parent() {
             std::fs::create_dir_all(dir)
@@ -881,8 +883,12 @@ impl Service {
             )));
         }
         match self.live_vm(v) {
-            Some(vm) => self.copy_live(ctx, plan, &vm).await,
-            None => self.copy_detached(ctx, plan).await,
+            // A live mirror writes plain clusters; only a copy compresses.
+            Some(vm) => self.copy_live(ctx, plan, &vm).await.map(|b| (b, false)),
+            None => self
+                .copy_detached(ctx, plan)
+                .await
+                .map(|b| (b, plan.compress)),
         }
     }
 
@@ -890,7 +896,7 @@ impl Service {
     /// paced like a live move (its speed follows this move's share).
     async fn copy_detached(&self, ctx: &super::OpCtx, plan: &MovePlan) -> Result<u64, ApiError> {
         let v = &plan.v;
-        let mut speed = self.share_of(v.id);
+        let mut pace = Pacer::new(self, v.id);
         let part = plan.to_file.with_extension("part");
         let copy = FileCopy::start(
             &plan.from_file,
@@ -898,26 +904,23 @@ impl Service {
             &part,
             plan.format,
             plan.compress,
-            speed,
+            pace.speed,
         )
         .await
         .map_err(hv_error);
-        let copy = match copy {
+        let mut copy = match copy {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_file(&part);
                 return Err(e);
             }
         };
-        let mut copy = copy;
-        let mut last_report = Instant::now();
         let result = loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let st = match copy.status().await.map_err(hv_error) {
                 Ok(st) => st,
                 Err(e) => break Err(e),
             };
-            self.inner.metrics.volume_move_rate.set(speed as i64);
             match st.done {
                 Some(Ok(())) => break Ok(st.len),
                 Some(Err(e)) => {
@@ -928,29 +931,13 @@ impl Service {
                 }
                 None => {}
             }
-            let want = self.share_of(v.id);
-            if want.abs_diff(speed) * 20 > speed {
-                if let Err(e) = copy.set_speed(want).await.map_err(hv_error) {
-                    break Err(e);
-                }
-                speed = want;
+            if let Some(want) = pace.retune(self, v.id)
+                && let Err(e) = copy.set_speed(want).await.map_err(hv_error)
+            {
+                break Err(e);
             }
-            if last_report.elapsed() >= Duration::from_secs(1) {
-                last_report = Instant::now();
-                let pct = (st.offset * 90 / st.len.max(1)).min(90) as u8;
-                ctx.progress(
-                    5 + pct,
-                    format!(
-                        "copying to pool '{}': {} of {} MiB at {:.1} MB/s{}",
-                        plan.to,
-                        st.offset >> 20,
-                        st.len >> 20,
-                        speed as f64 / MB as f64,
-                        if plan.compress { ", compressed" } else { "" }
-                    ),
-                )
+            pace.report(ctx, plan, plan.compress, st.offset, st.len)
                 .await;
-            }
         };
         copy.stop().await;
         let result = result.and_then(|bytes| {
@@ -972,12 +959,11 @@ impl Service {
     ) -> Result<u64, ApiError> {
         let hv = &self.inner.hv;
         let dev = device_of(&plan.v);
-        let mut speed = self.share_of(plan.v.id);
-        hv.volume_mirror_start(vm.id, &dev, &plan.to_file, plan.format, speed)
+        let mut pace = Pacer::new(self, plan.v.id);
+        hv.volume_mirror_start(vm.id, &dev, &plan.to_file, plan.format, pace.speed)
             .await
             .map_err(hv_error)?;
         let result: Result<u64, ApiError> = async {
-            let mut last_report = Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let st = hv
@@ -990,35 +976,18 @@ impl Service {
                             plan.v.name
                         ))
                     })?;
-                self.inner.metrics.volume_move_rate.set(speed as i64);
                 if st.ready {
                     hv.volume_mirror_finish(vm.id, &dev)
                         .await
                         .map_err(hv_error)?;
                     return Ok(st.len);
                 }
-                let want = self.share_of(plan.v.id);
-                if want.abs_diff(speed) * 20 > speed {
+                if let Some(want) = pace.retune(self, plan.v.id) {
                     hv.volume_mirror_speed(vm.id, &dev, want)
                         .await
                         .map_err(hv_error)?;
-                    speed = want;
                 }
-                if last_report.elapsed() >= Duration::from_secs(1) {
-                    last_report = Instant::now();
-                    let pct = (st.offset * 90 / st.len.max(1)).min(90) as u8;
-                    ctx.progress(
-                        5 + pct,
-                        format!(
-                            "mirroring to pool '{}': {} of {} MiB at {:.1} MB/s",
-                            plan.to,
-                            st.offset >> 20,
-                            st.len >> 20,
-                            speed as f64 / MB as f64
-                        ),
-                    )
-                    .await;
-                }
+                pace.report(ctx, plan, false, st.offset, st.len).await;
             }
         }
         .await;
@@ -1113,6 +1082,59 @@ impl Service {
             .unwrap_or_else(|p| p.into_inner());
         *t = t.next(&p);
         self.inner.metrics.volume_move_throttle.set(t.factor);
+    }
+}
+
+/// What the two copy loops share: the move's speed, re-set when its share moves by more than
+/// 5%, and a progress line once a second.
+struct Pacer {
+    speed: u64,
+    last_report: Instant,
+}
+
+impl Pacer {
+    fn new(svc: &Service, id: VolumeId) -> Self {
+        Self {
+            speed: svc.share_of(id),
+            last_report: Instant::now(),
+        }
+    }
+
+    /// The speed to set now, if the share moved.
+    fn retune(&mut self, svc: &Service, id: VolumeId) -> Option<u64> {
+        svc.inner.metrics.volume_move_rate.set(self.speed as i64);
+        let want = svc.share_of(id);
+        (want.abs_diff(self.speed) * 20 > self.speed).then(|| {
+            self.speed = want;
+            want
+        })
+    }
+
+    async fn report(
+        &mut self,
+        ctx: &super::OpCtx,
+        plan: &MovePlan,
+        compressed: bool,
+        done: u64,
+        len: u64,
+    ) {
+        if self.last_report.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last_report = Instant::now();
+        let pct = (done * 90 / len.max(1)).min(90) as u8;
+        ctx.progress(
+            5 + pct,
+            format!(
+                "copying to pool '{}': {} of {} MiB at {:.1} MB/s{}",
+                plan.to,
+                done >> 20,
+                len >> 20,
+                self.speed as f64 / MB as f64,
+                if compressed { ", compressed" } else { "" }
+            ),
+        )
+        .await;
     }
 }
 

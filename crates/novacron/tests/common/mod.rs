@@ -284,6 +284,21 @@ pub fn demo_vm(name: &str) -> CreateVmRequest {
     }
 }
 
+/// The demo VM booted with `extra` on its kernel command line (`novacron.diskwrite=4`,
+/// `novacron.dirty=16`, `novacron.seqwrite=vdb`: see `scripts/build-demo-image.sh`).
+pub fn demo_vm_with(name: &str, extra: &str) -> CreateVmRequest {
+    let demo = demo_dir();
+    let path = |f: &str| demo.join(f).to_string_lossy().into_owned();
+    CreateVmRequest {
+        boot: Some(novacron_types::KernelBoot {
+            kernel: path("vmlinuz"),
+            initrd: Some(path("initrd.img")),
+            cmdline: Some(format!("console=ttyS0 quiet panic=-1 {extra}")),
+        }),
+        ..demo_vm(name)
+    }
+}
+
 /// Polls the VM until `pred` holds, or panics after `timeout`.
 pub async fn wait_vm(
     c: &Client,
