@@ -567,7 +567,8 @@ pub struct TieringPolicy {
     pub pool_mb: u64,
     pub volume_mb: u64,
     /// Adaptive throttling: back off while the guests' mean I/O latency is above this
-    /// (milliseconds) or the host's load per CPU is above `max_load_per_cpu`.
+    /// (milliseconds; 0: whenever the guests do any I/O) or the host's load per CPU is above
+    /// `max_load_per_cpu`.
     pub max_guest_latency_ms: u64,
     pub max_load_per_cpu: f64,
 }

@@ -366,11 +366,11 @@ pub fn tiering_policy(p: &TieringPolicy) -> ValidationResult<()> {
     rate_mb("global_mb", p.global_mb)?;
     rate_mb("pool_mb", p.pool_mb)?;
     rate_mb("volume_mb", p.volume_mb)?;
-    if !(1..=60_000).contains(&p.max_guest_latency_ms) {
+    if p.max_guest_latency_ms > 60_000 {
         return Err(ApiError::invalid(
             "max_guest_latency_ms",
             format!(
-                "max_guest_latency_ms must be between 1 and 60000 (got {})",
+                "max_guest_latency_ms must be between 0 and 60000 (got {})",
                 p.max_guest_latency_ms
             ),
         ));
@@ -568,7 +568,7 @@ mod tests {
             (|p| p.global_mb = 0, "global_mb"),
             (|p| p.pool_mb = 201, "pool_mb"),
             (|p| p.volume_mb = 1000, "volume_mb"),
-            (|p| p.max_guest_latency_ms = 0, "max_guest_latency_ms"),
+            (|p| p.max_guest_latency_ms = 60_001, "max_guest_latency_ms"),
             (|p| p.max_load_per_cpu = 0.0, "max_load_per_cpu"),
         ];
         assert!(tiering_policy(&TieringPolicy::default()).is_ok());

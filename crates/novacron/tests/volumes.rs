@@ -788,3 +788,121 @@ async fn metrics_text(node: &Node, c: &Client) -> String {
         .await
         .expect("metrics body")
 }
+
+fn throttle(text: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix("novacron_volume_move_throttle "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("throttle gauge")
+}
+
+async fn wait_throttle(node: &Node, c: &Client, what: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let t = throttle(&metrics_text(node, c).await);
+        if ok(t) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "throttle {t}: never {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_yields_to_busy_guests_recovers_after_and_can_be_cancelled() {
+    let node = Node::start();
+    let c = node.admin().await;
+    let root = tempfile::tempdir().expect("tmp");
+    pools(&c, root.path()).await;
+    let mk = |name: &str, size_mib: u64, format| CreateVolumeRequest {
+        name: name.into(),
+        size_mib,
+        format,
+        pool: Some("fast".into()),
+        node: None,
+        attach_to: None,
+        labels: Default::default(),
+    };
+    // A guest writing to its volume all the time.
+    c.create_volume(&mk("busy", 8, VolumeFormat::Qcow2))
+        .await
+        .expect("busy");
+    c.create_vm(&demo_vm_with("app", "novacron.seqwrite=vdb"))
+        .await
+        .expect("vm");
+    let op = c.vm_action("app", "start").await.expect("start");
+    c.wait_success(&op, Duration::from_secs(60))
+        .await
+        .expect("started");
+    wait_console(
+        &c,
+        "app",
+        "NOVACRON-DEMO-GUEST READY",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    c.volume_action("busy", "attach", &AttachVolumeRequest { vm: "app".into() })
+        .await
+        .expect("attach");
+    wait_ack(&c, "app", 5).await;
+
+    // 64 MiB of random data to move at 4 MB/s, yielding whenever the guests do any I/O.
+    let bulk = c
+        .create_volume(&mk("bulk", 64, VolumeFormat::Raw))
+        .await
+        .expect("bulk");
+    let file = volume_file(&node.data_dir(), root.path(), &bulk);
+    run(Command::new("dd").args([
+        "if=/dev/urandom",
+        &format!("of={}", file.display()),
+        "bs=1M",
+        "count=64",
+        "conv=notrunc",
+        "status=none",
+    ]));
+    let sum = sha256(&file);
+    let mut p = c.tiering_policy().await.expect("policy");
+    p.volume_mb = 4;
+    p.max_guest_latency_ms = 0;
+    p.max_load_per_cpu = 100.0;
+    c.set_tiering_policy(&p).await.expect("policy");
+    let op = c
+        .move_volume(
+            "bulk",
+            &MoveVolumeRequest {
+                pool: "archive".into(),
+                rate_mb: None,
+            },
+        )
+        .await
+        .expect("move");
+    let low = wait_throttle(&node, &c, "backed off", |t| t < 0.5).await;
+    // Guests may be as slow as they like again: the throttle recovers.
+    p.max_guest_latency_ms = 60_000;
+    c.set_tiering_policy(&p).await.expect("policy");
+    wait_throttle(&node, &c, "recovered", |t| t >= 1.0).await;
+    eprintln!("throttle went down to {low} and back to 1");
+
+    // Cancelled: the volume stays where it was, whole, and nothing is left in the cold pool.
+    c.cancel_operation(&op.id.to_string())
+        .await
+        .expect("cancel");
+    let err = c
+        .wait_success(&op, Duration::from_secs(30))
+        .await
+        .expect_err("cancelled");
+    assert_eq!(
+        err.api().and_then(|e| e.reason.clone()).as_deref(),
+        Some("cancelled"),
+        "{err}"
+    );
+    let v = c.get_volume("bulk").await.expect("bulk");
+    assert_eq!((v.pool.as_str(), v.moving_to.as_deref()), ("fast", None));
+    assert_eq!(sha256(&file), sum);
+    let left: Vec<_> =
+        std::fs::read_dir(root.path().join("archive").join("host-1").join("volumes"))
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+    assert!(left.is_empty(), "left in the cold pool: {left:?}");
+}

@@ -66,7 +66,7 @@ pub(crate) struct Migrations {
     /// aborted.
     waiting: std::sync::Mutex<HashMap<VmId, (u64, tokio::sync::OwnedSemaphorePermit)>>,
     /// Running outgoing migrations by operation: set to true to cancel.
-    cancel: std::sync::Mutex<HashMap<OperationId, tokio::sync::watch::Sender<bool>>>,
+    pub(crate) cancel: std::sync::Mutex<HashMap<OperationId, tokio::sync::watch::Sender<bool>>>,
 }
 
 impl Migrations {
@@ -152,7 +152,7 @@ fn two_free_ports(host: &str) -> Result<(u16, u16), ApiError> {
 }
 
 impl Service {
-    fn migrations(&self) -> &Migrations {
+    pub(crate) fn migrations(&self) -> &Migrations {
         &self.inner.migrations
     }
 
@@ -1020,7 +1020,7 @@ impl Service {
             .await
     }
 
-    /// Cancels a running operation, if it can be cancelled (live migrations, in every phase
+    /// Cancels a running operation, if it can be cancelled (volume moves; live migrations, in every phase
     /// before post-copy). Answered by the operation's host.
     pub async fn cancel_operation(&self, id: &str) -> Result<Operation, ApiError> {
         let op = self.get_operation(id).await?;

@@ -760,7 +760,14 @@ impl Service {
             }],
             move |ctx| async move {
                 let _guard = guard;
+                let (tx, cancel) = tokio::sync::watch::channel(false);
+                svc.migrations()
+                    .cancel
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(ctx.id, tx);
                 let plan = MovePlan {
+                    cancel,
                     from_file: svc.current_file(&v)?,
                     to_file: svc.volume_file(&v, &to, node, format)?,
                     to,
@@ -770,7 +777,13 @@ impl Service {
                     cap,
                     v,
                 };
-                svc.run_move(&ctx, plan, &why).await
+                let result = svc.run_move(&ctx, plan, &why).await;
+                svc.migrations()
+                    .cancel
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&ctx.id);
+                result
             },
         )
         .await
@@ -786,14 +799,13 @@ impl Service {
         let v = &plan.v;
         ctx.progress(0, format!("waiting for a move slot ({why})"))
             .await;
-        let turn = self
-            .inner
-            .moves
-            .turns
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::internal("move slots closed"))?;
+        let mut cancel = plan.cancel.clone();
+        let turn = tokio::select! {
+            t = self.inner.moves.turns.clone().acquire_owned() => {
+                t.map_err(|_| ApiError::internal("move slots closed"))?
+            }
+            _ = cancel.wait_for(|c| *c) => return Err(cancelled()),
+        };
         self.inner
             .moves
             .active
@@ -917,6 +929,9 @@ impl Service {
         };
         let result = loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
+            if *plan.cancel.borrow() {
+                break Err(cancelled());
+            }
             let st = match copy.status().await.map_err(hv_error) {
                 Ok(st) => st,
                 Err(e) => break Err(e),
@@ -966,6 +981,9 @@ impl Service {
         let result: Result<u64, ApiError> = async {
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
+                if *plan.cancel.borrow() {
+                    return Err(cancelled());
+                }
                 let st = hv
                     .volume_mirror_status(vm.id, &dev)
                     .await
@@ -1140,6 +1158,8 @@ impl Pacer {
 
 struct MovePlan {
     v: Volume,
+    /// Set by `DELETE /api/v1/operations/{id}`.
+    cancel: tokio::sync::watch::Receiver<bool>,
     from_file: PathBuf,
     to_file: PathBuf,
     to: String,
@@ -1147,6 +1167,11 @@ struct MovePlan {
     format: VolumeFormat,
     compress: bool,
     cap: Option<u64>,
+}
+
+fn cancelled() -> ApiError {
+    ApiError::conflict("the move was cancelled; the volume stays where it was")
+        .with_reason("cancelled")
 }
 
 fn result_label(r: &str) -> crate::metrics::ResultLabels {
