@@ -301,6 +301,11 @@ pub trait Hypervisor: Send + Sync + 'static {
         let _ = (id, device);
         Err(unsupported("volume moves"))
     }
+    /// The file a running VM's disk reads and writes now (`None`: no such disk).
+    async fn disk_file(&self, id: VmId, device: &str) -> Result<Option<PathBuf>, HvError> {
+        let _ = (id, device);
+        Err(unsupported("volumes"))
+    }
     /// The guests' mean I/O latency over `device`'s operations so far (`query-blockstats`
     /// total time / operations), in nanoseconds and operations.
     async fn io_latency(&self, id: VmId) -> Result<(u64, u64), HvError> {

@@ -286,6 +286,8 @@ pub async fn run(
     // Needs the re-adopted QEMUs; may wait on other hosts, so it does not hold up the start.
     let cleaner = service.clone();
     tokio::spawn(async move { cleaner.clean_up_after_restart().await });
+    let mover = service.clone();
+    tokio::spawn(async move { mover.recover_volume_moves().await });
     let watchdog = crate::watchdog::Watchdog::new(
         cfg.data_dir.clone(),
         cfg.watchdog_exe

@@ -371,7 +371,18 @@ impl ClusterState {
             ))
             .with_reason("same_pool"));
         }
-        self.pool_is_shared(to)?;
+        let shared = self.pool_is_shared(to)?;
+        if let Some(vm) = v.attached_to.and_then(|vm| self.vms.get(&vm))
+            && vm.spec.ha
+            && !shared
+        {
+            return Err(ApiError::conflict(format!(
+                "volume '{}' is attached to HA VM '{}', which another host may have to start; \
+                 pool '{to}' is local",
+                v.name, vm.name
+            ))
+            .with_reason("ha_needs_shared_pool"));
+        }
         let v = self.volume_mut(id)?;
         v.moving_to = Some(to.to_string());
         v.updated_at = at;

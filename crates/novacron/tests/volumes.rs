@@ -906,3 +906,128 @@ async fn a_move_yields_to_busy_guests_recovers_after_and_can_be_cancelled() {
             .unwrap_or_default();
     assert!(left.is_empty(), "left in the cold pool: {left:?}");
 }
+
+/// `qemu-storage-daemon` processes copying into a file under `dir`.
+fn copy_daemons(dir: &Path) -> usize {
+    let want = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+                .map(|c| String::from_utf8_lossy(&c).into_owned())
+                .filter(|c| c.starts_with("qemu-storage-daemon") && c.contains(&want))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_cut_short_by_a_crash_are_undone_after_the_restart() {
+    let mut node = Node::start();
+    let c = node.admin().await;
+    let root = tempfile::tempdir().expect("tmp");
+    pools(&c, root.path()).await;
+    no_throttle(&c).await;
+    let mk = |name: &str, size_mib: u64| CreateVolumeRequest {
+        name: name.into(),
+        size_mib,
+        format: VolumeFormat::Raw,
+        pool: Some("fast".into()),
+        node: None,
+        attach_to: None,
+        labels: Default::default(),
+    };
+    let mut sums = Vec::new();
+    let seed = root.path().join("seed.bin");
+    run(Command::new("dd").args([
+        "if=/dev/urandom",
+        &format!("of={}", seed.display()),
+        "bs=1M",
+        "count=16",
+        "status=none",
+    ]));
+    for (name, format) in [("bulk", VolumeFormat::Raw), ("busy", VolumeFormat::Qcow2)] {
+        let v = c
+            .create_volume(&CreateVolumeRequest {
+                format,
+                ..mk(name, 16)
+            })
+            .await
+            .expect(name);
+        let file = volume_file(&node.data_dir(), root.path(), &v);
+        run(Command::new("qemu-io").args([
+            "-f",
+            format.as_str(),
+            "-c",
+            &format!("write -q -s {} 0 16M", seed.display()),
+            &file.display().to_string(),
+        ]));
+        sums.push((name, file.clone(), sha256(&file)));
+    }
+    c.create_vm(&demo_vm("app")).await.expect("vm");
+    let op = c.vm_action("app", "start").await.expect("start");
+    c.wait_success(&op, Duration::from_secs(60))
+        .await
+        .expect("started");
+    c.volume_action("busy", "attach", &AttachVolumeRequest { vm: "app".into() })
+        .await
+        .expect("attach");
+    // Both at 1 MB/s: a detached copy and a live mirror, each about 16 s.
+    for name in ["bulk", "busy"] {
+        c.move_volume(
+            name,
+            &MoveVolumeRequest {
+                pool: "archive".into(),
+                rate_mb: Some(1),
+            },
+        )
+        .await
+        .expect("move");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let archive = root.path().join("archive");
+    assert_eq!(copy_daemons(&archive), 1, "the detached copy runs");
+    node.kill();
+    assert_eq!(
+        copy_daemons(&archive),
+        1,
+        "the copy daemon outlives novacron"
+    );
+    node.start_again();
+    let c = node.admin().await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let moving: Vec<String> = c
+            .list_volumes("")
+            .await
+            .expect("list")
+            .items
+            .into_iter()
+            .filter(|v| v.moving_to.is_some())
+            .map(|v| v.name)
+            .collect();
+        if moving.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still moving after the restart: {moving:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(copy_daemons(&archive), 0, "the stray copy daemon is gone");
+    let left: Vec<_> = std::fs::read_dir(archive.join("host-1").join("volumes"))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in the cold pool: {left:?}");
+    for (name, file, sum) in sums {
+        let v = c.get_volume(name).await.expect(name);
+        assert_eq!(v.pool, "fast", "{name}");
+        assert_eq!(sha256(&file), sum, "{name} changed");
+    }
+    // The guest kept its disk, and the volume moves again.
+    assert_eq!(c.get_vm("app").await.expect("vm").state, VmState::Running);
+    let (v, _) = move_to(&c, "busy", "archive", None).await;
+    assert_eq!(v.pool, "archive");
+}

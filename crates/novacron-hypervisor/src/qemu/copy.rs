@@ -200,6 +200,36 @@ impl FileCopy {
     }
 }
 
+/// Kills any `qemu-storage-daemon` left copying into `dest` (by a `novacron` that died
+/// mid-copy: the daemon outlives it). Returns how many it killed.
+pub fn kill_strays(dest: &Path) -> usize {
+    let want = format!("filename={}", esc(dest));
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let daemon = args
+            .first()
+            .is_some_and(|a| a.ends_with("qemu-storage-daemon"));
+        if daemon && args.iter().any(|a| a.contains(&want)) {
+            runner::sigkill(pid);
+            killed += 1;
+        }
+    }
+    killed
+}
+
 impl Drop for FileCopy {
     fn drop(&mut self) {
         let _ = self.child.start_kill();

@@ -661,6 +661,9 @@ impl Hypervisor for QemuHypervisor {
     async fn volume_mirror_abort(&self, id: VmId, device: &str) -> Result<(), HvError> {
         volumes::mirror_abort(self, id, device).await
     }
+    async fn disk_file(&self, id: VmId, device: &str) -> Result<Option<PathBuf>, HvError> {
+        volumes::disk_file(self, id, device).await
+    }
     async fn io_latency(&self, id: VmId) -> Result<(u64, u64), HvError> {
         volumes::io_latency(self, id).await
     }

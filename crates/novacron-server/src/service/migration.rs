@@ -578,21 +578,32 @@ impl Service {
                 ),
             ));
         }
-        let local: Vec<String> = self.inner.state.read(|s| {
+        // A live move would also have to put hot-plugged volumes in the same slots on the
+        // target; a stopped one only needs their files there (shared pools).
+        let kept: Vec<String> = self.inner.state.read(|s| {
             s.volumes_of(vm.id)
                 .iter()
-                .filter(|v| !v.is_vm_disk() && v.node.is_some())
+                .filter(|v| !v.is_vm_disk() && (!cold || v.node.is_some()))
                 .map(|v| v.name.clone())
                 .collect()
         });
-        if !local.is_empty() {
+        if !kept.is_empty() {
             return Err(refused(
-                "local_volumes_attached",
+                if cold {
+                    "local_volumes_attached"
+                } else {
+                    "volumes_attached"
+                },
                 format!(
-                    "VM '{}' has volumes on this host's local pools attached ({}); detach them \
-                     or move them to a shared pool first",
+                    "VM '{}' has volumes attached that {} ({}); detach them first",
                     vm.name,
-                    local.join(", ")
+                    if cold {
+                        "are on this host's local pools"
+                    } else {
+                        "a live move cannot take along (stop the VM to move it with volumes on \
+                         shared pools)"
+                    },
+                    kept.join(", ")
                 ),
             ));
         }

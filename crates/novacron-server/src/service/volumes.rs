@@ -566,6 +566,7 @@ impl Service {
     ) -> Result<Volume, ApiError> {
         validate::volume_size("size_mib", req.size_mib)?;
         let v = self.get_volume(key).await?;
+        own_disk_refused(&v, "resized")?;
         if req.size_mib <= v.size_mib {
             return Err(ApiError::invalid(
                 "size_mib",
@@ -613,6 +614,7 @@ impl Service {
     ) -> Result<Volume, ApiError> {
         validate::name("name", &req.name)?;
         let v = self.get_volume(key).await?;
+        own_disk_refused(&v, "snapshotted on its own (snapshot the VM)")?;
         if v.format == VolumeFormat::Raw {
             return Err(ApiError::conflict(format!(
                 "volume '{}' is raw; only qcow2 volumes keep snapshots",
@@ -766,18 +768,14 @@ impl Service {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(ctx.id, tx);
-                let plan = MovePlan {
-                    cancel,
-                    from_file: svc.current_file(&v)?,
-                    to_file: svc.volume_file(&v, &to, node, format)?,
-                    to,
-                    node,
-                    format,
-                    compress: cold,
-                    cap,
-                    v,
+                let id = v.id;
+                let result = match svc.move_plan(v, to, node, format, cold, cap, cancel) {
+                    Ok(plan) => svc.run_move(&ctx, plan, &why).await,
+                    Err(e) => {
+                        let _ = svc.end_move(id, None).await;
+                        Err(e)
+                    }
                 };
-                let result = svc.run_move(&ctx, plan, &why).await;
                 svc.migrations()
                     .cancel
                     .lock()
@@ -787,6 +785,61 @@ impl Service {
             },
         )
         .await
+    }
+
+    /// Where a move copies from and to, from the volume as it is now that `BeginVolumeMove`
+    /// is recorded (an attach or detach that committed just before changes how it copies).
+    #[allow(clippy::too_many_arguments)]
+    fn move_plan(
+        &self,
+        asked: Volume,
+        to: String,
+        node: Option<NodeId>,
+        format: VolumeFormat,
+        compress: bool,
+        cap: Option<u64>,
+        cancel: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<MovePlan, ApiError> {
+        let v = self.find_volume(&asked.id.to_string())?;
+        if v.attached_to != asked.attached_to || v.pool != asked.pool || v.node != asked.node {
+            return Err(ApiError::conflict(format!(
+                "volume '{}' changed while its move was starting (attached, detached or moved); \
+                 ask again",
+                v.name
+            )));
+        }
+        Ok(MovePlan {
+            cancel,
+            from_file: self.current_file(&v)?,
+            to_file: self.volume_file(&v, &to, node, format)?,
+            to,
+            node,
+            format,
+            compress,
+            cap,
+            v,
+        })
+    }
+
+    /// Records the end of a move, retrying through a brief loss of quorum.
+    async fn end_move(&self, id: VolumeId, moved: Option<MovedVolume>) -> Result<(), ApiError> {
+        let mut recorded = Err(ApiError::internal("not tried"));
+        for _ in 0..30 {
+            recorded = self
+                .inner
+                .state
+                .propose(CommandV1::EndVolumeMove {
+                    id,
+                    moved: moved.clone(),
+                    at: now_millis(),
+                })
+                .await;
+            if recorded.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        recorded
     }
 
     async fn run_move(
@@ -802,9 +855,16 @@ impl Service {
         let mut cancel = plan.cancel.clone();
         let turn = tokio::select! {
             t = self.inner.moves.turns.clone().acquire_owned() => {
-                t.map_err(|_| ApiError::internal("move slots closed"))?
+                t.map_err(|_| ApiError::internal("move slots closed"))
             }
-            _ = cancel.wait_for(|c| *c) => return Err(cancelled()),
+            _ = cancel.wait_for(|c| *c) => Err(cancelled()),
+        };
+        let turn = match turn {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = self.end_move(v.id, None).await;
+                return Err(e);
+            }
         };
         self.inner
             .moves
@@ -832,27 +892,12 @@ impl Service {
             compressed: *compressed,
         });
         let result = result.map(|(bytes, _)| bytes);
-        // The new place must be recorded before the old file goes; retry through a brief
-        // loss of quorum.
-        let mut recorded = Err(ApiError::internal("not tried"));
-        for _ in 0..30 {
-            recorded = self
-                .inner
-                .state
-                .propose(CommandV1::EndVolumeMove {
-                    id: v.id,
-                    moved: moved.clone(),
-                    at: now_millis(),
-                })
-                .await;
-            if recorded.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        // The new place must be recorded before the old file goes.
+        let recorded = self.end_move(v.id, moved).await;
         match (&result, &recorded) {
             (Ok(bytes), Ok(())) => {
                 let _ = std::fs::remove_file(&plan.from_file);
+                let _ = std::fs::remove_file(move_marker(&plan.to_file));
                 m.volume_moves
                     .get_or_create(&result_label("finished"))
                     .inc();
@@ -975,9 +1020,18 @@ impl Service {
         let hv = &self.inner.hv;
         let dev = device_of(&plan.v);
         let mut pace = Pacer::new(self, plan.v.id);
-        hv.volume_mirror_start(vm.id, &dev, &plan.to_file, plan.format, pace.speed)
+        // The two phases of a live move, on disk for a restart to read (`recover_volume_move`):
+        // until "switched" the old file is the volume; from then on, the new one.
+        let marker = move_marker(&plan.to_file);
+        std::fs::write(&marker, MIRRORING)
+            .map_err(|e| ApiError::internal(format!("writing {}: {e}", marker.display())))?;
+        if let Err(e) = hv
+            .volume_mirror_start(vm.id, &dev, &plan.to_file, plan.format, pace.speed)
             .await
-            .map_err(hv_error)?;
+        {
+            let _ = std::fs::remove_file(&marker);
+            return Err(hv_error(e));
+        }
         let result: Result<u64, ApiError> = async {
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1009,11 +1063,135 @@ impl Service {
             }
         }
         .await;
-        if result.is_err() {
-            let _ = hv.volume_mirror_abort(vm.id, &dev).await;
-            let _ = std::fs::remove_file(&plan.to_file);
+        let result = match result {
+            Ok(bytes) => Ok(bytes),
+            // An error after the switch (closing the old file, a slow end of the job) still
+            // leaves the guest on the new file: that is a finished move, whatever else failed.
+            Err(e) if self.switched_to(vm, &dev, &plan.to_file).await => {
+                tracing::warn!(volume = plan.v.name, "moved, but: {}", e.message);
+                Ok(plan.v.size_mib << 20)
+            }
+            Err(e) => Err(e),
+        };
+        match &result {
+            Ok(_) => {
+                // Kept until the new place is recorded (`run_move` removes it).
+                if let Err(e) = std::fs::write(&marker, SWITCHED) {
+                    tracing::error!("writing {}: {e}", marker.display());
+                }
+            }
+            Err(_) => {
+                let _ = hv.volume_mirror_abort(vm.id, &dev).await;
+                let _ = std::fs::remove_file(&plan.to_file);
+                let _ = std::fs::remove_file(&marker);
+            }
         }
         result
+    }
+
+    /// Whether the running VM's disk `dev` now uses `file`, with no copy running.
+    async fn switched_to(&self, vm: &Vm, dev: &str, file: &std::path::Path) -> bool {
+        let hv = &self.inner.hv;
+        matches!(hv.volume_mirror_status(vm.id, dev).await, Ok(None))
+            && matches!(hv.disk_file(vm.id, dev).await, Ok(Some(f)) if f == file)
+    }
+
+    /// After a restart: moves this host was running when it stopped are finished or undone.
+    /// A copy that completed (a live disk already switched to its target file, or a detached
+    /// copy renamed into place) is recorded as moved; anything else is dropped and the volume
+    /// stays where it was. Detached volumes on shared pools are left alone (another host may be
+    /// moving them).
+    pub(crate) async fn recover_volume_moves(&self) {
+        let me = self.inner.node;
+        let vols: Vec<Volume> = self.inner.state.read(|s| {
+            s.volumes
+                .values()
+                .filter(|v| v.moving_to.is_some() && s.volume_host(v) == Some(me))
+                .cloned()
+                .collect()
+        });
+        for v in vols {
+            if let Err(e) = self.recover_volume_move(&v).await {
+                tracing::warn!(
+                    volume = v.name,
+                    "recovering an interrupted move: {}",
+                    e.message
+                );
+            }
+        }
+    }
+
+    async fn recover_volume_move(&self, v: &Volume) -> Result<(), ApiError> {
+        let Some(to) = v.moving_to.clone() else {
+            return Ok(());
+        };
+        let target = if to == "data" {
+            None
+        } else {
+            self.inner.state.read(|s| s.pools.get(&to).cloned())
+        };
+        let shared = target.as_ref().is_some_and(|p| p.shared);
+        let cold = target.as_ref().is_some_and(|p| p.tier == PoolTier::Cold);
+        let node = (!shared).then_some(self.inner.node);
+        let format = if cold { VolumeFormat::Qcow2 } else { v.format };
+        let to_file = self.volume_file(v, &to, node, format)?;
+        let from_file = self.current_file(v)?;
+        let marker = move_marker(&to_file);
+        let done = match std::fs::read_to_string(&marker).ok().as_deref() {
+            // A live move that had switched: the new file is the volume.
+            Some(SWITCHED) => Some(false),
+            // A live move that had not (or the switch was not written down yet: ask QEMU).
+            Some(_) => match self.live_vm(v) {
+                Some(vm) => {
+                    let dev = device_of(v);
+                    if self.switched_to(&vm, &dev, &to_file).await {
+                        Some(false)
+                    } else {
+                        let _ = self.inner.hv.volume_mirror_abort(vm.id, &dev).await;
+                        None
+                    }
+                }
+                None => None,
+            },
+            // A copy: complete once renamed into place. A daemon the dead process left copying
+            // goes first.
+            None => {
+                novacron_hypervisor::qemu::copy::kill_strays(&to_file.with_extension("part"));
+                to_file.exists().then_some(cold)
+            }
+        };
+        let moved = done.map(|compressed| MovedVolume {
+            node,
+            format,
+            compressed,
+        });
+        self.inner
+            .state
+            .propose(CommandV1::EndVolumeMove {
+                id: v.id,
+                moved: moved.clone(),
+                at: now_millis(),
+            })
+            .await?;
+        let _ = std::fs::remove_file(to_file.with_extension("part"));
+        let _ = std::fs::remove_file(&marker);
+        if moved.is_some() {
+            let _ = std::fs::remove_file(&from_file);
+        } else {
+            let _ = std::fs::remove_file(&to_file);
+        }
+        tracing::info!(
+            volume = v.name,
+            to,
+            finished = moved.is_some(),
+            "an interrupted move was {}",
+            if moved.is_some() {
+                "recorded"
+            } else {
+                "undone"
+            }
+        );
+        Ok(())
     }
 
     /// This move's rate now (bytes/s): its even share of the policy's limits, throttled.
@@ -1167,6 +1345,27 @@ struct MovePlan {
     format: VolumeFormat,
     compress: bool,
     cap: Option<u64>,
+}
+
+/// A VM's own disks are described by the VM (sizes, snapshots), which migrations and HA
+/// follow: they change only through the VM.
+fn own_disk_refused(v: &Volume, what: &str) -> Result<(), ApiError> {
+    if v.is_vm_disk() {
+        return Err(ApiError::conflict(format!(
+            "volume '{}' is a VM's own disk; it cannot be {what}",
+            v.name
+        ))
+        .with_reason("vm_disk"));
+    }
+    Ok(())
+}
+
+const MIRRORING: &str = "mirroring";
+const SWITCHED: &str = "switched";
+
+/// The file recording a live move's phase, beside its target.
+fn move_marker(to_file: &std::path::Path) -> PathBuf {
+    PathBuf::from(format!("{}.move", to_file.display()))
 }
 
 fn cancelled() -> ApiError {
