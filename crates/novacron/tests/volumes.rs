@@ -122,6 +122,30 @@ async fn move_to(c: &Client, vol: &str, pool: &str, rate_mb: Option<u64>) -> (Vo
     (v, took)
 }
 
+/// Starts VM `vm`, a demo guest that writes numbered blocks to its second disk, hot-plugs
+/// `volume` as that disk, and waits until the guest has written to it.
+async fn writing_guest(c: &Client, vm: &str, volume: &str) {
+    c.create_vm(&demo_vm_with(vm, "novacron.seqwrite=vdb"))
+        .await
+        .expect("vm");
+    let op = c.vm_action(vm, "start").await.expect("start");
+    c.wait_success(&op, Duration::from_secs(60))
+        .await
+        .expect("started");
+    wait_console(
+        c,
+        vm,
+        "NOVACRON-DEMO-GUEST READY",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    c.volume_action(volume, "attach", &AttachVolumeRequest { vm: vm.into() })
+        .await
+        .expect("attach");
+    wait_ack(c, vm, 5).await;
+}
+
 fn last_ack(console: &str) -> u64 {
     console
         .lines()
@@ -686,25 +710,7 @@ async fn the_tiering_engine_moves_a_busy_volume_hot_and_an_idle_one_cold_by_itse
     };
     c.create_volume(&mk("idle", "fast")).await.expect("idle");
     c.create_volume(&mk("busy", "archive")).await.expect("busy");
-    c.create_vm(&demo_vm_with("app", "novacron.seqwrite=vdb"))
-        .await
-        .expect("vm");
-    let op = c.vm_action("app", "start").await.expect("start");
-    c.wait_success(&op, Duration::from_secs(60))
-        .await
-        .expect("started");
-    wait_console(
-        &c,
-        "app",
-        "NOVACRON-DEMO-GUEST READY",
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
-    c.volume_action("busy", "attach", &AttachVolumeRequest { vm: "app".into() })
-        .await
-        .expect("attach");
-    wait_ack(&c, "app", 5).await;
+    writing_guest(&c, "app", "busy").await;
 
     // No pass while the policy is off.
     let e = c
@@ -827,25 +833,7 @@ async fn a_move_yields_to_busy_guests_recovers_after_and_can_be_cancelled() {
     c.create_volume(&mk("busy", 8, VolumeFormat::Qcow2))
         .await
         .expect("busy");
-    c.create_vm(&demo_vm_with("app", "novacron.seqwrite=vdb"))
-        .await
-        .expect("vm");
-    let op = c.vm_action("app", "start").await.expect("start");
-    c.wait_success(&op, Duration::from_secs(60))
-        .await
-        .expect("started");
-    wait_console(
-        &c,
-        "app",
-        "NOVACRON-DEMO-GUEST READY",
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
-    c.volume_action("busy", "attach", &AttachVolumeRequest { vm: "app".into() })
-        .await
-        .expect("attach");
-    wait_ack(&c, "app", 5).await;
+    writing_guest(&c, "app", "busy").await;
 
     // 64 MiB of random data to move at 4 MB/s, yielding whenever the guests do any I/O.
     let bulk = c
