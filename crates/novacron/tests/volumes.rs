@@ -55,6 +55,19 @@ async fn pools(c: &Client, root: &Path) {
     }
 }
 
+/// A volume of `size_mib` on `pool`, no labels, not attached.
+fn vol(name: &str, pool: &str, size_mib: u64, format: VolumeFormat) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        size_mib,
+        format,
+        pool: Some(pool.into()),
+        node: None,
+        attach_to: None,
+        labels: Default::default(),
+    }
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("run");
     assert!(
@@ -182,13 +195,8 @@ async fn a_volume_moves_hot_cold_hot_under_a_writing_guest_and_loses_nothing() {
     // touches (it writes the first 4 MiB).
     let v = c
         .create_volume(&CreateVolumeRequest {
-            name: "data1".into(),
-            size_mib: 16,
-            format: VolumeFormat::Qcow2,
-            pool: Some("fast".into()),
-            node: None,
-            attach_to: None,
             labels: [("app".to_string(), "db".to_string())].into(),
+            ..vol("data1", "fast", 16, VolumeFormat::Qcow2)
         })
         .await
         .expect("create volume");
@@ -373,15 +381,7 @@ async fn a_detached_volume_goes_compressed_into_cold_and_back_within_its_rate() 
     pools(&c, root.path()).await;
     no_throttle(&c).await;
     let v = c
-        .create_volume(&CreateVolumeRequest {
-            name: "logs".into(),
-            size_mib: 16,
-            format: VolumeFormat::Raw,
-            pool: Some("fast".into()),
-            node: None,
-            attach_to: None,
-            labels: Default::default(),
-        })
+        .create_volume(&vol("logs", "fast", 16, VolumeFormat::Raw))
         .await
         .expect("create");
     // Compressible content: text, like logs.
@@ -428,15 +428,7 @@ async fn volume_errors_filters_pages_and_cli() {
     let c = node.admin().await;
     let root = tempfile::tempdir().expect("tmp");
     pools(&c, root.path()).await;
-    let mk = |name: &str, pool: &str, size_mib: u64| CreateVolumeRequest {
-        name: name.into(),
-        size_mib,
-        format: VolumeFormat::Qcow2,
-        pool: Some(pool.into()),
-        node: None,
-        attach_to: None,
-        labels: Default::default(),
-    };
+    let mk = |name: &str, pool: &str, size_mib: u64| vol(name, pool, size_mib, VolumeFormat::Qcow2);
     for (name, pool) in [("a1", "fast"), ("a2", "fast"), ("b1", "archive")] {
         c.create_volume(&mk(name, pool, 8)).await.expect(name);
     }
@@ -699,17 +691,11 @@ async fn the_tiering_engine_moves_a_busy_volume_hot_and_an_idle_one_cold_by_itse
     let c = node.admin().await;
     let root = tempfile::tempdir().expect("tmp");
     pools(&c, root.path()).await;
-    let mk = |name: &str, pool: &str| CreateVolumeRequest {
-        name: name.into(),
-        size_mib: 8,
-        format: VolumeFormat::Qcow2,
-        pool: Some(pool.into()),
-        node: None,
-        attach_to: None,
-        labels: Default::default(),
-    };
-    c.create_volume(&mk("idle", "fast")).await.expect("idle");
-    c.create_volume(&mk("busy", "archive")).await.expect("busy");
+    for (name, pool) in [("idle", "fast"), ("busy", "archive")] {
+        c.create_volume(&vol(name, pool, 8, VolumeFormat::Qcow2))
+            .await
+            .expect(name);
+    }
     writing_guest(&c, "app", "busy").await;
 
     // No pass while the policy is off.
@@ -820,24 +806,15 @@ async fn a_move_yields_to_busy_guests_recovers_after_and_can_be_cancelled() {
     let c = node.admin().await;
     let root = tempfile::tempdir().expect("tmp");
     pools(&c, root.path()).await;
-    let mk = |name: &str, size_mib: u64, format| CreateVolumeRequest {
-        name: name.into(),
-        size_mib,
-        format,
-        pool: Some("fast".into()),
-        node: None,
-        attach_to: None,
-        labels: Default::default(),
-    };
     // A guest writing to its volume all the time.
-    c.create_volume(&mk("busy", 8, VolumeFormat::Qcow2))
+    c.create_volume(&vol("busy", "fast", 8, VolumeFormat::Qcow2))
         .await
         .expect("busy");
     writing_guest(&c, "app", "busy").await;
 
     // 64 MiB of random data to move at 4 MB/s, yielding whenever the guests do any I/O.
     let bulk = c
-        .create_volume(&mk("bulk", 64, VolumeFormat::Raw))
+        .create_volume(&vol("bulk", "fast", 64, VolumeFormat::Raw))
         .await
         .expect("bulk");
     let file = volume_file(&node.data_dir(), root.path(), &bulk);
@@ -916,15 +893,6 @@ async fn moves_cut_short_by_a_crash_are_undone_after_the_restart() {
     let root = tempfile::tempdir().expect("tmp");
     pools(&c, root.path()).await;
     no_throttle(&c).await;
-    let mk = |name: &str, size_mib: u64| CreateVolumeRequest {
-        name: name.into(),
-        size_mib,
-        format: VolumeFormat::Raw,
-        pool: Some("fast".into()),
-        node: None,
-        attach_to: None,
-        labels: Default::default(),
-    };
     let mut sums = Vec::new();
     let seed = root.path().join("seed.bin");
     run(Command::new("dd").args([
@@ -936,10 +904,7 @@ async fn moves_cut_short_by_a_crash_are_undone_after_the_restart() {
     ]));
     for (name, format) in [("bulk", VolumeFormat::Raw), ("busy", VolumeFormat::Qcow2)] {
         let v = c
-            .create_volume(&CreateVolumeRequest {
-                format,
-                ..mk(name, 16)
-            })
+            .create_volume(&vol(name, "fast", 16, format))
             .await
             .expect(name);
         let file = volume_file(&node.data_dir(), root.path(), &v);
