@@ -243,6 +243,17 @@ impl Runner {
         }
     }
 
+    /// A command that failed on the connection itself (not with QEMU's error reply) leaves
+    /// it unusable: `qapi` may still hold the command as waiting for a reply, and the next
+    /// command on the same connection would panic in `qapi` ("duplicate command id"). Nothing
+    /// is sent on it again; the runner reconnects (or sees QEMU exit).
+    fn check_transport<T>(&mut self, r: &Result<T, qapi::ExecuteError>) {
+        if let Err(qapi::ExecuteError::Io(e)) = r {
+            tracing::debug!(vm = %self.id, "QMP connection failed: {e}");
+            self.qmp_lost = true;
+        }
+    }
+
     async fn refresh(&mut self) {
         match query_state(&self.qmp).await {
             Ok((state, reason)) => self.set_state(state, reason),
@@ -259,6 +270,7 @@ impl Runner {
             QmpAction::Stop => qmp.execute(qmp::stop {}).await.map(drop),
             QmpAction::Cont => qmp.execute(qmp::cont {}).await.map(drop),
         };
+        self.check_transport(&r);
         match (action, r) {
             (_, Ok(())) => Ok(()),
             // QEMU may close the socket before answering `quit`: that is success.
@@ -339,7 +351,9 @@ impl Runner {
                                 message: "the QMP connection to QEMU is lost".into(),
                             })
                         } else {
-                            cmd.execute(&self.qmp).await.map_err(|e| HvError::Qmp {
+                            let r = cmd.execute(&self.qmp).await;
+                            self.check_transport(&r);
+                            r.map_err(|e| HvError::Qmp {
                                 command,
                                 message: e.to_string(),
                             })
