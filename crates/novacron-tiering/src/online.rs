@@ -4,8 +4,13 @@
 //!
 //! It also keeps score: for each model, the share of its past class forecasts that came true
 //! (what `novacron_tiering_accuracy` shows).
+//!
+//! Memory stays bounded: the last `keep` windows' counts are kept, and once the models'
+//! history reaches `4 × keep` windows a fresh forecaster learns from those alone (volumes
+//! absent from all of them, deleted ones, are forgotten). `keep` is two days of windows, at
+//! most [`MAX_KEEP`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::features::{Temperature, Thresholds};
 use crate::model::ensemble::Ensemble;
@@ -35,7 +40,17 @@ pub struct Forecaster {
     pending: Vec<Vec<Temperature>>,
     /// Right and total forecasts per model (models, then the ensemble).
     score: Vec<(u64, u64)>,
+    /// The last windows' counts (at most `keep`), what a rebuild learns from.
+    recent: VecDeque<BTreeMap<String, u64>>,
+    keep: usize,
+    /// Windows closed in all.
+    closed: usize,
+    /// `new`'s arguments, for a rebuild.
+    params: (f64, f64, usize, u64),
 }
+
+/// The most windows a rebuild replays.
+pub const MAX_KEEP: usize = 2048;
 
 /// Names of the scored forecasters, in `accuracy()` order.
 pub const NAMES: [&str; 4] = ["holt-winters", "markov", "neural", "ensemble"];
@@ -64,12 +79,48 @@ impl Forecaster {
             units: BTreeMap::new(),
             pending: Vec::new(),
             score: vec![(0, 0); n + 1],
+            recent: VecDeque::new(),
+            keep: day.map_or(MAX_KEEP, |d| 2 * d).clamp(16, MAX_KEEP),
+            closed: 0,
+            params: (window_s, hot_ops, hot_capacity, seed),
         }
+    }
+
+    /// Keeps `keep` windows across a rebuild (at least 1) instead of two days' worth.
+    pub fn with_keep(mut self, keep: usize) -> Self {
+        self.keep = keep.max(1);
+        self
     }
 
     /// Closes a window: `ops[volume]` operations each volume did in it (volumes not named did
     /// none). Returns every known volume's forecast for the next window.
     pub fn push(&mut self, ops: &BTreeMap<String, u64>) -> BTreeMap<String, Forecast> {
+        self.closed += 1;
+        self.recent.push_back(ops.clone());
+        if self.recent.len() > self.keep {
+            self.recent.pop_front();
+        }
+        let out = self.step(ops);
+        if self.replay.history.len >= 4 * self.keep {
+            self.rebuild();
+        }
+        out
+    }
+
+    /// A fresh forecaster that has learnt from the kept windows only; the scores carry over.
+    fn rebuild(&mut self) {
+        let (window_s, hot_ops, hot_capacity, seed) = self.params;
+        let mut fresh = Forecaster::new(window_s, hot_ops, hot_capacity, seed).with_keep(self.keep);
+        for ops in &self.recent {
+            fresh.step(ops);
+        }
+        fresh.recent = std::mem::take(&mut self.recent);
+        fresh.score = std::mem::take(&mut self.score);
+        fresh.closed = self.closed;
+        *self = fresh;
+    }
+
+    fn step(&mut self, ops: &BTreeMap<String, u64>) -> BTreeMap<String, Forecast> {
         let mut touched = Vec::new();
         for (key, n) in ops {
             let next = self.units.len() as u32;
@@ -168,7 +219,17 @@ impl Forecaster {
 
     /// Windows closed so far.
     pub fn windows(&self) -> usize {
+        self.closed
+    }
+
+    /// Windows the models' history holds now (bounded, see the module doc).
+    pub fn history_windows(&self) -> usize {
         self.replay.history.len
+    }
+
+    /// Volumes known now.
+    pub fn volumes(&self) -> usize {
+        self.units.len()
     }
 }
 
@@ -200,6 +261,31 @@ mod tests {
         // A steady pattern is learnt: the ensemble is right nearly always.
         assert!(acc[3].is_some_and(|a| a > 0.8), "{acc:?}");
         assert_eq!(f.windows(), 30);
+    }
+
+    #[test]
+    fn history_stays_bounded_and_deleted_volumes_are_forgotten() {
+        let mut f = Forecaster::new(60.0, 100.0, 1, 7).with_keep(16);
+        let mut last = BTreeMap::new();
+        for w in 0..200 {
+            let mut ops: BTreeMap<String, u64> = [("busy".to_string(), 500)].into();
+            if w < 20 {
+                ops.insert("gone".into(), 300);
+            }
+            last = f.push(&ops);
+            assert!(
+                f.history_windows() < 4 * 16,
+                "window {w}: {}",
+                f.history_windows()
+            );
+        }
+        assert!(!last.contains_key("gone"), "{last:?}");
+        assert_eq!(f.volumes(), 1);
+        assert_eq!(last["busy"].class, Temperature::Hot, "{last:?}");
+        assert_eq!(f.windows(), 200);
+        // The scores span every window, across rebuilds.
+        let acc = f.accuracy();
+        assert!(acc[3].is_some_and(|a| a > 0.8), "{acc:?}");
     }
 
     #[test]
