@@ -83,6 +83,37 @@ pub async fn create_volume(
     .map(drop)
 }
 
+/// A copy's target file: an empty overlay of `backing` (a boot disk's copy, which takes only
+/// the disk's own layer) or a blank volume, `size_bytes` large.
+pub async fn create_copy_target(
+    path: &Path,
+    format: VolumeFormat,
+    backing: Option<&crate::Backing>,
+    size_bytes: u64,
+) -> Result<(), HvError> {
+    let Some(b) = backing else {
+        return create_volume(path, format, size_bytes).await;
+    };
+    let size = size_bytes.to_string();
+    qemu_img(
+        "create overlay",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&b.path)?,
+            "-F",
+            b.format.as_str(),
+            p(path)?,
+            &size,
+        ],
+    )
+    .await
+    .map(drop)
+}
+
 /// Grows a volume file that no QEMU has open.
 pub async fn resize(path: &Path, format: VolumeFormat, size_bytes: u64) -> Result<(), HvError> {
     let size = size_bytes.to_string();

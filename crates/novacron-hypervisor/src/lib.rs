@@ -34,14 +34,34 @@ pub struct RuntimeSpec {
     /// Sizes of the extra blank disks, in MiB.
     pub extra_disks_mib: Vec<u64>,
     pub boot: Option<KernelBoot>,
-    /// Where the disk files are when they live in a storage pool; the VM's directory then
-    /// holds links to them. `None`: in the VM's directory.
-    pub disk_dir: Option<PathBuf>,
-    /// `disk_dir` is the same directory on every host (a shared pool): a migration copies no
-    /// disk, and another host may open them once this one has let go.
+    /// Where each disk's file is (boot disk first) when it lives in a storage pool; the VM's
+    /// directory then holds a link to it. `None`: in the VM's directory. Disks move between
+    /// pools one by one, so they may be in different directories.
+    pub disk_dirs: Vec<Option<PathBuf>>,
+    /// The disks are on shared pools, the same directories on every host: a migration copies
+    /// no disk, and another host may open them once this one has let go. (A VM's disks are
+    /// all on shared pools or none is.)
     pub shared_disks: bool,
     /// Other volumes attached, in their slots' order (at most [`VOLUME_SLOTS`]).
     pub volumes: Vec<AttachedVolume>,
+}
+
+impl RuntimeSpec {
+    /// The pool directory disk `i` (0: the boot disk) is in; `None`: the VM's directory.
+    pub fn disk_dir(&self, i: usize) -> Option<&std::path::Path> {
+        self.disk_dirs.get(i).and_then(|d| d.as_deref())
+    }
+    /// Some disk lives in a pool (and is linked from the VM's directory).
+    pub fn in_pools(&self) -> bool {
+        self.disk_dirs.iter().any(Option::is_some)
+    }
+}
+
+/// The image a boot disk's copy must overlay (the copy takes only the disk's own layer).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backing {
+    pub path: PathBuf,
+    pub format: ImageFormat,
 }
 
 /// Hot-plug slots (PCIe root ports) every VM gets for volumes.
@@ -199,14 +219,14 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// The VM must not be running.
     async fn undefine(&self, id: VmId) -> Result<(), HvError>;
 
-    /// For a VM whose disks already exist in a pool (`spec.disk_dir`): makes them usable on
+    /// For a VM whose disks already exist in pools (`spec.disk_dirs`): makes them usable on
     /// this host (the VM's directory with links to them). Fails when a disk is missing.
     async fn link_disks(&self, spec: &RuntimeSpec) -> Result<(), HvError> {
         let _ = spec;
         Err(unsupported("storage pools"))
     }
 
-    /// Deletes the disks in the VM's pool directory (after `undefine`, when the VM is deleted
+    /// Deletes the VM's disks in pool directories (after `undefine`, when the VM is deleted
     /// for good). Nothing to do for disks kept in the VM's directory.
     async fn remove_pool_disks(&self, spec: &RuntimeSpec) -> Result<(), HvError> {
         let _ = spec;
@@ -266,16 +286,18 @@ pub trait Hypervisor: Send + Sync + 'static {
         Err(unsupported("volumes"))
     }
     /// Starts copying a running VM's disk into `target` (made here, `format`), at most `speed`
-    /// bytes a second; the guest keeps writing (its writes are copied too).
+    /// bytes a second; the guest keeps writing (its writes are copied too). With `backing`
+    /// (a boot disk), `target` overlays that image and only the disk's own layer is copied.
     async fn volume_mirror_start(
         &self,
         id: VmId,
         device: &str,
         target: &std::path::Path,
         format: VolumeFormat,
+        backing: Option<&Backing>,
         speed: u64,
     ) -> Result<(), HvError> {
-        let _ = (id, device, target, format, speed);
+        let _ = (id, device, target, format, backing, speed);
         Err(unsupported("volume moves"))
     }
     /// The running copy of `device`, if any.

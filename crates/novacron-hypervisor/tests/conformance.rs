@@ -68,7 +68,7 @@ fn demo_spec_for_fake() -> RuntimeSpec {
         base_format: ImageFormat::Qcow2,
         extra_disks_mib: vec![],
         boot: None,
-        disk_dir: None,
+        disk_dirs: Vec::new(),
         shared_disks: false,
         volumes: Vec::new(),
     }

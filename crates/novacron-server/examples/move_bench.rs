@@ -35,9 +35,17 @@ fn random_file(path: &Path, bytes: u64) {
 /// to its end, and the seconds it took to start (the daemon, its QMP handshake).
 async fn copy(src: &Path, dest: &Path, bytes: u64, rate: u64) -> (f64, f64) {
     let spawned = Instant::now();
-    let mut c = FileCopy::start(src, VolumeFormat::Raw, dest, VolumeFormat::Raw, false, rate)
-        .await
-        .expect("start copy");
+    let mut c = FileCopy::start(
+        src,
+        VolumeFormat::Raw,
+        dest,
+        VolumeFormat::Raw,
+        None,
+        false,
+        rate,
+    )
+    .await
+    .expect("start copy");
     let setup = spawned.elapsed().as_secs_f64();
     let started = Instant::now();
     loop {

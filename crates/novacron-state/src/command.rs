@@ -243,6 +243,11 @@ pub enum CommandV1 {
     SetTieringPolicy {
         policy: TieringPolicy,
     },
+    /// Records the missing volumes of a VM's own disks (a VM created before its disks were
+    /// volumes). Does nothing when all are there.
+    AddVmDiskVolumes {
+        vm: VmId,
+    },
 }
 
 /// Where a volume ended up after a move.

@@ -329,6 +329,18 @@ impl ClusterState {
                     ))
                     .with_reason("already_migrating"));
                 }
+                if let Some(v) = self
+                    .volumes_of(*id)
+                    .into_iter()
+                    .find(|v| v.moving_to.is_some())
+                {
+                    return Err(ApiError::conflict(format!(
+                        "volume '{}' of VM '{}' is moving between pools; migrate the VM after \
+                         the move",
+                        v.name, vm.name
+                    ))
+                    .with_reason("volume_moving"));
+                }
                 let mut there = vm.clone();
                 there.node = *to;
                 self.check_placement(&there)?;
@@ -697,6 +709,7 @@ impl ClusterState {
                 self.meta.tiering = Some(policy.clone());
                 Ok(vec![Touched::Meta])
             }
+            AddVmDiskVolumes { vm } => self.add_vm_disk_volumes(vm),
         }
     }
 }
@@ -936,7 +949,23 @@ mod tests {
         let e = apply(&mut s, CommandV1::CreateVm { vm: a.clone() }).expect_err("ghost");
         assert_eq!(e.code, ErrorCode::NotFound);
         a.spec.pool = Some("nfs".into());
+        a.spec.disks = vec![DiskSpec {
+            name: "root".into(),
+            size_mib: 64,
+        }];
         apply(&mut s, CommandV1::CreateVm { vm: a.clone() }).expect("shared pool");
+        // Host 1 starts moving the VM's boot disk to another shared pool, then is lost.
+        s.pools.insert("nfs2".into(), pool("nfs2", true));
+        let root = VolumeId::of_vm_disk(a.id, "root");
+        apply(
+            &mut s,
+            CommandV1::BeginVolumeMove {
+                id: root,
+                to: "nfs2".into(),
+                at: 8,
+            },
+        )
+        .expect("move");
 
         let recover = |from, to, seen| CommandV1::RecoverVm {
             id: a.id,
@@ -950,6 +979,12 @@ mod tests {
         assert_eq!(e.code, ErrorCode::Conflict);
         apply(&mut s, recover(1, 2, 0)).expect("recovered");
         assert_eq!(s.vms[&a.id].node, NodeId(2));
+        // The move died with its host: the disk is where it was, and free to move again.
+        let disk = s.volume(&root).expect("root");
+        assert_eq!(
+            (disk.pool.as_str(), disk.moving_to.as_deref()),
+            ("nfs", None)
+        );
         assert_eq!(s.vms[&a.id].recovered_from, Some(NodeId(1)));
         // A second leader deciding the same thing changes nothing.
         let before = s.clone();
@@ -1179,6 +1214,127 @@ mod tests {
         apply(&mut s, CommandV1::DeleteVm { id: v1.id }).expect("delete vm");
         assert!(s.volume(&root.id).is_err());
         assert_eq!(s.volume(&shared.id).expect("kept").attached_to, None);
+    }
+
+    #[test]
+    fn a_vms_own_disks_move_resize_and_keep_its_pool() {
+        let mut s = with_host(4096);
+        let img = image("demo");
+        s.images.insert(img.id, img.clone());
+        s.pools.insert("hot".into(), pool("hot", false));
+        s.pools.insert("nfs".into(), pool("nfs", true));
+        let mut v = vm("db", img.id);
+        v.spec.disks = vec![
+            DiskSpec {
+                name: "root".into(),
+                size_mib: 64,
+            },
+            DiskSpec {
+                name: "disk1".into(),
+                size_mib: 8,
+            },
+        ];
+        apply(&mut s, CommandV1::CreateVm { vm: v.clone() }).expect("vm");
+        let root = VolumeId::of_vm_disk(v.id, "root");
+        let disk1 = VolumeId::of_vm_disk(v.id, "disk1");
+        // Local disks stay local: a migration copies all of a VM's disks or none.
+        let err = apply(
+            &mut s,
+            CommandV1::BeginVolumeMove {
+                id: root,
+                to: "nfs".into(),
+                at: 1,
+            },
+        )
+        .expect_err("kind");
+        assert_eq!(err.reason.as_deref(), Some("vm_disk_pool_kind"));
+        // The boot disk moves: the VM's pool follows it; a failed move changes nothing.
+        let begin = |id| CommandV1::BeginVolumeMove {
+            id,
+            to: "hot".into(),
+            at: 2,
+        };
+        apply(&mut s, begin(root)).expect("begin");
+        let err = apply(
+            &mut s,
+            CommandV1::BeginMigration {
+                id: v.id,
+                from: NodeId(1),
+                to: NodeId(1),
+            },
+        )
+        .expect_err("moving");
+        assert_eq!(err.reason.as_deref(), Some("volume_moving"));
+        apply(
+            &mut s,
+            CommandV1::EndVolumeMove {
+                id: root,
+                moved: None,
+                at: 3,
+            },
+        )
+        .expect("failed move");
+        assert_eq!(s.vms[&v.id].spec.pool, None);
+        apply(&mut s, begin(root)).expect("begin");
+        let done = crate::MovedVolume {
+            node: Some(NodeId(1)),
+            format: VolumeFormat::Qcow2,
+            compressed: false,
+        };
+        apply(
+            &mut s,
+            CommandV1::EndVolumeMove {
+                id: root,
+                moved: Some(done.clone()),
+                at: 4,
+            },
+        )
+        .expect("moved");
+        assert_eq!(s.vms[&v.id].spec.pool.as_deref(), Some("hot"));
+        assert_eq!(s.volume(&root).expect("root").pool, "hot");
+        // Another disk moving leaves the VM's pool alone.
+        apply(
+            &mut s,
+            CommandV1::BeginVolumeMove {
+                id: disk1,
+                to: "hot".into(),
+                at: 5,
+            },
+        )
+        .expect("begin disk1");
+        apply(
+            &mut s,
+            CommandV1::EndVolumeMove {
+                id: disk1,
+                moved: Some(done),
+                at: 6,
+            },
+        )
+        .expect("moved disk1");
+        assert_eq!(s.vms[&v.id].spec.pool.as_deref(), Some("hot"));
+        // Growing an own disk grows the VM's spec of it.
+        apply(
+            &mut s,
+            CommandV1::ResizeVolume {
+                id: disk1,
+                size_mib: 12,
+                at: 7,
+            },
+        )
+        .expect("grow");
+        assert_eq!(s.vms[&v.id].spec.disks[1].size_mib, 12);
+
+        // A VM recorded before its disks were volumes gets them, once.
+        s.volumes.remove(&root);
+        apply(&mut s, CommandV1::AddVmDiskVolumes { vm: v.id }).expect("backfill");
+        let back = s.volume(&root).expect("root again").clone();
+        assert_eq!((back.pool.as_str(), back.node), ("hot", Some(NodeId(1))));
+        let count = s.volumes.len();
+        apply(&mut s, CommandV1::AddVmDiskVolumes { vm: v.id }).expect("again");
+        assert_eq!(
+            (s.volumes.len(), s.volume(&root).ok()),
+            (count, Some(&back))
+        );
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! - a volume is attached to at most one VM, and a volume on a local pool only to a VM on the
 //!   host holding its file;
 //! - a volume being moved (`moving_to`) is not deleted, detached, attached or moved again;
-//! - a pool holding any volume cannot be deleted.
+//! - a pool holding any volume cannot be deleted;
+//! - a VM's own disks are all on shared pools or all on local ones (a migration copies every
+//!   disk or none), and its `spec.pool` is where its boot disk is.
 
 use novacron_types::{
     ApiError, NodeId, UnixMillis, Vm, VmId, Volume, VolumeFormat, VolumeId, VolumeSnapshot,
@@ -119,14 +121,39 @@ impl ClusterState {
         Ok(out)
     }
 
-    /// A VM was recorded on another host (live migration, HA): its local disks went with it.
+    /// Records the volumes of `vm`'s own disks that are missing (a VM recorded before its
+    /// disks were volumes). They are where the VM's pool is.
+    pub(crate) fn add_vm_disk_volumes(&mut self, vm: &VmId) -> Result<Vec<Touched>, ApiError> {
+        let vm = self.vm(vm)?.clone();
+        let mut missing = vm.clone();
+        missing.spec.disks.retain(|d| {
+            !self
+                .volumes
+                .contains_key(&VolumeId::of_vm_disk(vm.id, &d.name))
+        });
+        let mut touched = Vec::new();
+        for mut v in self.vm_disk_volumes(&missing)? {
+            v.updated_at = vm.updated_at;
+            touched.push(Touched::Volume(v.id));
+            self.volumes.insert(v.id, v);
+        }
+        Ok(touched)
+    }
+
+    /// A VM was recorded on another host (live migration, HA): its local disks went with it,
+    /// and a move of one of its volumes, which its old host ran, is over (after a migration
+    /// there is none: a VM with a volume moving does not migrate).
     pub(crate) fn follow_vm(&mut self, vm: VmId, to: NodeId) -> Vec<Touched> {
         let mut touched = Vec::new();
         for v in self.volumes.values_mut() {
-            if v.attached_to == Some(vm) && v.node.is_some() {
-                v.node = Some(to);
-                touched.push(Touched::Volume(v.id));
+            if v.attached_to != Some(vm) || (v.node.is_none() && v.moving_to.is_none()) {
+                continue;
             }
+            if v.node.is_some() {
+                v.node = Some(to);
+            }
+            v.moving_to = None;
+            touched.push(Touched::Volume(v.id));
         }
         touched
     }
@@ -316,10 +343,20 @@ impl ClusterState {
             ));
         }
         Self::not_moving(v, "resize it")?;
+        let mut touched = vec![Touched::Volume(*id)];
+        // A VM's own disk: the VM's spec says its size too (a migration target makes it so).
+        if let (Some(disk), Some(vm)) = (v.vm_disk.clone(), v.attached_to)
+            && let Some(vm) = self.vms.get_mut(&vm)
+            && let Some(d) = vm.spec.disks.iter_mut().find(|d| d.name == disk)
+        {
+            d.size_mib = size_mib;
+            vm.updated_at = at;
+            touched.push(Touched::Vm(vm.id));
+        }
         let v = self.volume_mut(id)?;
         v.size_mib = size_mib;
         v.updated_at = at;
-        Ok(vec![Touched::Volume(*id)])
+        Ok(touched)
     }
 
     pub(crate) fn add_volume_snapshot(
@@ -372,7 +409,29 @@ impl ClusterState {
             .with_reason("same_pool"));
         }
         let shared = self.pool_is_shared(to)?;
-        if let Some(vm) = v.attached_to.and_then(|vm| self.vms.get(&vm))
+        let vm = v.attached_to.and_then(|vm| self.vms.get(&vm));
+        if let (Some(disk), Some(vm)) = (&v.vm_disk, vm) {
+            if shared != self.pool_is_shared(&v.pool)? {
+                return Err(ApiError::conflict(format!(
+                    "volume '{}' is VM '{}''s {disk} disk, on a {} pool; its disks stay all on \
+                     shared pools or all on local ones (a migration copies all or none), so \
+                     pool '{to}' ({}) is not possible",
+                    v.name,
+                    vm.name,
+                    if shared { "local" } else { "shared" },
+                    if shared { "shared" } else { "local" },
+                ))
+                .with_reason("vm_disk_pool_kind"));
+            }
+            if let Some(t) = vm.migrating_to {
+                return Err(ApiError::conflict(format!(
+                    "VM '{}' is migrating to host {t}",
+                    vm.name
+                ))
+                .with_reason("already_migrating"));
+            }
+        }
+        if let Some(vm) = vm
             && vm.spec.ha
             && !shared
         {
@@ -413,6 +472,16 @@ impl ClusterState {
                 ));
             }
         }
+        let mut touched = vec![Touched::Volume(*id)];
+        // A VM's boot disk moved: the VM's pool is where its boot disk is.
+        if done.is_some()
+            && v.vm_disk.as_deref() == Some("root")
+            && let Some(vm) = v.attached_to.and_then(|vm| self.vms.get_mut(&vm))
+        {
+            vm.spec.pool = (to != "data").then(|| to.clone());
+            vm.updated_at = at;
+            touched.push(Touched::Vm(vm.id));
+        }
         let v = self.volume_mut(id)?;
         v.moving_to = None;
         v.updated_at = at;
@@ -423,7 +492,7 @@ impl ClusterState {
             v.compressed = compressed;
             v.moved_at = Some(at);
         }
-        Ok(vec![Touched::Volume(*id)])
+        Ok(touched)
     }
 
     /// Names of the volumes on `pool` (a pool in use cannot be deleted).

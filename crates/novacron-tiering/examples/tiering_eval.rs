@@ -89,6 +89,7 @@ fn planning_bench() -> usize {
                 used_bytes: 0,
                 cost_per_gib_month: 0.3 / (i as f64 + 1.0),
                 draining: round % 50 == 0 && i == 2,
+                shared: false,
             })
             .collect();
         let volumes: Vec<VolumeState> = (0..n)
@@ -111,6 +112,7 @@ fn planning_bench() -> usize {
                     score,
                     idle_windows: rng.random_range(0..200),
                     moved_at: Some(round.saturating_sub(rng.random_range(0..20))),
+                    needs_shared: None,
                 }
             })
             .collect();

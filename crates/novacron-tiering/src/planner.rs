@@ -61,6 +61,9 @@ pub struct PoolState {
     pub cost_per_gib_month: f64,
     /// Maintenance: everything must leave.
     pub draining: bool,
+    /// The same directory on every host.
+    #[serde(default)]
+    pub shared: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -76,6 +79,10 @@ pub struct VolumeState {
     pub idle_windows: u64,
     /// The window of its last move.
     pub moved_at: Option<u64>,
+    /// `Some(shared)`: only pools that are (or are not) shared will do (a VM's own disks are
+    /// all on shared pools or none is).
+    #[serde(default)]
+    pub needs_shared: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -132,15 +139,21 @@ impl Room<'_> {
         (self.pools[p].capacity_bytes as f64 * self.high_water) as u64
     }
 
-    /// The cheapest pool of `tier` (not draining, not `except`) that takes `size` under its
-    /// high-water mark.
-    fn cheapest(&self, tier: Tier, size: u64, except: usize) -> Option<usize> {
+    /// Whether volume `v` may be in pool `p` at all.
+    fn fits(&self, v: &VolumeState, p: usize) -> bool {
+        v.needs_shared.is_none_or(|s| self.pools[p].shared == s)
+    }
+
+    /// The cheapest pool of `tier` (not draining, not `except`, one `v` may be in) that takes
+    /// `v` under its high-water mark.
+    fn cheapest(&self, tier: Tier, v: &VolumeState, except: usize) -> Option<usize> {
         (0..self.pools.len())
             .filter(|p| {
                 *p != except
                     && self.pools[*p].tier == tier
                     && !self.pools[*p].draining
-                    && self.used[*p] + size <= self.limit(*p)
+                    && self.fits(v, *p)
+                    && self.used[*p] + v.size_bytes <= self.limit(*p)
             })
             .min_by(|a, b| {
                 self.pools[*a]
@@ -201,10 +214,7 @@ pub fn plan(
             continue;
         }
         let order = [here.tier, Tier::Warm, Tier::Cold, Tier::Hot];
-        if let Some(to) = order
-            .iter()
-            .find_map(|t| room.cheapest(*t, vol.size_bytes, vol.pool))
-        {
+        if let Some(to) = order.iter().find_map(|t| room.cheapest(*t, vol, vol.pool)) {
             let reason = format!("pool '{}' is draining", here.name);
             take(
                 &mut out,
@@ -244,7 +254,7 @@ pub fn plan(
             if let Some(to) = pool
                 .tier
                 .colder_all()
-                .find_map(|t| room.cheapest(t, vol.size_bytes, p))
+                .find_map(|t| room.cheapest(t, vol, p))
             {
                 let reason = format!(
                     "pool '{}' is above {:.0}% of its capacity; coldest volume first",
@@ -283,7 +293,7 @@ pub fn plan(
         {
             continue;
         }
-        if let Some(to) = room.cheapest(Tier::Hot, vol.size_bytes, vol.pool) {
+        if let Some(to) = room.cheapest(Tier::Hot, vol, vol.pool) {
             let reason = format!("predicted hot (score {:.2})", vol.score);
             take(
                 &mut out,
@@ -311,7 +321,7 @@ pub fn plan(
             continue;
         }
         let hot_pool = volumes[w].pool;
-        let Some(down) = room.cheapest(Tier::Warm, volumes[w].size_bytes, hot_pool) else {
+        let Some(down) = room.cheapest(Tier::Warm, &volumes[w], hot_pool) else {
             continue;
         };
         let reason = format!(
@@ -328,7 +338,8 @@ pub fn plan(
             reason,
         );
         weakest.next();
-        if room.used[hot_pool] + vol.size_bytes <= room.limit(hot_pool) {
+        if room.fits(vol, hot_pool) && room.used[hot_pool] + vol.size_bytes <= room.limit(hot_pool)
+        {
             let reason = format!(
                 "predicted hot (score {:.2}), displacing a colder volume",
                 vol.score
@@ -370,7 +381,7 @@ pub fn plan(
             };
         if let Some(to) = targets
             .iter()
-            .find_map(|t| room.cheapest(*t, vol.size_bytes, vol.pool))
+            .find_map(|t| room.cheapest(*t, vol, vol.pool))
         {
             take(&mut out, &mut moved, &mut room, v, to, policy, reason);
         }
@@ -390,6 +401,7 @@ mod tests {
             used_bytes: 0,
             cost_per_gib_month: cost,
             draining: false,
+            shared: false,
         }
     }
 
@@ -402,6 +414,7 @@ mod tests {
             score,
             idle_windows: 0,
             moved_at: None,
+            needs_shared: None,
         }
     }
 
@@ -527,6 +540,26 @@ mod tests {
         let plan = plan(&pools, &vols, &Policies::default(), 100);
         assert_eq!((plan[0].to, plan[0].policy), (2, Policy::Time));
         assert!(plan[0].reason.contains("idle for 100 windows"));
+    }
+
+    #[test]
+    fn a_vms_own_disk_keeps_to_its_kind_of_pool() {
+        // A cheap shared cold pool and a dearer local one: a VM's local disk goes to the
+        // local one, any other volume to the cheaper.
+        let mut nfs = pool("nfs-cold", Tier::Cold, 100, 0.01);
+        nfs.shared = true;
+        let pools = vec![
+            pool("hot", Tier::Hot, 100, 0.2),
+            nfs,
+            pool("cold", Tier::Cold, 100, 0.02),
+        ];
+        let mut disk = vol("web-root", 0, Temperature::Cold, 0.0);
+        disk.needs_shared = Some(false);
+        let other = vol("logs", 0, Temperature::Cold, 0.0);
+        let vols = vec![disk, other];
+        let moves = plan(&with_usage(pools, &vols), &vols, &Policies::default(), 100);
+        let to: Vec<(usize, usize)> = moves.iter().map(|m| (m.volume, m.to)).collect();
+        assert_eq!(to, vec![(0, 2), (1, 1)]);
     }
 
     #[test]

@@ -373,6 +373,234 @@ async fn a_volume_moves_hot_cold_hot_under_a_writing_guest_and_loses_nothing() {
     assert!(moved >= 32.0 * MIB as f64, "bytes moved: {moved}");
 }
 
+/// `qemu-img info` of a disk (a running QEMU may hold it: `-U`).
+fn disk_info(file: &Path) -> serde_json::Value {
+    let out = run(Command::new("qemu-img").args([
+        "info",
+        "-U",
+        "--output=json",
+        &file.display().to_string(),
+    ]));
+    serde_json::from_str(&out).expect("qemu-img info")
+}
+
+/// The guest's view of a (stopped) VM's disk through its link in the VM's directory.
+fn guest_view(link: &Path, into: &Path) -> Vec<u8> {
+    raw_copy(link, VolumeFormat::Qcow2, into)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vms_boot_disk_moves_between_pools_running_and_stopped() {
+    let node = Node::start();
+    let c = node.admin().await;
+    let root = tempfile::tempdir().expect("tmp");
+    pools(&c, root.path()).await;
+    no_throttle(&c).await;
+
+    // The demo guest writes numbered blocks to its own boot disk (the first 4 MiB; it boots
+    // from its initrd). 12 MiB of random data at 8 MiB are the disk's own layer, the rest
+    // reads through to the image.
+    c.create_vm(&demo_vm_with("boot", "novacron.seqwrite=vda"))
+        .await
+        .expect("vm");
+    let vm = c.get_vm("boot").await.expect("vm");
+    let link = node
+        .data_dir()
+        .join("vms")
+        .join(vm.id.to_string())
+        .join("root.qcow2");
+    let seed = root.path().join("seed.bin");
+    run(Command::new("dd").args([
+        "if=/dev/urandom",
+        &format!("of={}", seed.display()),
+        "bs=1M",
+        "count=12",
+        "status=none",
+    ]));
+    run(Command::new("qemu-io").args([
+        "-f",
+        "qcow2",
+        "-c",
+        &format!("write -q -s {} 8M 12M", seed.display()),
+        &link.display().to_string(),
+    ]));
+    let image = disk_info(&link)["backing-filename"]
+        .as_str()
+        .expect("the boot disk overlays the image")
+        .to_string();
+    let before = guest_view(&link, &root.path().join("before.raw"));
+    let disk = c.get_volume("boot-root").await.expect("root volume");
+    assert_eq!(
+        (disk.pool.as_str(), disk.vm_disk.as_deref()),
+        ("data", Some("root"))
+    );
+
+    let op = c.vm_action("boot", "start").await.expect("start");
+    c.wait_success(&op, Duration::from_secs(60))
+        .await
+        .expect("started");
+    wait_console(
+        &c,
+        "boot",
+        "seqwrite device vda present",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    let acked = wait_ack(&c, "boot", 5).await;
+
+    // Running: data → cold pool → hot pool, live. The VM's pool follows its boot disk; its
+    // directory links to the disk; the disk still overlays the image.
+    let host = disk.node.expect("a local disk names its host").0;
+    let in_pool = |pool: &str| {
+        root.path()
+            .join(pool)
+            .join(format!("host-{host}"))
+            .join("vms")
+            .join(vm.id.to_string())
+            .join("root.qcow2")
+    };
+    let (cold, _) = move_to(&c, "boot-root", "archive", Some(20)).await;
+    assert_eq!(cold.node, disk.node);
+    assert_eq!(
+        c.get_vm("boot").await.expect("vm").spec.pool.as_deref(),
+        Some("archive")
+    );
+    assert_eq!(
+        std::fs::read_link(&link).expect("a link now"),
+        in_pool("archive")
+    );
+    assert_eq!(
+        disk_info(&in_pool("archive"))["backing-filename"],
+        image.as_str()
+    );
+    let acked = wait_ack(&c, "boot", acked + 10).await;
+    move_to(&c, "boot-root", "fast", None).await;
+    assert_eq!(std::fs::read_link(&link).expect("link"), in_pool("fast"));
+    assert!(
+        !in_pool("archive").exists(),
+        "the cold copy goes after the move"
+    );
+    let acked = wait_ack(&c, "boot", acked + 10).await;
+
+    // Grown through the volume API while it runs: the guest's disk and the VM's spec.
+    c.volume_action(
+        "boot-root",
+        "resize",
+        &novacron_types::ResizeVolumeRequest { size_mib: 80 },
+    )
+    .await
+    .expect("grow the boot disk");
+    assert_eq!(disk_info(&link)["virtual-size"], 80 * MIB);
+    assert_eq!(
+        c.get_vm("boot").await.expect("vm").spec.disks[0].size_mib,
+        80
+    );
+    assert_eq!(c.get_vm("boot").await.expect("vm").state, VmState::Running);
+
+    // Stopped: what the guest wrote is there, and the rest is unchanged.
+    let op = c.vm_action("boot", "force-stop").await.expect("stop");
+    c.wait_success(&op, Duration::from_secs(60))
+        .await
+        .expect("stopped");
+    let after = guest_view(&link, &root.path().join("after.raw"));
+    let sixty_four = (64 * MIB) as usize;
+    assert!(
+        after[(4 * MIB) as usize..sixty_four] == before[(4 * MIB) as usize..sixty_four],
+        "the disk beyond the guest's writes changed across the moves"
+    );
+    assert!(
+        after[sixty_four..].iter().all(|b| *b == 0),
+        "the grown part reads zeros"
+    );
+    let last_header = |bytes: &[u8]| -> u64 {
+        (0..SLOTS)
+            .filter_map(|slot| {
+                let at = (slot * BLOCK) as usize;
+                std::str::from_utf8(&bytes[at..at + HEADER])
+                    .ok()?
+                    .strip_prefix("NCSEQ ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    assert!(
+        last_header(&after) >= acked,
+        "write {acked} was acknowledged, the disk ends at {}",
+        last_header(&after)
+    );
+
+    // Stopped, the disk is copied: into pool `data` (the VM's directory holds the file again)
+    // and compressed into the cold pool; the VM boots from each.
+    move_to(&c, "boot-root", "data", Some(50)).await;
+    assert!(
+        !std::fs::symlink_metadata(&link)
+            .expect("disk")
+            .file_type()
+            .is_symlink(),
+        "in pool `data` the disk is a file in the VM's directory"
+    );
+    assert!(!in_pool("fast").exists());
+    assert_eq!(c.get_vm("boot").await.expect("vm").spec.pool, None);
+    let (cold, _) = move_to(&c, "boot-root", "archive", Some(50)).await;
+    assert!(cold.compressed, "a copy into a cold pool is compressed");
+    assert_eq!(
+        disk_info(&in_pool("archive"))["backing-filename"],
+        image.as_str()
+    );
+    assert!(
+        guest_view(&link, &root.path().join("copied.raw")) == after,
+        "the copies changed the disk"
+    );
+    let op = c.vm_action("boot", "start").await.expect("start again");
+    c.wait_success(&op, Duration::from_secs(60))
+        .await
+        .expect("started from the cold pool");
+    wait_console(
+        &c,
+        "boot",
+        "seqwrite device vda present",
+        2,
+        Duration::from_secs(60),
+    )
+    .await;
+
+    // And live out of the compressed file, back to the hot pool. (The guest numbers its
+    // writes from 1 again: count them.)
+    let writes = wait_writes(&c, "boot", 0).await;
+    move_to(&c, "boot-root", "fast", None).await;
+    assert!(!in_pool("archive").exists());
+    wait_writes(&c, "boot", writes + 5).await;
+}
+
+/// Waits until the console shows more than `seen` acknowledged writes in all; returns how
+/// many it shows.
+async fn wait_writes(c: &Client, vm: &str, seen: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let n = console_text(c, vm)
+            .await
+            .lines()
+            .filter(|l| {
+                l.trim()
+                    .strip_prefix("seqwrite ")
+                    .is_some_and(|n| n.trim().parse::<u64>().is_ok())
+            })
+            .count();
+        if n > seen {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no acknowledged write beyond the {seen} seen"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_detached_volume_goes_compressed_into_cold_and_back_within_its_rate() {
     let node = Node::start();
@@ -462,17 +690,28 @@ async fn volume_errors_filters_pages_and_cli() {
     assert_eq!(e.status(), Some(409));
     let e = c.delete_volume("box-root").await.expect_err("boot");
     assert_eq!(status(&e).2.as_deref(), Some("volume_attached"));
+    let boot_move = |pool: &str| MoveVolumeRequest {
+        pool: pool.into(),
+        rate_mb: None,
+    };
     let e = c
-        .move_volume(
-            "box-root",
-            &MoveVolumeRequest {
-                pool: "fast".into(),
-                rate_mb: None,
-            },
-        )
+        .move_volume("box-root", &boot_move("data"))
         .await
-        .expect_err("boot move");
-    assert_eq!(status(&e).2.as_deref(), Some("vm_disk_not_movable"));
+        .expect_err("already there");
+    assert_eq!(status(&e).2.as_deref(), Some("same_pool"));
+    // A VM snapshot lives inside the VM's disks: a copy would lose it.
+    let op = c.snapshot_vm("box", "s1").await.expect("vm snapshot");
+    c.wait_success(&op, Duration::from_secs(30))
+        .await
+        .expect("vm snapshot");
+    let e = c
+        .move_volume("box-root", &boot_move("fast"))
+        .await
+        .expect_err("boot move with a VM snapshot");
+    assert_eq!(status(&e).2.as_deref(), Some("has_snapshots"));
+    c.delete("/api/v1/vms/box/snapshots/s1")
+        .await
+        .expect("drop the VM snapshot");
     let e = c
         .move_volume(
             "a1",
@@ -917,16 +1156,38 @@ async fn moves_cut_short_by_a_crash_are_undone_after_the_restart() {
         ]));
         sums.push((name, file.clone(), sha256(&file)));
     }
+    // Three VMs: "app" will have "busy" attached (one move per VM at a time); the boot disks
+    // of "web" (running) and "idle" (stopped) hold 16 MiB of their own.
     c.create_vm(&demo_vm("app")).await.expect("vm");
-    let op = c.vm_action("app", "start").await.expect("start");
-    c.wait_success(&op, Duration::from_secs(60))
-        .await
-        .expect("started");
+    let mut boot_disks = Vec::new();
+    for vm in ["web", "idle"] {
+        c.create_vm(&demo_vm(vm)).await.expect("vm");
+        let id = c.get_vm(vm).await.expect("vm").id;
+        let link = node
+            .data_dir()
+            .join("vms")
+            .join(id.to_string())
+            .join("root.qcow2");
+        run(Command::new("qemu-io").args([
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -q -s {} 8M 16M", seed.display()),
+            &link.display().to_string(),
+        ]));
+        boot_disks.push((format!("{vm}-root"), link.clone(), sha256(&link)));
+    }
+    for vm in ["app", "web"] {
+        let op = c.vm_action(vm, "start").await.expect("start");
+        c.wait_success(&op, Duration::from_secs(60))
+            .await
+            .expect("started");
+    }
     c.volume_action("busy", "attach", &AttachVolumeRequest { vm: "app".into() })
         .await
         .expect("attach");
-    // Both at 1 MB/s: a detached copy and a live mirror, each about 16 s.
-    for name in ["bulk", "busy"] {
+    // All at 1 MB/s: detached copies and live mirrors, each about 16 s.
+    for name in ["bulk", "busy", "web-root", "idle-root"] {
         c.move_volume(
             name,
             &MoveVolumeRequest {
@@ -939,12 +1200,12 @@ async fn moves_cut_short_by_a_crash_are_undone_after_the_restart() {
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let archive = root.path().join("archive");
-    assert_eq!(copy_daemons(&archive), 1, "the detached copy runs");
+    assert_eq!(copy_daemons(&archive), 2, "the detached copies run");
     node.kill();
     assert_eq!(
         copy_daemons(&archive),
-        1,
-        "the copy daemon outlives novacron"
+        2,
+        "the copy daemons outlive novacron"
     );
     node.start_again();
     let c = node.admin().await;
@@ -974,13 +1235,42 @@ async fn moves_cut_short_by_a_crash_are_undone_after_the_restart() {
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "left in the cold pool: {left:?}");
+    let left: Vec<_> = walk(&archive.join("host-1").join("vms"));
+    assert!(left.is_empty(), "VM disks left in the cold pool: {left:?}");
     for (name, file, sum) in sums {
         let v = c.get_volume(name).await.expect(name);
         assert_eq!(v.pool, "fast", "{name}");
         assert_eq!(sha256(&file), sum, "{name} changed");
     }
+    // The boot disks are where they were: files in the VM's directory.
+    for (name, link, sum) in &boot_disks {
+        let v = c.get_volume(name).await.expect(name);
+        assert_eq!(v.pool, "data", "{name}");
+        let meta = std::fs::symlink_metadata(link).expect(name);
+        assert!(meta.file_type().is_file(), "{name} is no longer a file");
+        if name == "idle-root" {
+            assert_eq!(&sha256(link), sum, "{name} changed");
+        }
+    }
     // The guest kept its disk, and the volume moves again.
     assert_eq!(c.get_vm("app").await.expect("vm").state, VmState::Running);
     let (v, _) = move_to(&c, "busy", "archive", None).await;
     assert_eq!(v.pool, "archive");
+    assert_eq!(c.get_vm("web").await.expect("vm").state, VmState::Running);
+    let (v, _) = move_to(&c, "web-root", "archive", None).await;
+    assert_eq!(v.pool, "archive");
+}
+
+/// Every file under `dir`, at any depth.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

@@ -176,7 +176,7 @@ mod tests {
                 initrd: Some("/img/initrd".into()),
                 cmdline: Some("console=ttyS0".into()),
             }),
-            disk_dir: None,
+            disk_dirs: Vec::new(),
             shared_disks: false,
             volumes: vec![crate::AttachedVolume {
                 id: novacron_types::VolumeId::new_random(),

@@ -53,17 +53,25 @@ fn qmp_err(command: &'static str, e: impl std::fmt::Display) -> HvError {
 
 impl FileCopy {
     /// Makes `dest` (as `to`, the size of `src`) and starts copying `src` into it at `speed`
-    /// bytes a second.
+    /// bytes a second. With `backing` (a boot disk), `dest` overlays that image and only
+    /// `src`'s own layer is copied.
     pub async fn start(
         src: &Path,
         from: VolumeFormat,
         dest: &Path,
         to: VolumeFormat,
+        backing: Option<&crate::Backing>,
         compress: bool,
         speed: u64,
     ) -> Result<FileCopy, HvError> {
         let size = disks::info(src).await?.virtual_size;
-        disks::create_volume(dest, to, size).await?;
+        disks::create_copy_target(dest, to, backing, size).await?;
+        // The target's backing is not opened: the job only writes into it. (`null` exists
+        // only in the JSON form of the option.)
+        let mut dst = json!({ "driver": to.as_str(), "node-name": "dst", "file": "dst-file" });
+        if backing.is_some() {
+            dst["backing"] = serde_json::Value::Null;
+        }
         let socket = std::env::temp_dir().join(format!(
             "novacron-copy-{}.sock",
             VolumeId::new_random().short()
@@ -83,7 +91,7 @@ impl FileCopy {
                 "--blockdev",
                 &format!("driver=file,node-name=dst-file,filename={}", esc(dest)),
                 "--blockdev",
-                &format!("driver={},node-name=dst,file=dst-file", to.as_str()),
+                &dst.to_string(),
                 "--chardev",
                 &format!("socket,id=qmp,path={},server=on,wait=off", esc(&socket)),
                 "--monitor",
@@ -115,7 +123,7 @@ impl FileCopy {
             "job-id": "copy",
             "device": "src",
             "target": "dst",
-            "sync": "full",
+            "sync": if backing.is_some() { "top" } else { "full" },
             "compress": compress,
             "speed": speed.max(1),
             "auto-dismiss": false,

@@ -223,10 +223,12 @@ pub(super) async fn outgoing_mirror(
                 })),
             )
             .await?;
+            // The disk's node now: a disk moved to another pool has a new one.
+            let (device, _) = super::volumes::disk_node(hv, id, &node).await?;
             // The root disk is an overlay on an image both hosts have: only its own layer
             // moves. Other disks are copied whole.
             let mut args = json!({
-                "job-id": mig(&node), "device": node, "target": mig(&node),
+                "job-id": mig(&node), "device": device, "target": mig(&node),
                 "sync": if node == "root" { "top" } else { "full" }
             });
             if let Some(speed) = tuning.disk_bandwidth {

@@ -279,36 +279,57 @@ pub fn kill_shared_disk_vms(vms_root: &Path) -> Vec<VmId> {
 /// In a VM's directory: its disks are links into a shared pool (not this host's to delete).
 const SHARED_MARK: &str = "shared-disks";
 
-/// Links each disk in the pool's directory from the VM's directory (replacing stale links).
+/// Links each disk that lives in a pool's directory from the VM's directory (replacing stale
+/// links).
 fn link_pool_disks(spec: &RuntimeSpec, paths: &VmPaths) -> Result<(), HvError> {
-    let Some(dir) = &spec.disk_dir else {
+    if !spec.in_pools() {
         return Ok(());
-    };
+    }
     if spec.shared_disks {
         std::fs::write(paths.dir.join(SHARED_MARK), b"")?;
     }
-    let pool = VmPaths { dir: dir.clone() };
-    let n = spec.extra_disks_mib.len();
-    for (real, link) in pool.disks(n).into_iter().zip(paths.disks(n)) {
+    for (i, link) in paths.disks(spec.extra_disks_mib.len()).iter().enumerate() {
+        let Some(real) = pool_file(spec, i, link) else {
+            continue;
+        };
         if !real.exists() {
             return Err(HvError::Missing(format!(
                 "disk {} is missing from the pool",
                 real.display()
             )));
         }
-        match std::fs::symlink_metadata(&link) {
-            Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(&link)?,
-            Ok(_) => {
-                return Err(HvError::StartFailed(format!(
-                    "{} is a file, not a link to the pool",
-                    link.display()
-                )));
-            }
-            Err(_) => {}
-        }
-        std::os::unix::fs::symlink(&real, &link)?;
+        replace_link(&real, link)?;
     }
     Ok(())
+}
+
+/// Where disk `i` (named like its `link` in the VM's directory) lives in its pool, if it does.
+fn pool_file(spec: &RuntimeSpec, i: usize, link: &Path) -> Option<PathBuf> {
+    Some(spec.disk_dir(i)?.join(link.file_name()?))
+}
+
+/// Makes `link` a symbolic link to `real`, replacing whatever is there (a link, or the disk's
+/// old file once it has been copied to `real`) in one step: the VM's directory never lacks
+/// the disk.
+pub fn relink(real: &Path, link: &Path) -> Result<(), HvError> {
+    let tmp = link.with_extension("link-new");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(real, &tmp)?;
+    std::fs::rename(&tmp, link)?;
+    Ok(())
+}
+
+/// [`relink`], refusing to replace a real file (a disk) with a link.
+fn replace_link(real: &Path, link: &Path) -> Result<(), HvError> {
+    if let Ok(m) = std::fs::symlink_metadata(link)
+        && !m.file_type().is_symlink()
+    {
+        return Err(HvError::StartFailed(format!(
+            "{} is a file, not a link to the pool",
+            link.display()
+        )));
+    }
+    relink(real, link)
 }
 
 fn last_lines(path: &Path, n: usize) -> String {
@@ -339,26 +360,30 @@ impl Hypervisor for QemuHypervisor {
             )));
         }
         std::fs::create_dir_all(&paths.dir)?;
-        // Disks go to the pool's directory (when there is one), linked from the VM's.
-        let at = VmPaths {
-            dir: spec.disk_dir.clone().unwrap_or_else(|| paths.dir.clone()),
-        };
+        // A disk in a pool is made in the pool's directory, linked from the VM's.
+        let files: Vec<PathBuf> = paths
+            .disks(spec.extra_disks_mib.len())
+            .iter()
+            .enumerate()
+            .map(|(i, link)| pool_file(spec, i, link).unwrap_or_else(|| link.clone()))
+            .collect();
         let result = async {
-            std::fs::create_dir_all(&at.dir)?;
-            disks::create_overlay(&spec.base_image, spec.base_format, &at.root_disk()).await?;
-            for (i, size) in spec.extra_disks_mib.iter().enumerate() {
-                disks::create_blank(&at.extra_disk(i + 1), *size).await?;
+            for (i, file) in files.iter().enumerate() {
+                if let Some(dir) = file.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                match i.checked_sub(1) {
+                    None => disks::create_overlay(&spec.base_image, spec.base_format, file).await?,
+                    Some(e) => disks::create_blank(file, spec.extra_disks_mib[e]).await?,
+                }
             }
-            if spec.disk_dir.is_some() {
-                link_pool_disks(spec, &paths)?;
-            }
-            Ok(())
+            link_pool_disks(spec, &paths)
         }
         .await;
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&paths.dir);
-            if spec.disk_dir.is_some() {
-                let _ = std::fs::remove_dir_all(&at.dir);
+            for dir in spec.disk_dirs.iter().flatten() {
+                let _ = std::fs::remove_dir_all(dir);
             }
         }
         result
@@ -366,7 +391,7 @@ impl Hypervisor for QemuHypervisor {
 
     async fn link_disks(&self, spec: &RuntimeSpec) -> Result<(), HvError> {
         let paths = self.paths(spec.id);
-        if spec.disk_dir.is_none() {
+        if !spec.in_pools() {
             return Err(HvError::Unsupported(
                 "the VM's disks are not in a storage pool".into(),
             ));
@@ -376,17 +401,27 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn remove_pool_disks(&self, spec: &RuntimeSpec) -> Result<(), HvError> {
-        let Some(dir) = &spec.disk_dir else {
+        if !spec.in_pools() {
             return Ok(());
-        };
+        }
         if self.handle(spec.id).is_some() || self.live_pid(spec.id).is_some() {
             return Err(HvError::AlreadyRunning(spec.id));
         }
-        match std::fs::remove_dir_all(dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
+        let links = self.paths(spec.id).disks(spec.extra_disks_mib.len());
+        for (i, link) in links.iter().enumerate() {
+            if let Some(file) = pool_file(spec, i, link) {
+                match std::fs::remove_file(&file) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
         }
+        // The VM's directories in the pools, once empty.
+        for dir in spec.disk_dirs.iter().flatten() {
+            let _ = std::fs::remove_dir(dir);
+        }
+        Ok(())
     }
 
     async fn undefine(&self, id: VmId) -> Result<(), HvError> {
@@ -641,9 +676,10 @@ impl Hypervisor for QemuHypervisor {
         device: &str,
         target: &Path,
         format: novacron_types::VolumeFormat,
+        backing: Option<&crate::Backing>,
         speed: u64,
     ) -> Result<(), HvError> {
-        volumes::mirror_start(self, id, device, target, format, speed).await
+        volumes::mirror_start(self, id, device, target, format, backing, speed).await
     }
     async fn volume_mirror_status(
         &self,

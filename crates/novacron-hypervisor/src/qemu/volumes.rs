@@ -1,7 +1,8 @@
 //! Volumes on a running VM: hot-plug into a free PCIe root port, unplug (the guest releases the
 //! device through ACPI), grow, snapshot, and move to another file while the guest writes.
 //!
-//! A move is QEMU's `blockdev-mirror` (sync `full`, with its `speed` limit) from the disk's
+//! A move is QEMU's `blockdev-mirror` (sync `full`, or `top` for a boot disk, whose target
+//! overlays the same image; with its `speed` limit) from the disk's
 //! current node into a new node on the target file; once the job is ready (caught up, writes
 //! mirrored), `block-job-complete` switches the guest's device to the new node between two
 //! requests, so the guest sees nothing. The old node is then closed, and the caller may delete
@@ -58,7 +59,11 @@ async fn block_entry(hv: &QemuHypervisor, id: VmId, disk: &str) -> Result<Option
 }
 
 /// The block node the guest's disk `disk` reads and writes now.
-async fn disk_node(hv: &QemuHypervisor, id: VmId, disk: &str) -> Result<(String, u64), HvError> {
+pub(super) async fn disk_node(
+    hv: &QemuHypervisor,
+    id: VmId,
+    disk: &str,
+) -> Result<(String, u64), HvError> {
     let entry = block_entry(hv, id, disk)
         .await?
         .ok_or_else(|| HvError::Missing(format!("VM {id} has no disk '{disk}'")))?;
@@ -238,11 +243,14 @@ pub(super) async fn mirror_start(
     disk: &str,
     target: &Path,
     format: VolumeFormat,
+    backing: Option<&crate::Backing>,
     speed: u64,
 ) -> Result<(), HvError> {
     let (node, size) = disk_node(hv, id, disk).await?;
     let tnode = target_node(disk, &node);
-    disks::create_volume(target, format, size).await?;
+    // A boot disk's target overlays the image (QEMU opens that backing with it), and only
+    // the disk's own layer is copied.
+    disks::create_copy_target(target, format, backing, size).await?;
     let cleanup = || async {
         let _ = std::fs::remove_file(target);
     };
@@ -263,7 +271,7 @@ pub(super) async fn mirror_start(
             "job-id": job_id(disk),
             "device": node,
             "target": tnode,
-            "sync": "full",
+            "sync": if backing.is_some() { "top" } else { "full" },
             "speed": speed,
             "buf-size": MIRROR_BUFFER,
         })),

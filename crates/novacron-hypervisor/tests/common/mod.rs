@@ -41,7 +41,7 @@ pub fn demo_spec() -> RuntimeSpec {
             initrd: Some(s("initrd.img")),
             cmdline: Some("console=ttyS0 quiet panic=-1".into()),
         }),
-        disk_dir: None,
+        disk_dirs: Vec::new(),
         shared_disks: false,
         volumes: Vec::new(),
     }

@@ -339,16 +339,18 @@ impl Service {
         }
         std::fs::create_dir_all(&dir).map_err(|e| ApiError::internal(e.to_string()))?;
         // Disks in a (local) pool go to this host's directory of the pool, linked from the VM's.
-        let files: Vec<std::path::PathBuf> = match &spec.disk_dir {
-            Some(pool_dir) => {
-                std::fs::create_dir_all(pool_dir).map_err(|e| ApiError::internal(e.to_string()))?;
-                files
-                    .iter()
-                    .filter_map(|f| f.file_name().map(|n| pool_dir.join(n)))
-                    .collect()
-            }
-            None => files,
-        };
+        let files: Vec<std::path::PathBuf> = files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| match (spec.disk_dir(i), f.file_name()) {
+                (Some(pool_dir), Some(name)) => {
+                    std::fs::create_dir_all(pool_dir)
+                        .map_err(|e| ApiError::internal(e.to_string()))?;
+                    Ok(pool_dir.join(name))
+                }
+                _ => Ok(f.clone()),
+            })
+            .collect::<Result<_, ApiError>>()?;
         let limiter = crate::limiter::ByteRate::new(req.bandwidth);
         let copy = async {
             let mut bytes = 0u64;
@@ -384,7 +386,7 @@ impl Service {
                     .await
                     .map_err(|e| ApiError::internal(e.to_string()))?;
             }
-            if spec.disk_dir.is_some() {
+            if spec.in_pools() {
                 self.inner.hv.link_disks(&spec).await.map_err(hv_error)?;
             }
             Ok::<_, ApiError>(bytes)
@@ -408,7 +410,7 @@ impl Service {
         };
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
-            if let Some(pool_dir) = &spec.disk_dir {
+            for pool_dir in spec.disk_dirs.iter().flatten() {
                 let _ = std::fs::remove_dir_all(pool_dir);
             }
         }
@@ -575,6 +577,25 @@ impl Service {
                      move it stopped (its files are copied whole), or delete the snapshots",
                     vm.name,
                     vm.snapshots.len()
+                ),
+            ));
+        }
+        // The same for snapshots of one of its disks (taken through the volume API).
+        let with_snapshots: Vec<String> = self.inner.state.read(|s| {
+            s.volumes_of(vm.id)
+                .iter()
+                .filter(|v| v.is_vm_disk() && !v.snapshots.is_empty())
+                .map(|v| v.name.clone())
+                .collect()
+        });
+        if !cold && !with_snapshots.is_empty() {
+            return Err(refused(
+                "has_snapshots",
+                format!(
+                    "disk(s) {} of VM '{}' have snapshots, which a live move would lose; stop \
+                     it and move it stopped, or delete the snapshots",
+                    with_snapshots.join(", "),
+                    vm.name
                 ),
             ));
         }

@@ -39,10 +39,16 @@ pub(crate) struct PoolProbe {
 
 /// Where a VM's disks go when they are in a pool.
 pub(crate) struct PoolPlace {
-    pub disk_dir: PathBuf,
     pub shared: bool,
     /// The base image as seen from the pool (shared pools only).
     pub base_image: Option<PathBuf>,
+}
+
+/// Where a shared pool keeps its copy of an image (boot disks there overlay it).
+pub(crate) fn pool_image(pool_root: &Path, image: &Image) -> PathBuf {
+    pool_root
+        .join("images")
+        .join(format!("{}.{}", image.id, image.format.as_str()))
 }
 
 fn uuid_suffix() -> String {
@@ -239,37 +245,39 @@ impl Service {
         Ok(())
     }
 
-    /// Where `vm`'s disks live on this host, when they are in a pool.
+    /// Where `vm`'s boot disk lives on this host, when it is in a pool (its `spec.pool`).
     pub(crate) fn pool_place(&self, vm: &Vm, image: &Image) -> Result<Option<PoolPlace>, ApiError> {
         let Some(name) = &vm.spec.pool else {
             return Ok(None);
         };
+        let (_, shared, root) = self.vm_disk_dir(vm.id, name)?;
+        Ok(Some(PoolPlace {
+            shared,
+            base_image: shared.then(|| pool_image(&root, image)),
+        }))
+    }
+
+    /// The directory of `vm`'s disks in pool `name` on this host, whether the pool is shared,
+    /// and the pool's own directory.
+    pub(crate) fn vm_disk_dir(
+        &self,
+        vm: novacron_types::VmId,
+        name: &str,
+    ) -> Result<(PathBuf, bool, PathBuf), ApiError> {
         let pool = self
             .inner
             .state
             .read(|s| s.pools.get(name).cloned())
             .ok_or_else(|| ApiError::not_found("pool", name))?;
         let root = PathBuf::from(&pool.path);
-        Ok(Some(if pool.shared {
-            PoolPlace {
-                disk_dir: root.join("vms").join(vm.id.to_string()),
-                shared: true,
-                base_image: Some(root.join("images").join(format!(
-                    "{}.{}",
-                    image.id,
-                    image.format.as_str()
-                ))),
-            }
+        let dir = if pool.shared {
+            root.join("vms").join(vm.to_string())
         } else {
-            PoolPlace {
-                disk_dir: root
-                    .join(format!("host-{}", self.inner.node))
-                    .join("vms")
-                    .join(vm.id.to_string()),
-                shared: false,
-                base_image: None,
-            }
-        }))
+            root.join(format!("host-{}", self.inner.node))
+                .join("vms")
+                .join(vm.to_string())
+        };
+        Ok((dir, pool.shared, root))
     }
 
     /// Copies the image into a shared pool unless it is there already (written under a

@@ -62,7 +62,7 @@ impl Service {
         self.inner.state.read(|s| {
             s.volumes
                 .values()
-                .filter(|v| !v.is_vm_disk() && v.moving_to.is_none())
+                .filter(|v| v.moving_to.is_none())
                 .filter(|v| match s.volume_host(v) {
                     Some(h) => h == me,
                     None => leader,
@@ -83,7 +83,7 @@ impl Service {
             .map(|v| {
                 let ops = v
                     .attached_to
-                    .and_then(|vm| store.get(&format!("{vm}/vol-{}", v.id)))
+                    .and_then(|vm| store.get(&format!("{vm}/{}", super::volumes::device_of(v))))
                     .map(|series| {
                         let (_, buckets) = series.buckets(0);
                         buckets
@@ -182,6 +182,7 @@ impl Service {
                 used_bytes: used.get(&p.name).copied().unwrap_or(0),
                 cost_per_gib_month: p.cost_per_gib_month,
                 draining: policy.draining_pools.contains(&p.name),
+                shared: p.shared,
             })
             .collect();
         let window = |ms: i64| (ms.max(0) as u64 / 1000) / policy.window_s.max(1);
@@ -202,6 +203,8 @@ impl Service {
                 score: f.score,
                 idle_windows: f.idle_windows,
                 moved_at: v.moved_at.map(window),
+                // A VM's own disk keeps to its kind of pool (see `novacron_state::volumes`).
+                needs_shared: v.is_vm_disk().then_some(v.node.is_none()),
             });
             planned_vols.push(v.clone());
         }

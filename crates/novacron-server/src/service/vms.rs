@@ -171,6 +171,24 @@ impl Service {
                 ))
             })?;
         let pool = self.pool_place(vm, &image)?;
+        // Each disk where its volume is (disks move between pools one by one); a VM recorded
+        // before its disks were volumes has them all in its pool.
+        let disk_dirs = vm
+            .spec
+            .disks
+            .iter()
+            .map(|d| {
+                let id = novacron_types::VolumeId::of_vm_disk(vm.id, &d.name);
+                let pool = self
+                    .inner
+                    .state
+                    .read(|s| s.volumes.get(&id).map(|v| v.pool.clone()))
+                    .or_else(|| vm.spec.pool.clone())
+                    .filter(|p| p != "data");
+                pool.map(|p| self.vm_disk_dir(vm.id, &p).map(|(dir, ..)| dir))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
         Ok(RuntimeSpec {
             id: vm.id,
             name: vm.name.clone(),
@@ -184,7 +202,7 @@ impl Service {
             extra_disks_mib: vm.spec.disks.iter().skip(1).map(|d| d.size_mib).collect(),
             boot: vm.spec.boot.clone().or(image.boot.clone()),
             shared_disks: pool.as_ref().is_some_and(|p| p.shared),
-            disk_dir: pool.map(|p| p.disk_dir),
+            disk_dirs,
             volumes: self.attached_volumes(vm.id)?,
         })
     }
@@ -519,9 +537,9 @@ impl Service {
                 // no directory on its new host yet).
                 self.require_pool_here(vm)?;
                 self.require_lease(vm)?;
-                let linked = match spec.disk_dir {
-                    Some(_) => hv.link_disks(&spec).await,
-                    None => Ok(()),
+                let linked = match spec.in_pools() {
+                    true => hv.link_disks(&spec).await,
+                    false => Ok(()),
                 };
                 let r = match linked {
                     Ok(()) => hv.start(&spec).await,

@@ -3,7 +3,8 @@
 //! running VM), detached, grown, snapshotted, moved between pools and deleted here.
 //!
 //! Where a volume's file is (see `volume_file`):
-//! - a VM's own disk: in the VM's directory (a link into its pool, see `pools.rs`);
+//! - a VM's own disk: in the VM's directory (pool `data`), or in `<pool dir of the VM>/<disk>.qcow2`
+//!   (see `pools.rs`) with a link from the VM's directory, where QEMU opens it;
 //! - pool `data`: `DATA/volumes/<id>.<format>` on the host holding it;
 //! - a local pool: `<pool>/host-<node>/volumes/<id>.<format>`;
 //! - a shared pool: `<pool>/volumes/<id>.<format>`.
@@ -11,21 +12,27 @@
 //! A move (`volume.move` operation) copies the file to the target pool and switches to it:
 //! a volume of a running VM with QEMU's `blockdev-mirror` at the rate the move scheduler gives
 //! it (changed on the fly with `block-job-set-speed`), then a pivot the guest does not notice;
-//! a volume no QEMU has open with `qemu-img convert -r RATE`, compressed (`-c`) into a cold
-//! pool. The old file goes only after the replicated state records the new place.
+//! a volume no QEMU has open with a block job in a `qemu-storage-daemon` (`FileCopy`, paced
+//! the same way), compressed into a cold pool. The old file goes only after the replicated
+//! state records the new place.
+//!
+//! A VM's own disk moves the same way; its copy is written as `<disk>.part` and put in place
+//! (renamed, linked from the VM's directory) once the move is recorded (`settle_vm_disk`); a
+//! boot disk's copy overlays the VM's image and takes only the disk's own layer.
 //!
 //! Invariants: file work happens on the host that must do it (the attached VM's host, or the
-//! host holding a local volume; the API forwards there); a VM's own disks do not move on their
-//! own (they move with the VM); at most [`MAX_MOVES`] moves run on a host at once, sharing the
-//! policy's limits evenly (`limiter::shares`).
+//! host holding a local volume; the API forwards there); at most [`MAX_MOVES`] moves run on a
+//! host at once, sharing the policy's limits evenly (`limiter::shares`); nothing a VM opens is
+//! removed before the replicated state says it is no longer the VM's disk.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use novacron_hypervisor::qemu::copy::FileCopy;
-use novacron_hypervisor::{AttachedVolume, disks};
+use novacron_hypervisor::qemu::relink;
+use novacron_hypervisor::{AttachedVolume, Backing, disks};
 use novacron_state::{CommandV1, MovedVolume};
 use novacron_types::{
     ApiError, AttachVolumeRequest, CreateVolumeRequest, MoveVolumeRequest, NodeId, Operation,
@@ -220,11 +227,10 @@ impl Service {
         format: VolumeFormat,
     ) -> Result<PathBuf, ApiError> {
         if let (Some(disk), Some(vm)) = (&v.vm_disk, v.attached_to) {
-            return Ok(self
-                .data_dir()
-                .join("vms")
-                .join(vm.to_string())
-                .join(format!("{disk}.qcow2")));
+            return Ok(match pool {
+                "data" => self.vm_disk_link(vm, disk),
+                _ => self.vm_disk_dir(vm, pool)?.0.join(format!("{disk}.qcow2")),
+            });
         }
         let name = format!("{}.{}", v.id, format.as_str());
         if pool == "data" {
@@ -240,6 +246,15 @@ impl Service {
             Some(n) if !p.shared => root.join(format!("host-{n}")).join("volumes").join(name),
             _ => root.join("volumes").join(name),
         })
+    }
+
+    /// Disk `disk` of `vm` in the VM's directory: the file itself (pool `data`), or a link
+    /// to it in its pool; QEMU opens it there.
+    fn vm_disk_link(&self, vm: VmId, disk: &str) -> PathBuf {
+        self.data_dir()
+            .join("vms")
+            .join(vm.to_string())
+            .join(format!("{disk}.qcow2"))
     }
 
     fn current_file(&self, v: &Volume) -> Result<PathBuf, ApiError> {
@@ -566,7 +581,6 @@ impl Service {
     ) -> Result<Volume, ApiError> {
         validate::volume_size("size_mib", req.size_mib)?;
         let v = self.get_volume(key).await?;
-        own_disk_refused(&v, "resized")?;
         if req.size_mib <= v.size_mib {
             return Err(ApiError::invalid(
                 "size_mib",
@@ -614,7 +628,6 @@ impl Service {
     ) -> Result<Volume, ApiError> {
         validate::name("name", &req.name)?;
         let v = self.get_volume(key).await?;
-        own_disk_refused(&v, "snapshotted on its own (snapshot the VM)")?;
         if v.format == VolumeFormat::Raw {
             return Err(ApiError::conflict(format!(
                 "volume '{}' is raw; only qcow2 volumes keep snapshots",
@@ -707,13 +720,18 @@ impl Service {
             validate::rate_mb("rate_mb", r)?;
         }
         let v = self.get_volume(key).await?;
-        if v.is_vm_disk() {
+        if let Some(vm) = v.attached_to.filter(|_| v.is_vm_disk())
+            && let Ok(vm) = self.find_vm(&vm.to_string())
+            && !vm.snapshots.is_empty()
+        {
             return Err(ApiError::conflict(format!(
-                "volume '{}' is a VM's own disk; it moves with its VM (choose its pool when \
-                 creating the VM)",
-                v.name
+                "volume '{}' is a disk of VM '{}', which has {} snapshot(s) inside its disks; \
+                 a move would lose them; delete them first",
+                v.name,
+                vm.name,
+                vm.snapshots.len()
             ))
-            .with_reason("vm_disk_not_movable"));
+            .with_reason("has_snapshots"));
         }
         if !v.snapshots.is_empty() {
             // Snapshots live inside the file; a copy takes only the current data.
@@ -747,6 +765,7 @@ impl Service {
             Some(vm) => Some(self.lock_own_vm(&vm.to_string()).await?.1),
             None => None,
         };
+        let backing = self.boot_disk_backing(&v, &req.pool).await?;
         let svc = self.clone();
         let to = req.pool.clone();
         let cap = req.rate_mb.map(|r| r * MB);
@@ -769,7 +788,14 @@ impl Service {
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(ctx.id, tx);
                 let id = v.id;
-                let result = match svc.move_plan(v, to, node, format, cold, cap, cancel) {
+                let target = MoveTarget {
+                    pool: to,
+                    node,
+                    format,
+                    compress: cold,
+                    backing,
+                };
+                let result = match svc.move_plan(v, target, cap, cancel) {
                     Ok(plan) => svc.run_move(&ctx, plan, &why).await,
                     Err(e) => {
                         let _ = svc.end_move(id, None).await;
@@ -787,16 +813,44 @@ impl Service {
         .await
     }
 
+    /// The image the copy of a VM's boot disk overlays in pool `to` (a shared pool keeps its
+    /// own copy of the image); `None` for any other volume.
+    async fn boot_disk_backing(&self, v: &Volume, to: &str) -> Result<Option<Backing>, ApiError> {
+        if v.vm_disk.as_deref() != Some("root") {
+            return Ok(None);
+        }
+        let Some(vm) = v.attached_to else {
+            return Ok(None);
+        };
+        let vm = self.find_vm(&vm.to_string())?;
+        let image = self
+            .inner
+            .state
+            .read(|s| s.images.get(&vm.spec.image).cloned())
+            .ok_or_else(|| ApiError::internal(format!("the image of VM '{}' is gone", vm.name)))?;
+        let (_, shared, root) = match to {
+            "data" => (PathBuf::new(), false, PathBuf::new()),
+            _ => self.vm_disk_dir(vm.id, to)?,
+        };
+        let path = if shared {
+            let path = super::pools::pool_image(&root, &image);
+            self.ensure_pool_image(&image, &path).await?;
+            path
+        } else {
+            PathBuf::from(&image.path)
+        };
+        Ok(Some(Backing {
+            path,
+            format: image.format,
+        }))
+    }
+
     /// Where a move copies from and to, from the volume as it is now that `BeginVolumeMove`
     /// is recorded (an attach or detach that committed just before changes how it copies).
-    #[allow(clippy::too_many_arguments)]
     fn move_plan(
         &self,
         asked: Volume,
-        to: String,
-        node: Option<NodeId>,
-        format: VolumeFormat,
-        compress: bool,
+        target: MoveTarget,
         cap: Option<u64>,
         cancel: tokio::sync::watch::Receiver<bool>,
     ) -> Result<MovePlan, ApiError> {
@@ -808,17 +862,55 @@ impl Service {
                 v.name
             )));
         }
+        let to_file = self.volume_file(&v, &target.pool, target.node, target.format)?;
         Ok(MovePlan {
             cancel,
             from_file: self.current_file(&v)?,
-            to_file: self.volume_file(&v, &to, node, format)?,
-            to,
-            node,
-            format,
-            compress,
+            stage: stage_file(&v, &to_file),
+            to_file,
+            to: target.pool,
+            node: target.node,
+            format: target.format,
+            compress: target.compress,
+            backing: target.backing,
             cap,
             v,
         })
+    }
+
+    /// A VM's own disk, after its move is recorded: the copy takes the disk's name in its new
+    /// pool, the VM's directory links to it (or holds it, in pool `data`), and the old file
+    /// goes. Every step can be redone (after a crash, `recover_volume_moves` does).
+    fn settle_vm_disk(&self, v: &Volume, stage: &Path, to_file: &Path, from_file: &Path) {
+        let (Some(disk), Some(vm)) = (&v.vm_disk, v.attached_to) else {
+            return;
+        };
+        let link = self.vm_disk_link(vm, disk);
+        let result = (|| -> Result<(), novacron_hypervisor::HvError> {
+            if stage.exists() {
+                std::fs::rename(stage, to_file)?;
+            }
+            if to_file != link {
+                // Replaces the old link, or the old file itself when it was in pool `data`.
+                relink(to_file, &link)?;
+            }
+            if from_file != link && from_file != to_file {
+                let _ = std::fs::remove_file(from_file);
+                if let Some(dir) = from_file.parent() {
+                    let _ = std::fs::remove_dir(dir);
+                }
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                let _ = std::fs::remove_file(move_marker(to_file));
+            }
+            Err(e) => tracing::error!(
+                volume = v.name,
+                "moved, but putting the disk in place failed ({e}); a restart tries again"
+            ),
+        }
     }
 
     /// Records the end of a move, retrying through a brief loss of quorum.
@@ -896,8 +988,12 @@ impl Service {
         let recorded = self.end_move(v.id, moved).await;
         match (&result, &recorded) {
             (Ok(bytes), Ok(())) => {
-                let _ = std::fs::remove_file(&plan.from_file);
-                let _ = std::fs::remove_file(move_marker(&plan.to_file));
+                if v.is_vm_disk() {
+                    self.settle_vm_disk(v, &plan.stage, &plan.to_file, &plan.from_file);
+                } else {
+                    let _ = std::fs::remove_file(&plan.from_file);
+                    let _ = std::fs::remove_file(move_marker(&plan.to_file));
+                }
                 m.volume_moves
                     .get_or_create(&result_label("finished"))
                     .inc();
@@ -933,11 +1029,17 @@ impl Service {
             std::fs::create_dir_all(dir)
                 .map_err(|e| ApiError::internal(format!("cannot make {}: {e}", dir.display())))?;
         }
-        if plan.to_file.exists() {
-            return Err(ApiError::conflict(format!(
-                "{} already exists; a previous move left it (remove it)",
-                plan.to_file.display()
-            )));
+        // (A VM's disk moving into pool `data` goes where its link is now.)
+        let is_link = std::fs::symlink_metadata(&plan.to_file)
+            .is_ok_and(|m| m.file_type().is_symlink())
+            && v.is_vm_disk();
+        for f in [&plan.stage, &plan.to_file] {
+            if f.exists() && !(f == &plan.to_file && is_link) {
+                return Err(ApiError::conflict(format!(
+                    "{} already exists; a previous move left it (remove it)",
+                    f.display()
+                )));
+            }
         }
         match self.live_vm(v) {
             // A live mirror writes plain clusters; only a copy compresses.
@@ -955,11 +1057,19 @@ impl Service {
         let v = &plan.v;
         let mut pace = Pacer::new(self, v.id);
         let part = plan.to_file.with_extension("part");
+        let marker = move_marker(&plan.to_file);
+        if v.is_vm_disk() {
+            // A VM's disk is put in place after the move is recorded; the marker says when
+            // the copy is complete (`recover_volume_move`).
+            std::fs::write(&marker, COPYING)
+                .map_err(|e| ApiError::internal(format!("writing {}: {e}", marker.display())))?;
+        }
         let copy = FileCopy::start(
             &plan.from_file,
             v.format,
             &part,
             plan.format,
+            plan.backing.as_ref(),
             plan.compress,
             pace.speed,
         )
@@ -969,6 +1079,7 @@ impl Service {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_file(&part);
+                let _ = std::fs::remove_file(&marker);
                 return Err(e);
             }
         };
@@ -1001,12 +1112,17 @@ impl Service {
         };
         copy.stop().await;
         let result = result.and_then(|bytes| {
+            if v.is_vm_disk() {
+                mark_done(plan, COPIED);
+                return Ok(bytes);
+            }
             std::fs::rename(&part, &plan.to_file)
                 .map(|()| bytes)
                 .map_err(|e| ApiError::internal(format!("renaming the copy: {e}")))
         });
         if result.is_err() {
             let _ = std::fs::remove_file(&part);
+            let _ = std::fs::remove_file(&marker);
         }
         result
     }
@@ -1026,7 +1142,14 @@ impl Service {
         std::fs::write(&marker, MIRRORING)
             .map_err(|e| ApiError::internal(format!("writing {}: {e}", marker.display())))?;
         if let Err(e) = hv
-            .volume_mirror_start(vm.id, &dev, &plan.to_file, plan.format, pace.speed)
+            .volume_mirror_start(
+                vm.id,
+                &dev,
+                &plan.stage,
+                plan.format,
+                plan.backing.as_ref(),
+                pace.speed,
+            )
             .await
         {
             let _ = std::fs::remove_file(&marker);
@@ -1067,22 +1190,18 @@ impl Service {
             Ok(bytes) => Ok(bytes),
             // An error after the switch (closing the old file, a slow end of the job) still
             // leaves the guest on the new file: that is a finished move, whatever else failed.
-            Err(e) if self.switched_to(vm, &dev, &plan.to_file).await => {
+            Err(e) if self.switched_to(vm, &dev, &plan.stage).await => {
                 tracing::warn!(volume = plan.v.name, "moved, but: {}", e.message);
                 Ok(plan.v.size_mib << 20)
             }
             Err(e) => Err(e),
         };
         match &result {
-            Ok(_) => {
-                // Kept until the new place is recorded (`run_move` removes it).
-                if let Err(e) = std::fs::write(&marker, SWITCHED) {
-                    tracing::error!("writing {}: {e}", marker.display());
-                }
-            }
+            // Kept until the new place is recorded (`run_move` removes it).
+            Ok(_) => mark_done(plan, SWITCHED),
             Err(_) => {
                 let _ = hv.volume_mirror_abort(vm.id, &dev).await;
-                let _ = std::fs::remove_file(&plan.to_file);
+                let _ = std::fs::remove_file(&plan.stage);
                 let _ = std::fs::remove_file(&marker);
             }
         }
@@ -1102,6 +1221,7 @@ impl Service {
     /// stays where it was. Detached volumes on shared pools are left alone (another host may be
     /// moving them).
     pub(crate) async fn recover_volume_moves(&self) {
+        self.backfill_vm_disks().await;
         let me = self.inner.node;
         let vols: Vec<Volume> = self.inner.state.read(|s| {
             s.volumes
@@ -1117,6 +1237,60 @@ impl Service {
                     "recovering an interrupted move: {}",
                     e.message
                 );
+            }
+        }
+        // A VM's disk whose move was recorded but not yet put in place.
+        let disks: Vec<Volume> = self.inner.state.read(|s| {
+            s.volumes
+                .values()
+                .filter(|v| v.is_vm_disk() && v.moving_to.is_none())
+                .filter(|v| s.volume_host(v) == Some(me))
+                .cloned()
+                .collect()
+        });
+        for v in disks {
+            let Ok(to_file) = self.current_file(&v) else {
+                continue;
+            };
+            if let Some((phase, from)) = read_marker(&to_file)
+                && (phase == SWITCHED || phase == COPIED)
+            {
+                let from = from.unwrap_or_else(|| to_file.clone());
+                self.settle_vm_disk(&v, &stage_file(&v, &to_file), &to_file, &from);
+                tracing::info!(volume = v.name, "a moved disk was put in place");
+            }
+        }
+    }
+
+    /// The VMs of this host recorded before their disks were volumes get those volumes.
+    async fn backfill_vm_disks(&self) {
+        let me = self.inner.node;
+        let vms: Vec<(VmId, String)> = self.inner.state.read(|s| {
+            s.vms
+                .values()
+                .filter(|vm| vm.node == me)
+                .filter(|vm| {
+                    vm.spec.disks.iter().any(|d| {
+                        !s.volumes
+                            .contains_key(&VolumeId::of_vm_disk(vm.id, &d.name))
+                    })
+                })
+                .map(|vm| (vm.id, vm.name.clone()))
+                .collect()
+        });
+        for (vm, name) in vms {
+            match self
+                .inner
+                .state
+                .propose(CommandV1::AddVmDiskVolumes { vm })
+                .await
+            {
+                Ok(_) => tracing::info!(vm = name, "recorded the VM's disks as volumes"),
+                Err(e) => tracing::warn!(
+                    vm = name,
+                    "recording the VM's disks as volumes: {}",
+                    e.message
+                ),
             }
         }
     }
@@ -1136,27 +1310,37 @@ impl Service {
         let format = if cold { VolumeFormat::Qcow2 } else { v.format };
         let to_file = self.volume_file(v, &to, node, format)?;
         let from_file = self.current_file(v)?;
+        let stage = stage_file(v, &to_file);
+        let part = to_file.with_extension("part");
         let marker = move_marker(&to_file);
-        let done = match std::fs::read_to_string(&marker).ok().as_deref() {
+        let done = match read_marker(&to_file).map(|(phase, _)| phase).as_deref() {
             // A live move that had switched: the new file is the volume.
             Some(SWITCHED) => Some(false),
-            // A live move that had not (or the switch was not written down yet: ask QEMU).
+            // A VM disk's copy that had completed.
+            Some(COPIED) => Some(cold),
+            // A live move that had not (or the switch was not written down yet: ask QEMU),
+            // or a VM disk's copy that had not completed.
             Some(_) => match self.live_vm(v) {
                 Some(vm) => {
                     let dev = device_of(v);
-                    if self.switched_to(&vm, &dev, &to_file).await {
+                    if self.switched_to(&vm, &dev, &stage).await {
                         Some(false)
                     } else {
                         let _ = self.inner.hv.volume_mirror_abort(vm.id, &dev).await;
                         None
                     }
                 }
-                None => None,
+                None => {
+                    novacron_hypervisor::qemu::copy::kill_strays(&part);
+                    None
+                }
             },
+            // A VM's disk whose copy had not begun.
+            None if v.is_vm_disk() => None,
             // A copy: complete once renamed into place. A daemon the dead process left copying
             // goes first.
             None => {
-                novacron_hypervisor::qemu::copy::kill_strays(&to_file.with_extension("part"));
+                novacron_hypervisor::qemu::copy::kill_strays(&part);
                 to_file.exists().then_some(cold)
             }
         };
@@ -1173,12 +1357,23 @@ impl Service {
                 at: now_millis(),
             })
             .await?;
-        let _ = std::fs::remove_file(to_file.with_extension("part"));
-        let _ = std::fs::remove_file(&marker);
-        if moved.is_some() {
-            let _ = std::fs::remove_file(&from_file);
+        if v.is_vm_disk() {
+            match moved {
+                Some(_) => self.settle_vm_disk(v, &stage, &to_file, &from_file),
+                None => {
+                    // (`to_file` may be the VM's link to the disk: it stays.)
+                    let _ = std::fs::remove_file(&stage);
+                    let _ = std::fs::remove_file(&marker);
+                }
+            }
         } else {
-            let _ = std::fs::remove_file(&to_file);
+            let _ = std::fs::remove_file(&part);
+            let _ = std::fs::remove_file(&marker);
+            if moved.is_some() {
+                let _ = std::fs::remove_file(&from_file);
+            } else {
+                let _ = std::fs::remove_file(&to_file);
+            }
         }
         tracing::info!(
             volume = v.name,
@@ -1334,34 +1529,72 @@ impl Pacer {
     }
 }
 
+/// Where a move goes and how the copy is stored there.
+struct MoveTarget {
+    pool: String,
+    /// The host holding it (a local pool).
+    node: Option<NodeId>,
+    format: VolumeFormat,
+    compress: bool,
+    /// A boot disk's copy overlays this image.
+    backing: Option<Backing>,
+}
+
 struct MovePlan {
     v: Volume,
     /// Set by `DELETE /api/v1/operations/{id}`.
     cancel: tokio::sync::watch::Receiver<bool>,
     from_file: PathBuf,
     to_file: PathBuf,
+    /// Where the copy is written: `to_file`, except for a VM's own disk (whose `to_file` in
+    /// pool `data` is the VM's link to the disk now), which is renamed in place once recorded.
+    stage: PathBuf,
     to: String,
     node: Option<NodeId>,
     format: VolumeFormat,
     compress: bool,
+    backing: Option<Backing>,
     cap: Option<u64>,
 }
 
-/// A VM's own disks are described by the VM (sizes, snapshots), which migrations and HA
-/// follow: they change only through the VM.
-fn own_disk_refused(v: &Volume, what: &str) -> Result<(), ApiError> {
+/// Where a move of `v` to `to_file` writes its copy (see [`MovePlan::stage`]).
+fn stage_file(v: &Volume, to_file: &Path) -> PathBuf {
     if v.is_vm_disk() {
-        return Err(ApiError::conflict(format!(
-            "volume '{}' is a VM's own disk; it cannot be {what}",
-            v.name
-        ))
-        .with_reason("vm_disk"));
+        to_file.with_extension("part")
+    } else {
+        to_file.to_path_buf()
     }
-    Ok(())
 }
 
 const MIRRORING: &str = "mirroring";
+const COPYING: &str = "copying";
+/// A live move switched the guest to the new file.
 const SWITCHED: &str = "switched";
+/// A VM disk's copy (VM stopped) is complete.
+const COPIED: &str = "copied";
+
+/// A move's phase as its marker says (the first line; a VM disk's "switched" marker names
+/// the old file on the second).
+fn read_marker(to_file: &Path) -> Option<(String, Option<PathBuf>)> {
+    let text = std::fs::read_to_string(move_marker(to_file)).ok()?;
+    let mut lines = text.lines();
+    let phase = lines.next().unwrap_or_default().to_string();
+    Some((phase, lines.next().map(PathBuf::from)))
+}
+
+/// Records that the copy is complete (`phase`: [`SWITCHED`] or [`COPIED`]) and, for a VM's
+/// disk, which file it replaces.
+fn mark_done(plan: &MovePlan, phase: &str) {
+    let marker = move_marker(&plan.to_file);
+    let text = if plan.v.is_vm_disk() {
+        format!("{phase}\n{}\n", plan.from_file.display())
+    } else {
+        phase.to_string()
+    };
+    if let Err(e) = std::fs::write(&marker, text) {
+        tracing::error!("writing {}: {e}", marker.display());
+    }
+}
 
 /// The file recording a live move's phase, beside its target.
 fn move_marker(to_file: &std::path::Path) -> PathBuf {
