@@ -1,7 +1,8 @@
 //! Live migration on a real cluster (two full hosts and a witness) with the demo guest: the VM moves with its disks and
 //! keeps ticking without a reboot, ownership switches once, the source's copy goes; a cancel
 //! mid-copy and a target killed mid-copy both leave the guest running where it was, with no
-//! leftovers on the target; pre-flight refusals carry a reason.
+//! leftovers on the target; pre-flight refusals carry a reason; a VM whose disks were moved
+//! into a local pool migrates live and cold into the target's directory of that pool.
 
 mod common;
 
@@ -485,4 +486,133 @@ async fn evacuating_a_host_moves_running_vms_live_and_stopped_ones_cold() {
         let op = c.vm_action(name, "force-stop").await.expect("stop");
         wait_op(&c, &op, Duration::from_secs(30)).await;
     }
+}
+
+/// Moves `volume` to `pool` and waits for the move.
+async fn move_volume(c: &Client, volume: &str, pool: &str) {
+    let op = c
+        .move_volume(
+            volume,
+            &novacron_types::MoveVolumeRequest {
+                pool: pool.into(),
+                rate_mb: None,
+            },
+        )
+        .await
+        .expect("move");
+    let done = wait_op(c, &op, Duration::from_secs(60)).await;
+    assert_eq!(done.status, OperationStatus::Success, "{done:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_whose_disks_moved_to_a_pool_migrates_live_and_cold_with_them() {
+    let cluster = TestCluster::start(&["full", "full"], &[]).await;
+    let c = cluster.admin(1).await;
+    let pools = tempfile::tempdir().expect("tmp");
+    c.create_pool(&novacron_types::CreatePoolRequest {
+        name: "fast".into(),
+        path: pools.path().join("fast").display().to_string(),
+        tier: novacron_types::PoolTier::Hot,
+        shared: false,
+        capacity_bytes: 1 << 30,
+        cost_per_gib_month: 0.2,
+        performance_class: None,
+    })
+    .await
+    .expect("pool");
+    let vm = c
+        .create_vm(&CreateVmRequest {
+            node: Some(NodeId(1)),
+            disks: vec![novacron_types::DiskRequest { size_mib: 8 }],
+            ..demo_vm("mover")
+        })
+        .await
+        .expect("create");
+    let id = vm.id.to_string();
+    qemu_io(&[
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x5c 0 1M",
+        &disk1(&cluster.nodes[0], &id),
+    ]);
+    let op = c.vm_action("mover", "start").await.expect("start");
+    wait_op(&c, &op, Duration::from_secs(60)).await;
+    wait_console(&c, "mover", "tick 1", 1, Duration::from_secs(60)).await;
+
+    // Both disks into the pool while the guest runs; the VM's directory links to them.
+    move_volume(&c, "mover-disk1", "fast").await;
+    move_volume(&c, "mover-root", "fast").await;
+    let in_pool = |host: u64, disk: &str| {
+        pools
+            .path()
+            .join("fast")
+            .join(format!("host-{host}"))
+            .join("vms")
+            .join(&id)
+            .join(disk)
+    };
+    let link = |host: usize| std::path::PathBuf::from(disk1(&cluster.nodes[host - 1], &id));
+    assert_eq!(
+        std::fs::read_link(link(1)).expect("link"),
+        in_pool(1, "disk1.qcow2")
+    );
+
+    // Live to host 2: each disk is mirrored into host 2's directory of the same pool.
+    let before = last_tick(&console_text(&c, "mover").await);
+    let op = c
+        .migrate_vm(
+            "mover",
+            &MigrateVmRequest {
+                target: Some(NodeId(2)),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("migrate");
+    let done = wait_op(&c, &op, Duration::from_secs(120)).await;
+    assert_eq!(done.status, OperationStatus::Success, "{done:?}");
+    let text = wait_ticks_past(&c, "mover", before).await;
+    assert!(!text.contains("READY"), "rebooted:\n{text}");
+    for disk in ["root.qcow2", "disk1.qcow2"] {
+        assert!(in_pool(2, disk).exists(), "{disk} not in host 2's pool");
+        assert!(!in_pool(1, disk).exists(), "{disk} left in host 1's pool");
+    }
+    assert_eq!(
+        std::fs::read_link(link(2)).expect("link on host 2"),
+        in_pool(2, "disk1.qcow2")
+    );
+    assert_data(true, "read -P 0x5c 0 1M", &link(2).to_string_lossy());
+    let disk = c.get_volume("mover-disk1").await.expect("volume");
+    assert_eq!((disk.pool.as_str(), disk.node), ("fast", Some(NodeId(2))));
+
+    // Stopped, back to host 1: the files are copied into host 1's directory of the pool.
+    let op = c.vm_action("mover", "force-stop").await.expect("stop");
+    wait_op(&c, &op, Duration::from_secs(30)).await;
+    let op = c
+        .migrate_vm(
+            "mover",
+            &MigrateVmRequest {
+                target: Some(NodeId(1)),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("cold back");
+    let done = wait_op(&c, &op, Duration::from_secs(60)).await;
+    assert_eq!(done.status, OperationStatus::Success, "{done:?}");
+    assert_eq!(
+        std::fs::read_link(link(1)).expect("link on host 1"),
+        in_pool(1, "disk1.qcow2")
+    );
+    assert_data(false, "read -P 0x5c 0 1M", &link(1).to_string_lossy());
+    assert!(!in_pool(2, "disk1.qcow2").exists(), "left on host 2");
+    // And it boots there from the pool (a console of its own on this host: its first boot
+    // here).
+    let op = c.vm_action("mover", "start").await.expect("start");
+    let done = wait_op(&c, &op, Duration::from_secs(60)).await;
+    assert_eq!(done.status, OperationStatus::Success, "{done:?}");
+    wait_console(&c, "mover", "READY", 1, Duration::from_secs(60)).await;
+    let op = c.vm_action("mover", "force-stop").await.expect("stop");
+    wait_op(&c, &op, Duration::from_secs(30)).await;
 }
