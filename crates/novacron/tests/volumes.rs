@@ -104,11 +104,12 @@ fn volume_file(data: &Path, pools: &Path, v: &Volume) -> PathBuf {
     let name = format!("{}.{}", v.id, v.format.as_str());
     match v.pool.as_str() {
         "data" => data.join("volumes").join(name),
-        p => pools
-            .join(p)
-            .join(format!("host-{}", v.node.expect("local volume").0))
-            .join("volumes")
-            .join(name),
+        p => match v.node {
+            Some(n) => pools.join(p).join(format!("host-{}", n.0)),
+            None => pools.join(p),
+        }
+        .join("volumes")
+        .join(name),
     }
 }
 
@@ -1141,9 +1142,28 @@ async fn moves_cut_short_by_a_crash_are_undone_after_the_restart() {
         "count=16",
         "status=none",
     ]));
-    for (name, format) in [("bulk", VolumeFormat::Raw), ("busy", VolumeFormat::Qcow2)] {
+    // A shared pool: a detached volume there is held by no host; the marker of its move
+    // names the host that runs it.
+    let nas = root.path().join("nas");
+    std::fs::create_dir_all(&nas).expect("nas");
+    c.create_pool(&CreatePoolRequest {
+        name: "nas".into(),
+        path: nas.display().to_string(),
+        tier: PoolTier::Warm,
+        shared: true,
+        capacity_bytes: 10 << 30,
+        cost_per_gib_month: 0.05,
+        performance_class: None,
+    })
+    .await
+    .expect("shared pool");
+    for (name, format, pool) in [
+        ("bulk", VolumeFormat::Raw, "fast"),
+        ("busy", VolumeFormat::Qcow2, "fast"),
+        ("shelf", VolumeFormat::Raw, "nas"),
+    ] {
         let v = c
-            .create_volume(&vol(name, "fast", 16, format))
+            .create_volume(&vol(name, pool, 16, format))
             .await
             .expect(name);
         let file = volume_file(&node.data_dir(), root.path(), &v);
@@ -1154,7 +1174,7 @@ async fn moves_cut_short_by_a_crash_are_undone_after_the_restart() {
             &format!("write -q -s {} 0 16M", seed.display()),
             &file.display().to_string(),
         ]));
-        sums.push((name, file.clone(), sha256(&file)));
+        sums.push((name, pool, file.clone(), sha256(&file)));
     }
     // Three VMs: "app" will have "busy" attached (one move per VM at a time); the boot disks
     // of "web" (running) and "idle" (stopped) hold 16 MiB of their own.
@@ -1187,7 +1207,7 @@ async fn moves_cut_short_by_a_crash_are_undone_after_the_restart() {
         .await
         .expect("attach");
     // All at 1 MB/s: detached copies and live mirrors, each about 16 s.
-    for name in ["bulk", "busy", "web-root", "idle-root"] {
+    for name in ["bulk", "busy", "shelf", "web-root", "idle-root"] {
         c.move_volume(
             name,
             &MoveVolumeRequest {
@@ -1200,11 +1220,11 @@ async fn moves_cut_short_by_a_crash_are_undone_after_the_restart() {
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let archive = root.path().join("archive");
-    assert_eq!(copy_daemons(&archive), 2, "the detached copies run");
+    assert_eq!(copy_daemons(&archive), 3, "the detached copies run");
     node.kill();
     assert_eq!(
         copy_daemons(&archive),
-        2,
+        3,
         "the copy daemons outlive novacron"
     );
     node.start_again();
@@ -1237,9 +1257,9 @@ async fn moves_cut_short_by_a_crash_are_undone_after_the_restart() {
     assert!(left.is_empty(), "left in the cold pool: {left:?}");
     let left: Vec<_> = walk(&archive.join("host-1").join("vms"));
     assert!(left.is_empty(), "VM disks left in the cold pool: {left:?}");
-    for (name, file, sum) in sums {
+    for (name, pool, file, sum) in sums {
         let v = c.get_volume(name).await.expect(name);
-        assert_eq!(v.pool, "fast", "{name}");
+        assert_eq!(v.pool, pool, "{name}");
         assert_eq!(sha256(&file), sum, "{name} changed");
     }
     // The boot disks are where they were: files in the VM's directory.

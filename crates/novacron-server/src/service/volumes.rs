@@ -742,11 +742,10 @@ impl Service {
             ))
             .with_reason("has_snapshots"));
         }
-        let target = if req.pool == "data" {
-            None
-        } else {
-            Some(self.get_pool(&req.pool).await?)
-        };
+        if req.pool != "data" {
+            // (A linearizable read: a pool just made is there.)
+            self.get_pool(&req.pool).await?;
+        }
         if let Some(host) = self.volume_owner(&v)
             && host != self.inner.node
         {
@@ -756,11 +755,7 @@ impl Service {
         if v.pool != "data" || v.attached_to.is_none() {
             self.require_pool_visible(&v.pool)?;
         }
-        let shared = target.as_ref().is_some_and(|p| p.shared);
-        let cold = target.as_ref().is_some_and(|p| p.tier == PoolTier::Cold);
-        let node = (!shared).then_some(self.inner.node);
-        // Cold pools keep compressed qcow2 (a raw volume becomes qcow2 there).
-        let format = if cold { VolumeFormat::Qcow2 } else { v.format };
+        let (_, node, format, cold) = self.move_target(&v, &req.pool)?;
         let guard = match v.attached_to {
             Some(vm) => Some(self.lock_own_vm(&vm.to_string()).await?.1),
             None => None,
@@ -1057,13 +1052,10 @@ impl Service {
         let v = &plan.v;
         let mut pace = Pacer::new(self, v.id);
         let part = plan.to_file.with_extension("part");
+        // For a restart (`recover_volume_move`): which host copies, and for a VM's disk
+        // (put in place after the move is recorded) when the copy is complete.
         let marker = move_marker(&plan.to_file);
-        if v.is_vm_disk() {
-            // A VM's disk is put in place after the move is recorded; the marker says when
-            // the copy is complete (`recover_volume_move`).
-            std::fs::write(&marker, COPYING)
-                .map_err(|e| ApiError::internal(format!("writing {}: {e}", marker.display())))?;
-        }
+        Marker::write(plan, COPYING, self.inner.node)?;
         let copy = FileCopy::start(
             &plan.from_file,
             v.format,
@@ -1113,7 +1105,7 @@ impl Service {
         copy.stop().await;
         let result = result.and_then(|bytes| {
             if v.is_vm_disk() {
-                mark_done(plan, COPIED);
+                self.mark_done(plan, COPIED);
                 return Ok(bytes);
             }
             std::fs::rename(&part, &plan.to_file)
@@ -1139,8 +1131,7 @@ impl Service {
         // The two phases of a live move, on disk for a restart to read (`recover_volume_move`):
         // until "switched" the old file is the volume; from then on, the new one.
         let marker = move_marker(&plan.to_file);
-        std::fs::write(&marker, MIRRORING)
-            .map_err(|e| ApiError::internal(format!("writing {}: {e}", marker.display())))?;
+        Marker::write(plan, MIRRORING, self.inner.node)?;
         if let Err(e) = hv
             .volume_mirror_start(
                 vm.id,
@@ -1198,7 +1189,7 @@ impl Service {
         };
         match &result {
             // Kept until the new place is recorded (`run_move` removes it).
-            Ok(_) => mark_done(plan, SWITCHED),
+            Ok(_) => self.mark_done(plan, SWITCHED),
             Err(_) => {
                 let _ = hv.volume_mirror_abort(vm.id, &dev).await;
                 let _ = std::fs::remove_file(&plan.stage);
@@ -1223,13 +1214,26 @@ impl Service {
     pub(crate) async fn recover_volume_moves(&self) {
         self.backfill_vm_disks().await;
         let me = self.inner.node;
-        let vols: Vec<Volume> = self.inner.state.read(|s| {
+        let (mut vols, unheld): (Vec<Volume>, Vec<Volume>) = self.inner.state.read(|s| {
             s.volumes
                 .values()
-                .filter(|v| v.moving_to.is_some() && s.volume_host(v) == Some(me))
+                .filter(|v| v.moving_to.is_some())
+                .filter(|v| s.volume_host(v).is_none_or(|h| h == me))
                 .cloned()
-                .collect()
+                .partition(|v| s.volume_host(v).is_some())
         });
+        // A volume no host holds (detached, shared pool): the host its marker names.
+        for v in unheld {
+            let to = v.moving_to.clone().unwrap_or_default();
+            let ours = self
+                .move_target(&v, &to)
+                .ok()
+                .and_then(|(to_file, ..)| Marker::read(&to_file))
+                .is_some_and(|m| m.host == Some(me));
+            if ours {
+                vols.push(v);
+            }
+        }
         for v in vols {
             if let Err(e) = self.recover_volume_move(&v).await {
                 tracing::warn!(
@@ -1252,10 +1256,10 @@ impl Service {
             let Ok(to_file) = self.current_file(&v) else {
                 continue;
             };
-            if let Some((phase, from)) = read_marker(&to_file)
-                && (phase == SWITCHED || phase == COPIED)
+            if let Some(m) = Marker::read(&to_file)
+                && (m.phase == SWITCHED || m.phase == COPIED)
             {
-                let from = from.unwrap_or_else(|| to_file.clone());
+                let from = m.from.unwrap_or_else(|| to_file.clone());
                 self.settle_vm_disk(&v, &stage_file(&v, &to_file), &to_file, &from);
                 tracing::info!(volume = v.name, "a moved disk was put in place");
             }
@@ -1295,29 +1299,54 @@ impl Service {
         }
     }
 
-    async fn recover_volume_move(&self, v: &Volume) -> Result<(), ApiError> {
-        let Some(to) = v.moving_to.clone() else {
-            return Ok(());
-        };
+    /// Where a move of `v` to pool `to` run by this host puts it: the file, the host holding
+    /// it (a local pool), its format, and whether the pool is cold (copies compress).
+    fn move_target(
+        &self,
+        v: &Volume,
+        to: &str,
+    ) -> Result<(PathBuf, Option<NodeId>, VolumeFormat, bool), ApiError> {
         let target = if to == "data" {
             None
         } else {
-            self.inner.state.read(|s| s.pools.get(&to).cloned())
+            self.inner.state.read(|s| s.pools.get(to).cloned())
         };
         let shared = target.as_ref().is_some_and(|p| p.shared);
         let cold = target.as_ref().is_some_and(|p| p.tier == PoolTier::Cold);
         let node = (!shared).then_some(self.inner.node);
+        // Cold pools keep compressed qcow2 (a raw volume becomes qcow2 there).
         let format = if cold { VolumeFormat::Qcow2 } else { v.format };
-        let to_file = self.volume_file(v, &to, node, format)?;
+        Ok((self.volume_file(v, to, node, format)?, node, format, cold))
+    }
+
+    /// Records in its marker that a move's copy is complete (`phase`: [`SWITCHED`] or
+    /// [`COPIED`]).
+    fn mark_done(&self, plan: &MovePlan, phase: &str) {
+        if let Err(e) = Marker::write(plan, phase, self.inner.node) {
+            tracing::error!("{}", e.message);
+        }
+    }
+
+    async fn recover_volume_move(&self, v: &Volume) -> Result<(), ApiError> {
+        let Some(to) = v.moving_to.clone() else {
+            return Ok(());
+        };
+        let (to_file, node, format, cold) = self.move_target(v, &to)?;
         let from_file = self.current_file(v)?;
         let stage = stage_file(v, &to_file);
         let part = to_file.with_extension("part");
         let marker = move_marker(&to_file);
-        let done = match read_marker(&to_file).map(|(phase, _)| phase).as_deref() {
+        let done = match Marker::read(&to_file).map(|m| m.phase).as_deref() {
             // A live move that had switched: the new file is the volume.
             Some(SWITCHED) => Some(false),
             // A VM disk's copy that had completed.
             Some(COPIED) => Some(cold),
+            // Another volume's copy: complete once renamed into place. A daemon the dead
+            // process left copying goes first.
+            Some(COPYING) if !v.is_vm_disk() => {
+                novacron_hypervisor::qemu::copy::kill_strays(&part);
+                to_file.exists().then_some(cold)
+            }
             // A live move that had not (or the switch was not written down yet: ask QEMU),
             // or a VM disk's copy that had not completed.
             Some(_) => match self.live_vm(v) {
@@ -1337,8 +1366,7 @@ impl Service {
             },
             // A VM's disk whose copy had not begun.
             None if v.is_vm_disk() => None,
-            // A copy: complete once renamed into place. A daemon the dead process left copying
-            // goes first.
+            // A copy by a version that wrote no marker: the same.
             None => {
                 novacron_hypervisor::qemu::copy::kill_strays(&part);
                 to_file.exists().then_some(cold)
@@ -1573,26 +1601,38 @@ const SWITCHED: &str = "switched";
 /// A VM disk's copy (VM stopped) is complete.
 const COPIED: &str = "copied";
 
-/// A move's phase as its marker says (the first line; a VM disk's "switched" marker names
-/// the old file on the second).
-fn read_marker(to_file: &Path) -> Option<(String, Option<PathBuf>)> {
-    let text = std::fs::read_to_string(move_marker(to_file)).ok()?;
-    let mut lines = text.lines();
-    let phase = lines.next().unwrap_or_default().to_string();
-    Some((phase, lines.next().map(PathBuf::from)))
+/// What a move writes beside its target (`<target>.move`) for a restart to read: its phase,
+/// the file a VM's disk replaces, and the host running it (for a volume no host holds: a
+/// detached one on a shared pool).
+struct Marker {
+    phase: String,
+    from: Option<PathBuf>,
+    host: Option<NodeId>,
 }
 
-/// Records that the copy is complete (`phase`: [`SWITCHED`] or [`COPIED`]) and, for a VM's
-/// disk, which file it replaces.
-fn mark_done(plan: &MovePlan, phase: &str) {
-    let marker = move_marker(&plan.to_file);
-    let text = if plan.v.is_vm_disk() {
-        format!("{phase}\n{}\n", plan.from_file.display())
-    } else {
-        phase.to_string()
-    };
-    if let Err(e) = std::fs::write(&marker, text) {
-        tracing::error!("writing {}: {e}", marker.display());
+impl Marker {
+    fn read(to_file: &Path) -> Option<Marker> {
+        let text = std::fs::read_to_string(move_marker(to_file)).ok()?;
+        let mut lines = text.lines();
+        let phase = lines.next().unwrap_or_default().to_string();
+        let from = lines.next().filter(|l| !l.is_empty()).map(PathBuf::from);
+        let host = lines
+            .next()
+            .and_then(|l| l.strip_prefix("host "))
+            .and_then(|n| n.trim().parse().ok())
+            .map(NodeId);
+        Some(Marker { phase, from, host })
+    }
+
+    fn write(plan: &MovePlan, phase: &str, host: NodeId) -> Result<(), ApiError> {
+        let marker = move_marker(&plan.to_file);
+        let from = if plan.v.is_vm_disk() {
+            plan.from_file.display().to_string()
+        } else {
+            String::new()
+        };
+        std::fs::write(&marker, format!("{phase}\n{from}\nhost {}\n", host.0))
+            .map_err(|e| ApiError::internal(format!("writing {}: {e}", marker.display())))
     }
 }
 
