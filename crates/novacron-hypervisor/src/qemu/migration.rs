@@ -287,11 +287,17 @@ pub(super) async fn outgoing_migrate(
     Ok(())
 }
 
-/// The mirror jobs this migration started: `(job id, len, offset, ready)`.
-async fn mirror_jobs(
-    hv: &QemuHypervisor,
-    id: VmId,
-) -> Result<Vec<(String, u64, u64, bool)>, HvError> {
+/// A block job as `query-block-jobs` shows it.
+pub(super) struct BlockJob {
+    pub id: String,
+    pub len: u64,
+    pub offset: u64,
+    pub ready: bool,
+    pub speed: u64,
+}
+
+/// The VM's block jobs (migration mirrors, volume moves).
+pub(super) async fn block_jobs(hv: &QemuHypervisor, id: VmId) -> Result<Vec<BlockJob>, HvError> {
     let jobs = raw(hv, id, RawCommand::QueryBlockJobs(none())).await?;
     Ok(jobs
         .as_array()
@@ -299,16 +305,27 @@ async fn mirror_jobs(
         .unwrap_or_default()
         .iter()
         .filter_map(|j| {
-            let name = j["device"].as_str()?;
-            name.starts_with("mig-").then(|| {
-                (
-                    name.to_string(),
-                    j["len"].as_u64().unwrap_or(0),
-                    j["offset"].as_u64().unwrap_or(0),
-                    j["ready"].as_bool().unwrap_or(false),
-                )
+            Some(BlockJob {
+                id: j["device"].as_str()?.to_string(),
+                len: j["len"].as_u64().unwrap_or(0),
+                offset: j["offset"].as_u64().unwrap_or(0),
+                ready: j["ready"].as_bool().unwrap_or(false),
+                speed: j["speed"].as_u64().unwrap_or(0),
             })
         })
+        .collect())
+}
+
+/// The mirror jobs this migration started: `(job id, len, offset, ready)`.
+async fn mirror_jobs(
+    hv: &QemuHypervisor,
+    id: VmId,
+) -> Result<Vec<(String, u64, u64, bool)>, HvError> {
+    Ok(block_jobs(hv, id)
+        .await?
+        .into_iter()
+        .filter(|j| j.id.starts_with("mig-"))
+        .map(|j| (j.id, j.len, j.offset, j.ready))
         .collect())
 }
 

@@ -296,18 +296,15 @@ pub(super) async fn mirror_status(
     disk: &str,
 ) -> Result<Option<MirrorStatus>, HvError> {
     let job = job_id(disk);
-    let jobs = raw(hv, id, RawCommand::QueryBlockJobs(none())).await?;
-    Ok(jobs
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default()
-        .iter()
-        .find(|j| j["device"].as_str() == Some(job.as_str()))
+    Ok(super::migration::block_jobs(hv, id)
+        .await?
+        .into_iter()
+        .find(|j| j.id == job)
         .map(|j| MirrorStatus {
-            len: j["len"].as_u64().unwrap_or(0),
-            offset: j["offset"].as_u64().unwrap_or(0),
-            ready: j["ready"].as_bool().unwrap_or(false),
-            speed: j["speed"].as_u64().unwrap_or(0),
+            len: j.len,
+            offset: j.offset,
+            ready: j.ready,
+            speed: j.speed,
         }))
 }
 
