@@ -1218,6 +1218,16 @@ async fn moves_cut_short_by_a_crash_are_undone_after_the_restart() {
         .await
         .expect("move");
     }
+    // The move holds the VM: other actions wait, and are told why.
+    let e = c
+        .vm_action("web", "force-stop")
+        .await
+        .expect_err("a disk is moving");
+    assert_eq!(
+        e.api().and_then(|a| a.reason.clone()).as_deref(),
+        Some("volume_moving"),
+        "{e}"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let archive = root.path().join("archive");
     assert_eq!(copy_daemons(&archive), 3, "the detached copies run");

@@ -167,9 +167,22 @@ impl Service {
     fn lock_vm(&self, id: VmId, name: &str) -> Result<tokio::sync::OwnedMutexGuard<()>, ApiError> {
         let lock = self.vm_lock(id);
         lock.try_lock_owned().map_err(|_| {
-            ApiError::conflict(format!(
-                "VM '{name}' already has an action in progress; wait for it"
-            ))
+            // A volume move holds the lock for as long as it copies: say which.
+            let moving = self.inner.state.read(|s| {
+                s.volumes_of(id)
+                    .into_iter()
+                    .find_map(|v| Some((v.name.clone(), v.moving_to.clone()?)))
+            });
+            match moving {
+                Some((vol, to)) => ApiError::conflict(format!(
+                    "VM '{name}' has volume '{vol}' moving to pool '{to}'; wait for the move, or \
+                     cancel its volume.move operation (DELETE /api/v1/operations/{{id}})"
+                ))
+                .with_reason("volume_moving"),
+                None => ApiError::conflict(format!(
+                    "VM '{name}' already has an action in progress; wait for it"
+                )),
+            }
         })
     }
 }
