@@ -40,22 +40,30 @@ pub async fn create_overlay(
     format: ImageFormat,
     overlay: &Path,
 ) -> Result<(), HvError> {
-    qemu_img(
-        "create overlay",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(base)?,
-            "-F",
-            format.as_str(),
-            p(overlay)?,
-        ],
-    )
-    .await
-    .map(drop)
+    create_overlay_sized(base, format, overlay, None).await
+}
+
+/// [`create_overlay`], `size_bytes` large (`None`: the size of `base`).
+async fn create_overlay_sized(
+    base: &Path,
+    format: ImageFormat,
+    overlay: &Path,
+    size_bytes: Option<u64>,
+) -> Result<(), HvError> {
+    let size = size_bytes.map(|s| s.to_string());
+    let mut args = vec![
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        p(base)?,
+        "-F",
+        format.as_str(),
+        p(overlay)?,
+    ];
+    args.extend(size.as_deref());
+    qemu_img("create overlay", &args).await.map(drop)
 }
 
 pub async fn create_blank(path: &Path, size_mib: u64) -> Result<(), HvError> {
@@ -91,27 +99,10 @@ pub async fn create_copy_target(
     backing: Option<&crate::Backing>,
     size_bytes: u64,
 ) -> Result<(), HvError> {
-    let Some(b) = backing else {
-        return create_volume(path, format, size_bytes).await;
-    };
-    let size = size_bytes.to_string();
-    qemu_img(
-        "create overlay",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&b.path)?,
-            "-F",
-            b.format.as_str(),
-            p(path)?,
-            &size,
-        ],
-    )
-    .await
-    .map(drop)
+    match backing {
+        Some(b) => create_overlay_sized(&b.path, b.format, path, Some(size_bytes)).await,
+        None => create_volume(path, format, size_bytes).await,
+    }
 }
 
 /// Grows a volume file that no QEMU has open.

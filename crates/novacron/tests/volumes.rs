@@ -78,6 +78,30 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `mib` MiB of random data in a new file `path`.
+fn random_file(path: &Path, mib: u64) -> PathBuf {
+    run(Command::new("dd").args([
+        "if=/dev/urandom",
+        &format!("of={}", path.display()),
+        "bs=1M",
+        &format!("count={mib}"),
+        "status=none",
+    ]));
+    path.to_path_buf()
+}
+
+/// Writes all of `data` into the disk image `file` at `at` (`qemu-io`, e.g. `8M`).
+fn write_into(file: &Path, format: VolumeFormat, data: &Path, at: &str) {
+    let len = std::fs::metadata(data).expect("data").len();
+    run(Command::new("qemu-io").args([
+        "-f",
+        format.as_str(),
+        "-c",
+        &format!("write -q -s {} {at} {len}", data.display()),
+        &file.display().to_string(),
+    ]));
+}
+
 fn sha256(path: &Path) -> String {
     run(Command::new("sha256sum").arg(path))
         .split_whitespace()
@@ -203,21 +227,8 @@ async fn a_volume_moves_hot_cold_hot_under_a_writing_guest_and_loses_nothing() {
         .expect("create volume");
     let file = volume_file(&node.data_dir(), root.path(), &v);
     assert!(file.exists(), "{} missing", file.display());
-    let seed = root.path().join("seed.bin");
-    run(Command::new("dd").args([
-        "if=/dev/urandom",
-        &format!("of={}", seed.display()),
-        "bs=1M",
-        "count=12",
-        "status=none",
-    ]));
-    run(Command::new("qemu-io").args([
-        "-f",
-        "qcow2",
-        "-c",
-        &format!("write -q -s {} 4M 12M", seed.display()),
-        &file.display().to_string(),
-    ]));
+    let seed = random_file(&root.path().join("seed.bin"), 12);
+    write_into(&file, VolumeFormat::Qcow2, &seed, "4M");
     let seed_sum = sha256(&seed);
 
     c.create_vm(&demo_vm_with("writer", "novacron.seqwrite=vdb"))
@@ -410,21 +421,8 @@ async fn a_vms_boot_disk_moves_between_pools_running_and_stopped() {
         .join("vms")
         .join(vm.id.to_string())
         .join("root.qcow2");
-    let seed = root.path().join("seed.bin");
-    run(Command::new("dd").args([
-        "if=/dev/urandom",
-        &format!("of={}", seed.display()),
-        "bs=1M",
-        "count=12",
-        "status=none",
-    ]));
-    run(Command::new("qemu-io").args([
-        "-f",
-        "qcow2",
-        "-c",
-        &format!("write -q -s {} 8M 12M", seed.display()),
-        &link.display().to_string(),
-    ]));
+    let seed = random_file(&root.path().join("seed.bin"), 12);
+    write_into(&link, VolumeFormat::Qcow2, &seed, "8M");
     let image = disk_info(&link)["backing-filename"]
         .as_str()
         .expect("the boot disk overlays the image")
@@ -1134,14 +1132,7 @@ async fn moves_cut_short_by_a_crash_are_undone_after_the_restart() {
     pools(&c, root.path()).await;
     no_throttle(&c).await;
     let mut sums = Vec::new();
-    let seed = root.path().join("seed.bin");
-    run(Command::new("dd").args([
-        "if=/dev/urandom",
-        &format!("of={}", seed.display()),
-        "bs=1M",
-        "count=16",
-        "status=none",
-    ]));
+    let seed = random_file(&root.path().join("seed.bin"), 16);
     // A shared pool: a detached volume there is held by no host; the marker of its move
     // names the host that runs it.
     let nas = root.path().join("nas");
@@ -1167,13 +1158,7 @@ async fn moves_cut_short_by_a_crash_are_undone_after_the_restart() {
             .await
             .expect(name);
         let file = volume_file(&node.data_dir(), root.path(), &v);
-        run(Command::new("qemu-io").args([
-            "-f",
-            format.as_str(),
-            "-c",
-            &format!("write -q -s {} 0 16M", seed.display()),
-            &file.display().to_string(),
-        ]));
+        write_into(&file, format, &seed, "0");
         sums.push((name, pool, file.clone(), sha256(&file)));
     }
     // Three VMs: "app" will have "busy" attached (one move per VM at a time); the boot disks
@@ -1188,13 +1173,7 @@ async fn moves_cut_short_by_a_crash_are_undone_after_the_restart() {
             .join("vms")
             .join(id.to_string())
             .join("root.qcow2");
-        run(Command::new("qemu-io").args([
-            "-f",
-            "qcow2",
-            "-c",
-            &format!("write -q -s {} 8M 16M", seed.display()),
-            &link.display().to_string(),
-        ]));
+        write_into(&link, VolumeFormat::Qcow2, &seed, "8M");
         boot_disks.push((format!("{vm}-root"), link.clone(), sha256(&link)));
     }
     for vm in ["app", "web"] {
