@@ -35,7 +35,8 @@ async fn no_throttle(c: &Client) {
     c.set_tiering_policy(&p).await.expect("policy");
 }
 
-async fn pools(c: &Client, root: &Path) {
+/// The test's pools under `root`; the copy daemons working there die with the returned guard.
+async fn pools(c: &Client, root: &Path) -> Reaper {
     for (name, tier, cost) in [
         ("fast", PoolTier::Hot, 0.2),
         ("archive", PoolTier::Cold, 0.01),
@@ -53,6 +54,7 @@ async fn pools(c: &Client, root: &Path) {
         .await
         .expect("pool");
     }
+    Reaper(root.to_path_buf())
 }
 
 /// A volume of `size_mib` on `pool`, no labels, not attached.
@@ -213,7 +215,7 @@ async fn a_volume_moves_hot_cold_hot_under_a_writing_guest_and_loses_nothing() {
     let node = Node::start_with(vec!["--stats-interval".into(), "1".into()]);
     let c = node.admin().await;
     let root = tempfile::tempdir().expect("tmp");
-    pools(&c, root.path()).await;
+    let _reaper = pools(&c, root.path()).await;
     no_throttle(&c).await;
 
     // A 16 MiB volume on the hot pool; its last 12 MiB hold random data the guest never
@@ -406,7 +408,7 @@ async fn a_vms_boot_disk_moves_between_pools_running_and_stopped() {
     let node = Node::start();
     let c = node.admin().await;
     let root = tempfile::tempdir().expect("tmp");
-    pools(&c, root.path()).await;
+    let _reaper = pools(&c, root.path()).await;
     no_throttle(&c).await;
 
     // The demo guest writes numbered blocks to its own boot disk (the first 4 MiB; it boots
@@ -605,7 +607,7 @@ async fn a_detached_volume_goes_compressed_into_cold_and_back_within_its_rate() 
     let node = Node::start();
     let c = node.admin().await;
     let root = tempfile::tempdir().expect("tmp");
-    pools(&c, root.path()).await;
+    let _reaper = pools(&c, root.path()).await;
     no_throttle(&c).await;
     let v = c
         .create_volume(&vol("logs", "fast", 16, VolumeFormat::Raw))
@@ -654,7 +656,7 @@ async fn volume_errors_filters_pages_and_cli() {
     let node = Node::start();
     let c = node.admin().await;
     let root = tempfile::tempdir().expect("tmp");
-    pools(&c, root.path()).await;
+    let _reaper = pools(&c, root.path()).await;
     let mk = |name: &str, pool: &str, size_mib: u64| vol(name, pool, size_mib, VolumeFormat::Qcow2);
     for (name, pool) in [("a1", "fast"), ("a2", "fast"), ("b1", "archive")] {
         c.create_volume(&mk(name, pool, 8)).await.expect(name);
@@ -928,7 +930,7 @@ async fn the_tiering_engine_moves_a_busy_volume_hot_and_an_idle_one_cold_by_itse
     let node = Node::start_with(vec!["--stats-interval".into(), "1".into()]);
     let c = node.admin().await;
     let root = tempfile::tempdir().expect("tmp");
-    pools(&c, root.path()).await;
+    let _reaper = pools(&c, root.path()).await;
     for (name, pool) in [("idle", "fast"), ("busy", "archive")] {
         c.create_volume(&vol(name, pool, 8, VolumeFormat::Qcow2))
             .await
@@ -1043,7 +1045,7 @@ async fn a_move_yields_to_busy_guests_recovers_after_and_can_be_cancelled() {
     let node = Node::start();
     let c = node.admin().await;
     let root = tempfile::tempdir().expect("tmp");
-    pools(&c, root.path()).await;
+    let _reaper = pools(&c, root.path()).await;
     // A guest writing to its volume all the time.
     c.create_volume(&vol("busy", "fast", 8, VolumeFormat::Qcow2))
         .await
@@ -1111,17 +1113,41 @@ async fn a_move_yields_to_busy_guests_recovers_after_and_can_be_cancelled() {
 }
 
 /// `qemu-storage-daemon` processes copying into a file under `dir`.
-fn copy_daemons(dir: &Path) -> usize {
+/// The `qemu-storage-daemon`s copying files under `dir`.
+fn copy_daemon_pids(dir: &Path) -> Vec<i32> {
     let want = dir.display().to_string();
     std::fs::read_dir("/proc")
         .map(|d| {
             d.flatten()
-                .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
-                .map(|c| String::from_utf8_lossy(&c).into_owned())
-                .filter(|c| c.starts_with("qemu-storage-daemon") && c.contains(&want))
-                .count()
+                .filter_map(|p| {
+                    let pid = p.file_name().to_str()?.parse().ok()?;
+                    let cmd = std::fs::read(p.path().join("cmdline")).ok()?;
+                    let cmd = String::from_utf8_lossy(&cmd).into_owned();
+                    (cmd.starts_with("qemu-storage-daemon") && cmd.contains(&want)).then_some(pid)
+                })
+                .collect()
         })
-        .unwrap_or(0)
+        .unwrap_or_default()
+}
+
+fn copy_daemons(dir: &Path) -> usize {
+    copy_daemon_pids(dir).len()
+}
+
+/// Kills, when dropped, every copy daemon working under its directory: they outlive
+/// `novacron` by design, so a test that fails mid-copy would leave them behind.
+#[must_use]
+struct Reaper(PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in copy_daemon_pids(&self.0) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1129,7 +1155,7 @@ async fn moves_cut_short_by_a_crash_are_undone_after_the_restart() {
     let mut node = Node::start();
     let c = node.admin().await;
     let root = tempfile::tempdir().expect("tmp");
-    pools(&c, root.path()).await;
+    let _reaper = pools(&c, root.path()).await;
     no_throttle(&c).await;
     let mut sums = Vec::new();
     let seed = random_file(&root.path().join("seed.bin"), 16);
