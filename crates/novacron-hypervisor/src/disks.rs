@@ -44,7 +44,7 @@ pub async fn create_overlay(
 }
 
 /// [`create_overlay`], `size_bytes` large (`None`: the size of `base`).
-async fn create_overlay_sized(
+pub async fn create_overlay_sized(
     base: &Path,
     format: ImageFormat,
     overlay: &Path,

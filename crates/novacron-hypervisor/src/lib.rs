@@ -31,6 +31,9 @@ pub struct RuntimeSpec {
     /// The base image the boot disk overlays.
     pub base_image: PathBuf,
     pub base_format: ImageFormat,
+    /// The boot disk's size in bytes once it was grown past its image's (`None`: the
+    /// image's); a migration target makes its copy this large.
+    pub root_size: Option<u64>,
     /// Sizes of the extra blank disks, in MiB.
     pub extra_disks_mib: Vec<u64>,
     pub boot: Option<KernelBoot>,

@@ -69,6 +69,7 @@ fn demo_spec_for_fake() -> RuntimeSpec {
         extra_disks_mib: vec![],
         boot: None,
         disk_dirs: Vec::new(),
+        root_size: None,
         shared_disks: false,
         volumes: Vec::new(),
     }

@@ -317,7 +317,8 @@ pub fn plan(
         let Some(&w) = weakest.peek() else {
             continue;
         };
-        if vol.score <= volumes[w].score + policies.hysteresis {
+        // Displacing makes room only in a pool this volume may be in.
+        if !room.fits(vol, volumes[w].pool) || vol.score <= volumes[w].score + policies.hysteresis {
             continue;
         }
         let hot_pool = volumes[w].pool;
@@ -560,6 +561,21 @@ mod tests {
         let moves = plan(&with_usage(pools, &vols), &vols, &Policies::default(), 100);
         let to: Vec<(usize, usize)> = moves.iter().map(|m| (m.volume, m.to)).collect();
         assert_eq!(to, vec![(0, 2), (1, 1)]);
+    }
+
+    #[test]
+    fn nothing_is_displaced_for_a_volume_that_may_not_go_there() {
+        // The only hot pool is shared; a hot VM disk on a local pool may not go there, so the
+        // cold volume in it stays.
+        let mut nfs = pool("nfs-hot", Tier::Hot, 100, 0.2);
+        nfs.shared = true;
+        let pools = vec![nfs, pool("warm", Tier::Warm, 100, 0.05)];
+        let weak = vol("weak", 0, Temperature::Hot, 0.1);
+        let mut disk = vol("db-root", 1, Temperature::Hot, 5.0);
+        disk.needs_shared = Some(false);
+        let vols = vec![weak, disk];
+        let moves = plan(&with_usage(pools, &vols), &vols, &Policies::default(), 100);
+        assert!(moves.is_empty(), "{moves:?}");
     }
 
     #[test]

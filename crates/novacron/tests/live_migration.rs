@@ -558,6 +558,15 @@ async fn a_vm_whose_disks_moved_to_a_pool_migrates_live_and_cold_with_them() {
         in_pool(1, "disk1.qcow2")
     );
 
+    // The boot disk grown past its image: the target's copy must be as large.
+    c.volume_action(
+        "mover-root",
+        "resize",
+        &novacron_types::ResizeVolumeRequest { size_mib: 80 },
+    )
+    .await
+    .expect("grow the boot disk");
+
     // Live to host 2: each disk is mirrored into host 2's directory of the same pool.
     let before = last_tick(&console_text(&c, "mover").await);
     let op = c

@@ -177,6 +177,7 @@ mod tests {
                 cmdline: Some("console=ttyS0".into()),
             }),
             disk_dirs: Vec::new(),
+            root_size: None,
             shared_disks: false,
             volumes: vec![crate::AttachedVolume {
                 id: novacron_types::VolumeId::new_random(),

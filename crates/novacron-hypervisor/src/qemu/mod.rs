@@ -373,7 +373,10 @@ impl Hypervisor for QemuHypervisor {
                     std::fs::create_dir_all(dir)?;
                 }
                 match i.checked_sub(1) {
-                    None => disks::create_overlay(&spec.base_image, spec.base_format, file).await?,
+                    None => {
+                        let (base, format) = (&spec.base_image, spec.base_format);
+                        disks::create_overlay_sized(base, format, file, spec.root_size).await?
+                    }
                     Some(e) => disks::create_blank(file, spec.extra_disks_mib[e]).await?,
                 }
             }

@@ -255,8 +255,13 @@ impl Runner {
     }
 
     async fn refresh(&mut self) {
-        match query_state(&self.qmp).await {
-            Ok((state, reason)) => self.set_state(state, reason),
+        let r = self.qmp.execute(qmp::query_status {}).await;
+        self.check_transport(&r);
+        match r {
+            Ok(st) => self.set_state(
+                vm_state_from_run_state(st.status),
+                crash_reason(st.status).map(str::to_owned),
+            ),
             Err(e) => tracing::debug!(vm = %self.id, "query-status: {e}"),
         }
     }

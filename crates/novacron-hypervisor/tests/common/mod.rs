@@ -42,6 +42,7 @@ pub fn demo_spec() -> RuntimeSpec {
             cmdline: Some("console=ttyS0 quiet panic=-1".into()),
         }),
         disk_dirs: Vec::new(),
+        root_size: None,
         shared_disks: false,
         volumes: Vec::new(),
     }

@@ -252,6 +252,7 @@ impl Service {
         }
         self.require_pool_here(vm)?;
         self.require_lease(vm)?;
+        self.require_disks_settled(vm)?;
         hv.link_disks(&spec).await.map_err(super::hv_error)?;
         let r = hv.start(&spec).await;
         self.sync_vm_observed(vm.id).await;

@@ -203,8 +203,35 @@ impl Service {
             boot: vm.spec.boot.clone().or(image.boot.clone()),
             shared_disks: pool.as_ref().is_some_and(|p| p.shared),
             disk_dirs,
+            root_size: vm
+                .spec
+                .disks
+                .first()
+                .filter(|d| d.size_mib > image.virtual_size.div_ceil(1 << 20))
+                .map(|d| d.size_mib << 20),
             volumes: self.attached_volumes(vm.id)?,
         })
+    }
+
+    /// A VM whose own disk is still recorded as moving (a move cut short, not yet recovered)
+    /// must not start: recovery may switch the disk to its new file, and whatever the guest
+    /// wrote to the old one would be lost.
+    pub(crate) fn require_disks_settled(&self, vm: &Vm) -> Result<(), ApiError> {
+        let moving = self.inner.state.read(|s| {
+            s.volumes_of(vm.id)
+                .into_iter()
+                .find(|v| v.is_vm_disk() && v.moving_to.is_some())
+                .map(|v| v.name.clone())
+        });
+        match moving {
+            Some(disk) => Err(ApiError::conflict(format!(
+                "disk '{disk}' of VM '{}' is still moving between pools; the VM starts once \
+                 the move is finished or undone",
+                vm.name
+            ))
+            .with_reason("volume_moving")),
+            None => Ok(()),
+        }
     }
 
     /// Ranks the hosts for a VM: the replicated state's rules (capacity, role, maintenance,
@@ -537,6 +564,7 @@ impl Service {
                 // no directory on its new host yet).
                 self.require_pool_here(vm)?;
                 self.require_lease(vm)?;
+                self.require_disks_settled(vm)?;
                 let linked = match spec.in_pools() {
                     true => hv.link_disks(&spec).await,
                     false => Ok(()),

@@ -23,7 +23,9 @@
 //! Invariants: file work happens on the host that must do it (the attached VM's host, or the
 //! host holding a local volume; the API forwards there); at most [`MAX_MOVES`] moves run on a
 //! host at once, sharing the policy's limits evenly (`limiter::shares`); nothing a VM opens is
-//! removed before the replicated state says it is no longer the VM's disk.
+//! removed before the replicated state says it is no longer the VM's disk (a VM whose disk is
+//! recorded as moving does not start; a live move whose outcome QEMU cannot tell stays
+//! recorded as running, for a restart to settle).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -979,6 +981,13 @@ impl Service {
             compressed: *compressed,
         });
         let result = result.map(|(bytes, _)| bytes);
+        if let Err(e) = &result
+            && e.reason.as_deref() == Some(UNSETTLED)
+        {
+            // Left running for a restart to settle (see `copy_live`).
+            m.volume_moves.get_or_create(&result_label("failed")).inc();
+            return Err(e.clone());
+        }
         // The new place must be recorded before the old file goes.
         let recorded = self.end_move(v.id, moved).await;
         match (&result, &recorded) {
@@ -1179,13 +1188,26 @@ impl Service {
         .await;
         let result = match result {
             Ok(bytes) => Ok(bytes),
-            // An error after the switch (closing the old file, a slow end of the job) still
-            // leaves the guest on the new file: that is a finished move, whatever else failed.
-            Err(e) if self.switched_to(vm, &dev, &plan.stage).await => {
-                tracing::warn!(volume = plan.v.name, "moved, but: {}", e.message);
-                Ok(plan.v.size_mib << 20)
-            }
-            Err(e) => Err(e),
+            Err(e) => match self.switched_to(vm, &dev, &plan.stage).await {
+                // An error after the switch (closing the old file, a slow end of the job)
+                // still leaves the guest on the new file: a finished move, whatever else
+                // failed.
+                Some(true) => {
+                    tracing::warn!(volume = plan.v.name, "moved, but: {}", e.message);
+                    Ok(plan.v.size_mib << 20)
+                }
+                Some(false) => Err(e),
+                // QEMU cannot say which file the guest uses: both files and the marker stay,
+                // the move stays recorded as running, and a restart decides.
+                None => {
+                    return Err(ApiError::internal(format!(
+                        "moving volume '{}': {}; QEMU does not say which file the disk uses \
+                         now, so both are kept and the move is settled when novacron restarts",
+                        plan.v.name, e.message
+                    ))
+                    .with_reason(UNSETTLED));
+                }
+            },
         };
         match &result {
             // Kept until the new place is recorded (`run_move` removes it).
@@ -1199,11 +1221,21 @@ impl Service {
         result
     }
 
-    /// Whether the running VM's disk `dev` now uses `file`, with no copy running.
-    async fn switched_to(&self, vm: &Vm, dev: &str, file: &std::path::Path) -> bool {
+    /// Whether the running VM's disk `dev` now uses `file` (`Some(false)`: it uses another,
+    /// or a copy still runs), asking QEMU a few times; `None` when QEMU does not answer.
+    async fn switched_to(&self, vm: &Vm, dev: &str, file: &std::path::Path) -> Option<bool> {
         let hv = &self.inner.hv;
-        matches!(hv.volume_mirror_status(vm.id, dev).await, Ok(None))
-            && matches!(hv.disk_file(vm.id, dev).await, Ok(Some(f)) if f == file)
+        for _ in 0..5 {
+            match (
+                hv.volume_mirror_status(vm.id, dev).await,
+                hv.disk_file(vm.id, dev).await,
+            ) {
+                (Ok(Some(_)), _) => return Some(false),
+                (Ok(None), Ok(Some(f))) => return Some(f == file),
+                _ => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
+        None
     }
 
     /// After a restart: moves this host was running when it stopped are finished or undone.
@@ -1235,6 +1267,11 @@ impl Service {
             }
         }
         for v in vols {
+            // Not while the VM's start, stop or another move runs.
+            let _guard = match v.attached_to {
+                Some(vm) => Some(self.lock_vm_waiting(vm).await),
+                None => None,
+            };
             if let Err(e) = self.recover_volume_move(&v).await {
                 tracing::warn!(
                     volume = v.name,
@@ -1259,6 +1296,10 @@ impl Service {
             if let Some(m) = Marker::read(&to_file)
                 && (m.phase == SWITCHED || m.phase == COPIED)
             {
+                let _guard = match v.attached_to {
+                    Some(vm) => Some(self.lock_vm_waiting(vm).await),
+                    None => None,
+                };
                 let from = m.from.unwrap_or_else(|| to_file.clone());
                 self.settle_vm_disk(&v, &stage_file(&v, &to_file), &to_file, &from);
                 tracing::info!(volume = v.name, "a moved disk was put in place");
@@ -1352,11 +1393,19 @@ impl Service {
             Some(_) => match self.live_vm(v) {
                 Some(vm) => {
                     let dev = device_of(v);
-                    if self.switched_to(&vm, &dev, &stage).await {
-                        Some(false)
-                    } else {
-                        let _ = self.inner.hv.volume_mirror_abort(vm.id, &dev).await;
-                        None
+                    // (A VM disk's copy the VM was started after: its daemon goes.)
+                    novacron_hypervisor::qemu::copy::kill_strays(&part);
+                    match self.switched_to(&vm, &dev, &stage).await {
+                        Some(true) => Some(false),
+                        Some(false) => {
+                            let _ = self.inner.hv.volume_mirror_abort(vm.id, &dev).await;
+                            None
+                        }
+                        None => {
+                            return Err(ApiError::unavailable(
+                                "QEMU does not say which file the disk uses; left as it is",
+                            ));
+                        }
                     }
                 }
                 None => {
@@ -1593,6 +1642,9 @@ fn stage_file(v: &Volume, to_file: &Path) -> PathBuf {
         to_file.to_path_buf()
     }
 }
+
+/// The reason of a move whose outcome QEMU could not tell: it stays recorded as running.
+const UNSETTLED: &str = "move_unsettled";
 
 const MIRRORING: &str = "mirroring";
 const COPYING: &str = "copying";
