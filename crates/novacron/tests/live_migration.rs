@@ -488,6 +488,22 @@ async fn evacuating_a_host_moves_running_vms_live_and_stopped_ones_cold() {
     }
 }
 
+/// Migrates `vm` to host `to` (live or cold, as it is) and waits for success.
+async fn migrate_to(c: &Client, vm: &str, to: u64) {
+    let op = c
+        .migrate_vm(
+            vm,
+            &MigrateVmRequest {
+                target: Some(NodeId(to)),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("migrate");
+    let done = wait_op(c, &op, Duration::from_secs(120)).await;
+    assert_eq!(done.status, OperationStatus::Success, "{done:?}");
+}
+
 /// Moves `volume` to `pool` and waits for the move.
 async fn move_volume(c: &Client, volume: &str, pool: &str) {
     let op = c
@@ -569,18 +585,7 @@ async fn a_vm_whose_disks_moved_to_a_pool_migrates_live_and_cold_with_them() {
 
     // Live to host 2: each disk is mirrored into host 2's directory of the same pool.
     let before = last_tick(&console_text(&c, "mover").await);
-    let op = c
-        .migrate_vm(
-            "mover",
-            &MigrateVmRequest {
-                target: Some(NodeId(2)),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("migrate");
-    let done = wait_op(&c, &op, Duration::from_secs(120)).await;
-    assert_eq!(done.status, OperationStatus::Success, "{done:?}");
+    migrate_to(&c, "mover", 2).await;
     let text = wait_ticks_past(&c, "mover", before).await;
     assert!(!text.contains("READY"), "rebooted:\n{text}");
     for disk in ["root.qcow2", "disk1.qcow2"] {
@@ -598,18 +603,7 @@ async fn a_vm_whose_disks_moved_to_a_pool_migrates_live_and_cold_with_them() {
     // Stopped, back to host 1: the files are copied into host 1's directory of the pool.
     let op = c.vm_action("mover", "force-stop").await.expect("stop");
     wait_op(&c, &op, Duration::from_secs(30)).await;
-    let op = c
-        .migrate_vm(
-            "mover",
-            &MigrateVmRequest {
-                target: Some(NodeId(1)),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("cold back");
-    let done = wait_op(&c, &op, Duration::from_secs(60)).await;
-    assert_eq!(done.status, OperationStatus::Success, "{done:?}");
+    migrate_to(&c, "mover", 1).await;
     assert_eq!(
         std::fs::read_link(link(1)).expect("link on host 1"),
         in_pool(1, "disk1.qcow2")

@@ -168,10 +168,7 @@ async fn writing_guest(c: &Client, vm: &str, volume: &str) {
     c.create_vm(&demo_vm_with(vm, "novacron.seqwrite=vdb"))
         .await
         .expect("vm");
-    let op = c.vm_action(vm, "start").await.expect("start");
-    c.wait_success(&op, Duration::from_secs(60))
-        .await
-        .expect("started");
+    start_vm(c, vm).await;
     wait_console(
         c,
         vm,
@@ -236,10 +233,7 @@ async fn a_volume_moves_hot_cold_hot_under_a_writing_guest_and_loses_nothing() {
     c.create_vm(&demo_vm_with("writer", "novacron.seqwrite=vdb"))
         .await
         .expect("create vm");
-    let op = c.vm_action("writer", "start").await.expect("start");
-    c.wait_success(&op, Duration::from_secs(60))
-        .await
-        .expect("started");
+    start_vm(&c, "writer").await;
     wait_console(
         &c,
         "writer",
@@ -436,10 +430,7 @@ async fn a_vms_boot_disk_moves_between_pools_running_and_stopped() {
         ("data", Some("root"))
     );
 
-    let op = c.vm_action("boot", "start").await.expect("start");
-    c.wait_success(&op, Duration::from_secs(60))
-        .await
-        .expect("started");
+    start_vm(&c, "boot").await;
     wait_console(
         &c,
         "boot",
@@ -556,10 +547,7 @@ async fn a_vms_boot_disk_moves_between_pools_running_and_stopped() {
         guest_view(&link, &root.path().join("copied.raw")) == after,
         "the copies changed the disk"
     );
-    let op = c.vm_action("boot", "start").await.expect("start again");
-    c.wait_success(&op, Duration::from_secs(60))
-        .await
-        .expect("started from the cold pool");
+    start_vm(&c, "boot").await;
     wait_console(
         &c,
         "boot",
@@ -1203,10 +1191,7 @@ async fn moves_cut_short_by_a_crash_are_undone_after_the_restart() {
         boot_disks.push((format!("{vm}-root"), link.clone(), sha256(&link)));
     }
     for vm in ["app", "web"] {
-        let op = c.vm_action(vm, "start").await.expect("start");
-        c.wait_success(&op, Duration::from_secs(60))
-            .await
-            .expect("started");
+        start_vm(&c, vm).await;
     }
     c.volume_action("busy", "attach", &AttachVolumeRequest { vm: "app".into() })
         .await

@@ -1426,14 +1426,7 @@ impl Service {
             format,
             compressed,
         });
-        self.inner
-            .state
-            .propose(CommandV1::EndVolumeMove {
-                id: v.id,
-                moved: moved.clone(),
-                at: now_millis(),
-            })
-            .await?;
+        self.end_move(v.id, moved.clone()).await?;
         if v.is_vm_disk() {
             match moved {
                 Some(_) => self.settle_vm_disk(v, &stage, &to_file, &from_file),

@@ -331,6 +331,15 @@ pub async fn console_text(c: &Client, vm: &str) -> String {
 }
 
 /// Waits until the console contains `needle` `count` times.
+/// Starts VM `vm` and waits for the start to succeed.
+#[allow(dead_code)]
+pub async fn start_vm(c: &Client, vm: &str) {
+    let op = c.vm_action(vm, "start").await.expect("start");
+    c.wait_success(&op, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("starting {vm}: {e}"));
+}
+
 pub async fn wait_console(
     c: &Client,
     vm: &str,
