@@ -12,7 +12,8 @@
 #                  writes 64 KiB blocks there ten times a second, block n at slot n % 64 of the
 #                  first 4 MiB, each starting "NCSEQ <n, 10 digits>\n" followed by the same random
 #                  bytes, and prints "seqwrite n" once block n is flushed (volume move tests: no
-#                  acknowledged write may be lost).
+#                  acknowledged write may be lost). With `novacron.spam=N` it prints N lines of
+#                  100 characters to its console every 100 ms, without end (console log tests).
 #   - disk.qcow2 : a small blank data disk, so every demo VM has a real block device (/dev/vda)
 #                  that tests can write to and read back.
 #   - image.json : the boot parameters NovaCron registers the image with.
@@ -22,7 +23,7 @@
 # except disk.qcow2 (other VMs' disks may be overlays on it; it is blank either way).
 set -euo pipefail
 
-version=4
+version=5
 out=${1:?usage: build-demo-image.sh OUTPUT_DIR}
 if [[ -f "$out/image.json" && -f "$out/vmlinuz" && -f "$out/initrd.img" && -f "$out/disk.qcow2" ]] &&
    grep -q "\"version\": $version" "$out/image.json"; then
@@ -115,6 +116,14 @@ if [ -n "$seqdev" ]; then
        echo "seqwrite $n"
        n=$((n + 1))
      fi
+     sleep 0.1
+   done) &
+fi
+spam=$(sed -n 's/.*novacron\.spam=\([0-9][0-9]*\).*/\1/p' /proc/cmdline)
+if [ -n "$spam" ]; then
+  line=$(printf 'spam %095d' 0)
+  (while true; do
+     j=0; while [ $j -lt "$spam" ]; do echo "$line"; j=$((j + 1)); done
      sleep 0.1
    done) &
 fi

@@ -3,6 +3,7 @@
 #   - qemu-system-x86 and qemu-utils, pinned to the same version: installing qemu-system-x86 alone
 #     can remove a newer qemu-utils from backports (and with it qemu-img);
 #   - busybox-static and cpio for the demo image's initramfs;
+#   - curl, and python3-venv for the API fuzzer (scripts/fuzz-api.sh);
 #   - a Rust toolchain (rustup) if cargo is missing.
 # Idempotent and quiet when everything is there.
 set -euo pipefail
@@ -33,6 +34,9 @@ if command -v busybox >/dev/null; then
   fi
 fi
 [[ -n "$busybox_ok" ]] || need_apt+=(busybox-static)
+# curl for the scripts; Python's venv (with pip) for the API fuzzer of scripts/fuzz-api.sh.
+command -v curl >/dev/null || need_apt+=(curl)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 if [[ ${#need_apt[@]} -gt 0 ]]; then
   apt_update
   pkgs=()
@@ -47,7 +51,7 @@ if [[ ${#need_apt[@]} -gt 0 ]]; then
   echo "setup: installing ${pkgs[*]}"
   $SUDO apt-get install -y -qq --no-install-recommends --allow-downgrades "${pkgs[@]}" >/dev/null
 fi
-for bin in qemu-system-x86_64 qemu-img cpio busybox; do
+for bin in qemu-system-x86_64 qemu-img cpio busybox curl python3; do
   command -v "$bin" >/dev/null || { echo "setup: $bin is still missing" >&2; exit 1; }
 done
 
@@ -64,7 +68,7 @@ if ! command -v cargo >/dev/null; then
 fi
 
 # The kernel package is looked up in the apt lists, which need to exist.
-if ! grep -qs '"version": 4' .novacron/demo-image/image.json; then
+if ! grep -qs '"version": 5' .novacron/demo-image/image.json; then
   if ! apt-cache depends linux-image-cloud-amd64 2>/dev/null | grep -q 'Depends: linux-image-'; then
     apt_update
   fi

@@ -18,6 +18,11 @@ else
   echo "test: cargo test (cargo-nextest not installed)"
   cargo test --workspace
 fi
+# The API under a fuzzer: no 5xx, every error in the JSON error shape (uses the debug binary
+# the tests built).
+echo "test: scripts/fuzz-api.sh"
+cargo build --quiet -p novacron
+scripts/fuzz-api.sh
 # Nothing a test started may outlive it.
 if pgrep -f "qemu-system-x86_64 -name .*process=novacron-" >/dev/null; then
   echo "test: QEMU processes were left running by the tests:" >&2

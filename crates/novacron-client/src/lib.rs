@@ -176,8 +176,39 @@ impl Client {
         Ok(r.token)
     }
 
+    /// One page of a list: `path` may carry filters; `after` is the previous page's `next`.
+    pub async fn page<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<novacron_types::Page<T>, ClientError> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let mut url = format!("{path}{sep}limit={limit}");
+        if let Some(a) = after {
+            url.push_str(&format!("&after={}", encode(a)));
+        }
+        self.get(&url).await
+    }
+
+    /// Every item of a list, following `next` from page to page.
+    pub async fn list_all<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>, ClientError> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .page::<T>(path, novacron_types::page::MAX_LIMIT, after.as_deref())
+                .await?;
+            all.extend(page.items);
+            match page.next {
+                Some(n) => after = Some(n),
+                None => return Ok(all),
+            }
+        }
+    }
+
     pub async fn list_vms(&self) -> Result<Vec<Vm>, ClientError> {
-        self.get("/api/v1/vms").await
+        self.list_all("/api/v1/vms").await
     }
 
     pub async fn get_vm(&self, key: &str) -> Result<Vm, ClientError> {
@@ -319,7 +350,7 @@ impl Client {
     }
 
     pub async fn list_pools(&self) -> Result<Vec<novacron_types::StoragePool>, ClientError> {
-        self.get("/api/v1/pools").await
+        self.list_all("/api/v1/pools").await
     }
 
     pub async fn get_pool(&self, name: &str) -> Result<novacron_types::StoragePool, ClientError> {
@@ -444,7 +475,7 @@ impl Client {
     }
 
     pub async fn list_images(&self) -> Result<Vec<Image>, ClientError> {
-        self.get("/api/v1/images").await
+        self.list_all("/api/v1/images").await
     }
 
     pub async fn import_image(&self, req: &ImportImageRequest) -> Result<Operation, ClientError> {

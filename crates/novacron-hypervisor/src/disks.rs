@@ -183,11 +183,19 @@ pub async fn info(path: &Path) -> Result<ImageInfo, HvError> {
 
 /// Copies an image file into `dest` in its own format (no backing chain left behind).
 pub async fn import(src: &Path, format: ImageFormat, dest: &Path) -> Result<(), HvError> {
+    // Copied under a temporary name and renamed into place once synced: a crash leaves either
+    // the whole image or a `.part` file (removed at start), never a truncated image.
     let f = format.as_str();
-    qemu_img(
+    let part = crate::durable::partial_name(dest);
+    let copied = qemu_img(
         "convert",
-        &["convert", "-q", "-f", f, "-O", f, p(src)?, p(dest)?],
+        &["convert", "-q", "-f", f, "-O", f, p(src)?, p(&part)?],
     )
     .await
     .map(drop)
+    .and_then(|()| crate::durable::rename(&part, dest).map_err(HvError::from));
+    if copied.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    copied
 }

@@ -11,6 +11,7 @@
 
 pub mod accel;
 pub mod disks;
+pub mod durable;
 pub mod fake;
 pub mod none;
 pub mod qemu;

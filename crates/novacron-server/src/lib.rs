@@ -10,5 +10,6 @@ pub mod cluster;
 pub mod limiter;
 pub mod metrics;
 pub mod node;
+pub mod readiness;
 pub mod service;
 pub mod watchdog;

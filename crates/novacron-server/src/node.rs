@@ -16,10 +16,12 @@ use novacron_state::raft::StartMode;
 use novacron_state::{CommandV1, RaftSettings, StateHandle};
 use novacron_types::{ErrorBody, HostRole, NodeId, NodeInfo, now_millis};
 
+use crate::api::conn::{self, ConnLimits, HostAddrs};
 use crate::api::{AppState, router};
 use crate::cluster::identity::{self, Identity};
 use crate::cluster::{Cluster, ClusterSettings, HttpTransport, host, lease, manager};
 use crate::metrics::Metrics;
+use crate::readiness::{Phase, Readiness};
 use crate::service::{JoinReply, JoinRequest, Service, ServiceSettings};
 
 #[derive(Clone, Debug)]
@@ -47,6 +49,8 @@ pub struct NodeConfig {
     /// The `novacron` binary, to run the fencing watchdog beside this host (`None`: none, for
     /// nodes inside a test process).
     pub watchdog_exe: Option<PathBuf>,
+    /// Caps and timeouts of the API's connections.
+    pub http: ConnLimits,
 }
 
 /// What this host offers to VMs, recorded in its host record at every start.
@@ -98,7 +102,14 @@ pub enum NodeError {
     Startup(String),
 }
 
+/// How long a graceful stop waits for requests in flight.
+const DRAIN: Duration = Duration::from_secs(10);
+
 /// Runs a node until `shutdown` resolves. QEMU processes keep running after it returns.
+///
+/// The API is served from the start (a joining host must answer the leader to catch up), but
+/// `/readyz` says ready, and the "listening on" line is printed, only once the host has caught
+/// up, recorded the bootstrap and re-adopted its VMs (see [`crate::readiness`]).
 pub async fn run(
     cfg: NodeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -111,7 +122,15 @@ pub async fn run(
         })?;
     }
     let [raft_dir, vms_dir, images_dir] = dirs;
+    // Imports a crash cut short: never recorded, so nothing refers to them.
+    for left in novacron_hypervisor::durable::remove_partials(&images_dir) {
+        tracing::info!(path = %left.display(), "removed an image copy a crash cut short");
+    }
     cfg.cluster.validate().map_err(NodeError::Startup)?;
+    cfg.http.validate().map_err(NodeError::Startup)?;
+    if let Some(n) = conn::raise_nofile_limit() {
+        tracing::debug!("open files limit: {n}");
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| NodeError::Listen {
@@ -158,6 +177,7 @@ pub async fn run(
                 qemu_binary: cfg.qemu_binary.clone(),
                 accel,
                 start_timeout: Duration::from_secs(30),
+                console_max_bytes: cfg.service.console_max_bytes,
             })
             .await
             .map_err(|e| NodeError::Startup(e.to_string()))?;
@@ -183,15 +203,23 @@ pub async fn run(
     );
 
     // Serve before waiting for Raft: a joining host must answer the leader to catch up.
-    let app = router(AppState::new(service.clone()));
-    let server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await
-    });
+    let readiness = Readiness::default();
+    let app = router(AppState::new(service.clone(), readiness.clone()));
+    let hosts = HostAddrs::default();
+    tokio::spawn(track_host_addresses(state.clone(), hosts.clone()));
+    let stopping = readiness.clone();
+    let shutdown = async move {
+        shutdown.await;
+        stopping.set(Phase::Stopping);
+    };
+    let server = tokio::spawn(conn::serve(
+        listener,
+        app,
+        cfg.http.clone(),
+        hosts,
+        shutdown,
+        DRAIN,
+    ));
     let ready_timeout = if mode == StartMode::Join {
         Duration::from_secs(120)
     } else {
@@ -201,6 +229,9 @@ pub async fn run(
         .wait_ready(ready_timeout)
         .await
         .map_err(|e| NodeError::Startup(e.message))?;
+    readiness.set(Phase::CatchingUp);
+    catch_up(&state, ready_timeout).await?;
+    readiness.set(Phase::Bootstrapping);
 
     // Observed state: every change the driver reports is recorded in the replicated state.
     let mut changes = hv.subscribe();
@@ -268,17 +299,15 @@ pub async fn run(
         }
     }
     service.fail_interrupted_operations().await;
-    // Finished operations are kept for a week, then pruned, so the state stays bounded.
+    // Finished operations are pruned by age and by count, so the state stays bounded.
     let pruner = service.clone();
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(3600));
+        let mut every = tokio::time::interval(Duration::from_secs(60));
         loop {
             every.tick().await;
             // One host prunes: the leader (others would only be told they are not).
             if pruner.state().metrics().role == "leader" {
-                pruner
-                    .prune_operations(Duration::from_secs(7 * 24 * 3600))
-                    .await;
+                pruner.prune_operations().await;
             }
         }
     });
@@ -294,7 +323,7 @@ pub async fn run(
             .clone()
             .filter(|_| identity.role == HostRole::Full),
     );
-    tokio::spawn(lease::run(service.clone(), watchdog));
+    tokio::spawn(lease::run(service.clone(), watchdog.clone()));
     tokio::spawn(crate::service::ha::run(service.clone()));
     if identity.role == HostRole::Full {
         tokio::spawn(crate::service::stats::run(service.clone()));
@@ -303,17 +332,66 @@ pub async fn run(
     }
     tokio::spawn(manager::run(cluster.clone()));
 
+    readiness.set(Phase::Ready);
     println!(
         "novacron: node {node_id} listening on {api_address} (bound {local}, accelerator {accel_name}, role {})",
         identity.role.as_str()
     );
-    tracing::info!(%api_address, "serving");
-    let served = server
+    tracing::info!(%api_address, "ready");
+    server
         .await
         .map_err(|e| NodeError::Startup(format!("HTTP server task: {e}")))?;
     hv.detach_all().await;
+    // The last word to the fencing watchdog: it exits now unless a VM here needs fencing.
+    watchdog.stop().await;
     state.shutdown().await;
-    served.map_err(|e| NodeError::Startup(format!("HTTP server: {e}")))
+    Ok(())
+}
+
+/// Applies the log up to the leader's commit index as it is now: a linearizable read waits for
+/// exactly that. Retried while no leader answers (an election at start-up).
+async fn catch_up(state: &StateHandle, within: Duration) -> Result<(), NodeError> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match state.read_linearizable(|_| ()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!("catching up with the leader: {}", e.message);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                return Err(NodeError::Startup(format!(
+                    "could not catch up with the leader within {}s: {}",
+                    within.as_secs(),
+                    e.message
+                )));
+            }
+        }
+    }
+}
+
+/// Keeps the set of the cluster's host addresses current for the connection caps (hosts are
+/// exempt from the public ones).
+async fn track_host_addresses(state: StateHandle, hosts: HostAddrs) {
+    let mut known: Vec<String> = Vec::new();
+    loop {
+        let mut addrs: Vec<String> =
+            state.read(|s| s.nodes.values().map(|n| n.api_address.clone()).collect());
+        addrs.extend(
+            state
+                .membership()
+                .nodes
+                .values()
+                .map(|a| a.api_addr.clone()),
+        );
+        addrs.sort();
+        addrs.dedup();
+        if addrs != known {
+            hosts.set(conn::resolve_hosts(addrs.clone()).await);
+            known = addrs;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 /// Reads this host's identity, or makes one: by bootstrapping a new cluster, or by joining one

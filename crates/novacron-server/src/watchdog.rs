@@ -14,7 +14,10 @@
 //!
 //! The watchdog outlives `novacron` (its own process group). A restarted `novacron` connects to
 //! the one still running (or starts one), so a quick restart within the lease loses nothing.
-//! It exits once nobody is connected and nothing is left to fence.
+//! It exits once nobody is connected and nothing is left to fence. A `novacron` that stops
+//! cleanly says so last: the watchdog then exits at once if no VM on a shared pool runs here,
+//! and otherwise still fences them at the deadline (their lease runs out all the same), then
+//! exits. A `novacron` killed or hung never says so, and the watchdog keeps its purpose.
 //!
 //! Invariants: the watchdog never starts anything and never touches the replicated state; it
 //! only ends QEMUs of VMs on shared pools, and only after the deadline it was given.
@@ -38,6 +41,10 @@ const FIRST_CONTACT: Duration = Duration::from_secs(30);
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct Feed {
     pub fence_at_ns: u64,
+    /// `novacron` is stopping cleanly and will not feed again (its last word). An older
+    /// watchdog ignores the field and keeps the deadline, which is also safe.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopping: bool,
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds (the same clock in every process of the host).
@@ -68,6 +75,8 @@ pub async fn run(data_dir: &Path) -> std::io::Result<()> {
     // The deadline, and whether it has passed (from then on: sweep until a new one comes).
     let mut deadline: Option<Instant> = None;
     let mut expired = false;
+    // The last word was a clean stop.
+    let mut stopping = false;
     let mut conn: Option<tokio::io::Lines<BufReader<UnixStream>>> = None;
     let mut idle_until = Some(Instant::now() + FIRST_CONTACT);
     log(&format!("watching {}", data_dir.display()));
@@ -85,6 +94,7 @@ pub async fn run(data_dir: &Path) -> std::io::Result<()> {
                 if let Ok((s, _)) = accepted {
                     conn = Some(BufReader::new(s).lines());
                     idle_until = None;
+                    stopping = false;
                 }
             }
             line = next_line(&mut conn) => match line {
@@ -93,12 +103,26 @@ pub async fn run(data_dir: &Path) -> std::io::Result<()> {
                         let left = feed.fence_at_ns.saturating_sub(monotonic_ns());
                         deadline = Some(Instant::now() + Duration::from_nanos(left));
                         expired = false;
+                        stopping = feed.stopping;
                     }
                     Err(e) => log(&format!("ignoring a malformed feed ({e}): {text}")),
                 },
                 None => {
                     conn = None;
-                    if deadline.is_some() {
+                    if stopping {
+                        let running = novacron_hypervisor::qemu::shared_disk_vms_running(&vms_root);
+                        if running.is_empty() {
+                            log("novacron stopped cleanly and no VM on a shared pool runs here");
+                            deadline = None;
+                            expired = true;
+                        } else {
+                            log(&format!(
+                                "novacron stopped; {} VM(s) on shared pools still run here and \
+                                 are fenced at the deadline unless it returns",
+                                running.len()
+                            ));
+                        }
+                    } else if deadline.is_some() {
                         log("novacron went away; fencing at the deadline unless it returns");
                     }
                 }
@@ -131,7 +155,8 @@ fn sweep(vms_root: &Path) {
     }
 }
 
-/// Sends each newest feed, (re)connecting (and starting the watchdog) as needed.
+/// Sends each newest feed, (re)connecting (and starting the watchdog) as needed. Ends after
+/// delivering a clean stop.
 async fn deliver(w: std::sync::Arc<Watchdog>, mut rx: tokio::sync::watch::Receiver<Option<Feed>>) {
     let mut conn: Option<UnixStream> = None;
     while rx.changed().await.is_ok() {
@@ -154,6 +179,13 @@ async fn deliver(w: std::sync::Arc<Watchdog>, mut rx: tokio::sync::watch::Receiv
             }
             conn = None;
         }
+        if feed.stopping {
+            if let Some(mut s) = conn.take() {
+                let _ = s.shutdown().await;
+            }
+            w.delivered_stop.notify_one();
+            return;
+        }
     }
 }
 
@@ -171,6 +203,8 @@ pub struct Watchdog {
     /// The `novacron` binary (`None`: no watchdog, for in-process test nodes).
     exe: Option<PathBuf>,
     latest: tokio::sync::watch::Sender<Option<Feed>>,
+    /// Told when the clean-stop word has gone out.
+    delivered_stop: tokio::sync::Notify,
 }
 
 impl Watchdog {
@@ -180,6 +214,7 @@ impl Watchdog {
             data_dir,
             exe,
             latest,
+            delivered_stop: tokio::sync::Notify::new(),
         });
         if w.exe.is_some() {
             tokio::spawn(deliver(w.clone(), rx));
@@ -187,10 +222,38 @@ impl Watchdog {
         w
     }
 
-    /// The host must have fenced within `fence_in` from now, unless fed again.
+    /// The host must have fenced within `fence_in` from now, unless fed again. Ignored once
+    /// [`Watchdog::stop`] was called.
     pub fn feed(&self, fence_in: Duration) {
         let fence_at_ns = monotonic_ns() + fence_in.as_nanos() as u64;
-        self.latest.send_replace(Some(Feed { fence_at_ns }));
+        self.latest.send_if_modified(|latest| {
+            if latest.is_some_and(|f| f.stopping) {
+                return false;
+            }
+            *latest = Some(Feed {
+                fence_at_ns,
+                stopping: false,
+            });
+            true
+        });
+    }
+
+    /// `novacron` is stopping cleanly: the last word to the watchdog, keeping the deadline it
+    /// already has. Waits (briefly) until it has gone out.
+    pub async fn stop(&self) {
+        let mut sent = false;
+        self.latest.send_if_modified(|latest| match latest {
+            Some(f) if !f.stopping => {
+                f.stopping = true;
+                sent = true;
+                true
+            }
+            _ => false,
+        });
+        if sent && self.exe.is_some() {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), self.delivered_stop.notified()).await;
+        }
     }
     async fn connect(&self) -> Option<UnixStream> {
         let sock = self.data_dir.join(SOCKET);

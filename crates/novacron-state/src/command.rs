@@ -193,6 +193,12 @@ pub enum CommandV1 {
     PruneOperations {
         before: UnixMillis,
     },
+    /// Drops finished operations older than `before`, then the oldest finished ones beyond
+    /// `keep_at_most`: the state stays bounded by count as well as by age.
+    PruneOperationsKeeping {
+        before: UnixMillis,
+        keep_at_most: u64,
+    },
 
     /// A standalone volume (a VM's own disks are recorded with `CreateVm`). Rules in
     /// `volumes.rs`.

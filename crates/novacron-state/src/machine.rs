@@ -148,6 +148,32 @@ impl ClusterState {
         }
     }
 
+    /// Removes finished operations last updated before `before`, then the oldest finished ones
+    /// (by last update, then ID) until at most `keep_at_most` finished ones are left. Running
+    /// operations are never removed.
+    fn prune_operations(&mut self, before: i64, keep_at_most: u64) -> Vec<Touched> {
+        let mut finished: Vec<(i64, OperationId)> = self
+            .operations
+            .values()
+            .filter(|o| o.status.is_final())
+            .map(|o| (o.updated_at, o.id))
+            .collect();
+        finished.sort();
+        let over = finished
+            .len()
+            .saturating_sub(usize::try_from(keep_at_most).unwrap_or(usize::MAX));
+        let old: Vec<OperationId> = finished
+            .iter()
+            .enumerate()
+            .filter(|(i, (at, _))| *at < before || *i < over)
+            .map(|(_, (_, id))| *id)
+            .collect();
+        for id in &old {
+            self.operations.remove(id);
+        }
+        old.into_iter().map(Touched::Operation).collect()
+    }
+
     pub fn vm_by_name(&self, name: &str) -> Option<&Vm> {
         self.vms.values().find(|v| v.name == name)
     }
@@ -679,18 +705,11 @@ impl ClusterState {
                 op.updated_at = *at;
                 Ok(vec![Touched::Operation(*id)])
             }
-            PruneOperations { before } => {
-                let old: Vec<OperationId> = self
-                    .operations
-                    .values()
-                    .filter(|o| o.status.is_final() && o.updated_at < *before)
-                    .map(|o| o.id)
-                    .collect();
-                for id in &old {
-                    self.operations.remove(id);
-                }
-                Ok(old.into_iter().map(Touched::Operation).collect())
-            }
+            PruneOperations { before } => Ok(self.prune_operations(*before, u64::MAX)),
+            PruneOperationsKeeping {
+                before,
+                keep_at_most,
+            } => Ok(self.prune_operations(*before, *keep_at_most)),
             CreateVolume { volume } => self.create_volume(volume),
             DeleteVolume { id } => self.delete_volume(id),
             AttachVolume { id, vm, at } => self.attach_volume(id, *vm, *at),
@@ -1407,6 +1426,45 @@ mod tests {
             s.operations.contains_key(&running.id),
             "running operations are never pruned"
         );
+    }
+
+    #[test]
+    fn operations_are_pruned_by_count_oldest_first_and_never_while_running() {
+        let mut s = ClusterState::default();
+        let mut finished = Vec::new();
+        for at in 1..=5 {
+            let mut o = op();
+            o.status = OperationStatus::Success;
+            o.updated_at = at;
+            finished.push(o.id);
+            apply(&mut s, CommandV1::CreateOperation { op: o }).expect("create");
+        }
+        let running = op();
+        apply(
+            &mut s,
+            CommandV1::CreateOperation {
+                op: running.clone(),
+            },
+        )
+        .expect("create running");
+        let (_, touched) = s.apply(&Command::V1(CommandV1::PruneOperationsKeeping {
+            before: 0,
+            keep_at_most: 2,
+        }));
+        assert_eq!(touched.len(), 3, "{touched:?}");
+        let left: Vec<OperationId> = finished
+            .iter()
+            .copied()
+            .filter(|id| s.operations.contains_key(id))
+            .collect();
+        assert_eq!(left, finished[3..].to_vec(), "the two newest are kept");
+        assert!(s.operations.contains_key(&running.id));
+        // Age still applies below the count.
+        let (_, touched) = s.apply(&Command::V1(CommandV1::PruneOperationsKeeping {
+            before: 5,
+            keep_at_most: 100,
+        }));
+        assert_eq!(touched, vec![Touched::Operation(finished[3])]);
     }
 
     #[test]

@@ -47,6 +47,10 @@ pub struct Live {
     /// reported. A pool missing here is one the host cannot see.
     pub disk_free_bytes: BTreeMap<String, u64>,
     pub load1: Option<f64>,
+    /// Milliseconds since the host's last heartbeat, when that is longer than a host offered to
+    /// new VMs may be silent (a few heartbeats): such a host is no placement target even
+    /// before it counts as offline.
+    pub silent_ms: Option<u64>,
 }
 
 /// What the VMs recorded on one host reserve.
@@ -213,12 +217,16 @@ pub fn rank(
             reasons = check_state(state, node, demand);
             let facts = live.get(&node.id.0);
             if node.role != HostRole::Witness {
-                match facts.map(|l| l.health.as_str()) {
-                    Some("online") => {}
-                    Some(h @ ("offline" | "isolated" | "joining")) => {
+                match facts.map(|l| (l.health.as_str(), l.silent_ms)) {
+                    Some(("online", Some(ms))) => reasons.push(reason(
+                        "not_heartbeating",
+                        format!("no heartbeat for {ms} ms"),
+                    )),
+                    Some(("online", None)) => {}
+                    Some((h @ ("offline" | "isolated" | "joining"), _)) => {
                         reasons.push(reason(h, h.to_string()))
                     }
-                    Some(other) => reasons.push(reason("offline", other.to_string())),
+                    Some((other, _)) => reasons.push(reason("offline", other.to_string())),
                     None => reasons.push(reason(
                         "no_inventory",
                         "has not reported its health yet".to_string(),
@@ -401,6 +409,7 @@ mod tests {
                         health: "online".into(),
                         disk_free_bytes: BTreeMap::from([("data".to_string(), 100 << 30)]),
                         load1: Some(0.0),
+                        silent_ms: None,
                     },
                 )
             })

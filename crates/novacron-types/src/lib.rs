@@ -6,11 +6,14 @@
 
 pub mod error;
 pub mod ids;
+pub mod page;
 pub mod resources;
+pub mod schema;
 pub mod validate;
 
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use ids::{ImageId, NodeId, OperationId, TokenId, UserId, VmId, VolumeId};
+pub use page::{Page, PageRequest};
 pub use resources::*;
 
 /// Seconds since the Unix epoch, as carried in Raft commands (apply must be deterministic, so the

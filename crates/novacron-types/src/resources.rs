@@ -15,13 +15,26 @@ use crate::{ApiError, ImageId, NodeId, OperationId, TokenId, UnixMillis, UserId,
 #[serde(deny_unknown_fields)]
 pub struct CreateVmRequest {
     /// Unique name: lowercase letters, digits and `-`, 1 to 63 characters, starting with a letter.
+    #[schema(
+        pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
     /// Image name or ID the boot disk is created from (as a qcow2 overlay).
+    #[schema(
+        pattern = r"^([a-z]([a-z0-9-]{0,61}[a-z0-9])?|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub image: String,
+    #[schema(minimum = 1, maximum = 128)]
     pub vcpus: u32,
+    #[schema(minimum = 16, maximum = 4194304)]
     pub memory_mib: u64,
     /// Extra blank disks.
     #[serde(default)]
+    #[schema(max_items = 16)]
     pub disks: Vec<DiskRequest>,
     /// Direct kernel boot; overrides the image's kernel, initrd and command line.
     #[serde(default)]
@@ -30,13 +43,18 @@ pub struct CreateVmRequest {
     /// cluster's strategy (`POST /api/v1/placement` shows the ranking). A named host is still
     /// checked against the same rules.
     #[serde(default)]
-    #[schema(value_type = Option<u64>)]
+    #[schema(value_type = Option<u64>, minimum = 1)]
     pub node: Option<NodeId>,
     /// Where the VM may run.
     #[serde(default)]
     pub placement: PlacementRules,
     /// The storage pool its disks go to. Default: the host's own data directory.
     #[serde(default)]
+    #[schema(
+        pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub pool: Option<String>,
     /// Restart the VM on another host when its host is lost (its disks must be on a shared
     /// pool).
@@ -51,12 +69,23 @@ pub struct CreateVmRequest {
 pub struct PlacementRules {
     /// Labels the host must carry, all of them (`{"zone": "a"}`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = crate::schema::labels)]
     pub host_labels: BTreeMap<String, String>,
     /// VMs of one affinity group run on the same host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub affinity: Option<String>,
     /// VMs of one anti-affinity group never share a host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub anti_affinity: Option<String>,
 }
 
@@ -84,19 +113,27 @@ impl PlacementStrategy {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlacementRequest {
+    #[schema(minimum = 1, maximum = 128)]
     pub vcpus: u32,
+    #[schema(minimum = 16, maximum = 4194304)]
     pub memory_mib: u64,
     /// Disk space it needs in the host's data pool, besides its image.
     #[serde(default)]
+    #[schema(maximum = 1140850688)]
     pub disk_mib: u64,
     /// The image its boot disk would come from (name or ID): its full size counts as disk.
     #[serde(default)]
+    #[schema(
+        pattern = r"^([a-z]([a-z0-9-]{0,61}[a-z0-9])?|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub image: Option<String>,
     #[serde(default)]
     pub placement: PlacementRules,
     /// Check only this host (as `vm create --node` would).
     #[serde(default)]
-    #[schema(value_type = Option<u64>)]
+    #[schema(value_type = Option<u64>, minimum = 1)]
     pub node: Option<NodeId>,
     /// Default: the receiving host's `--placement` setting.
     #[serde(default)]
@@ -104,6 +141,11 @@ pub struct PlacementRequest {
     /// The storage pool the disks would go to (the host must see it). Default: the host's data
     /// directory.
     #[serde(default)]
+    #[schema(
+        pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub pool: Option<String>,
 }
 
@@ -112,7 +154,7 @@ pub struct PlacementRequest {
 pub struct PlacementReason {
     /// Stable code: `witness`, `maintenance`, `offline`, `isolated`, `joining`, `no_inventory`,
     /// `missing_label`, `not_enough_cpus`, `not_enough_memory`, `not_enough_disk`, `affinity`,
-    /// `anti_affinity`, `not_requested`.
+    /// `anti_affinity`, `not_requested`, `not_heartbeating` (no heartbeat for a few intervals).
     pub code: String,
     pub message: String,
 }
@@ -152,6 +194,7 @@ pub struct PlacementReport {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskRequest {
+    #[schema(minimum = 1, maximum = 67108864)]
     pub size_mib: u64,
 }
 
@@ -159,10 +202,15 @@ pub struct DiskRequest {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KernelBoot {
+    /// An absolute path on the host, without `,`.
+    #[schema(pattern = r"^/[^,\u0000]*$", max_length = 4096)]
     pub kernel: String,
     #[serde(default)]
+    #[schema(pattern = r"^/[^,\u0000]*$", max_length = 4096)]
     pub initrd: Option<String>,
+    /// One line.
     #[serde(default)]
+    #[schema(pattern = r"^[^\u0000\n\r]*$", max_length = 2048)]
     pub cmdline: Option<String>,
 }
 
@@ -292,6 +340,7 @@ pub struct Vm {
 #[serde(deny_unknown_fields)]
 pub struct UpdateVmRequest {
     #[serde(default)]
+    #[schema(schema_with = crate::schema::label_changes)]
     pub labels: BTreeMap<String, Option<String>>,
     /// Turn HA on or off (on needs disks on a shared pool).
     #[serde(default)]
@@ -376,17 +425,32 @@ pub struct StoragePool {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreatePoolRequest {
+    /// A name (not `data`, which names each host's own data directory).
+    #[schema(
+        pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
-    /// Absolute directory path. For a shared pool it must already be mounted on the host that
-    /// receives the request; NovaCron marks it so other hosts can tell it is the same pool.
+    /// Absolute directory path (not `/`, no `..`). For a shared pool it must already be mounted
+    /// on the host that receives the request; NovaCron marks it so other hosts can tell it is
+    /// the same pool.
+    #[schema(pattern = r"^/[^\u0000]+$", min_length = 2, max_length = 200)]
     pub path: String,
     pub tier: PoolTier,
     #[serde(default)]
     pub shared: bool,
+    #[schema(minimum = 1, maximum = 1152921504606846976u64)]
     pub capacity_bytes: u64,
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub cost_per_gib_month: f64,
     #[serde(default)]
+    #[schema(
+        pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub performance_class: Option<String>,
 }
 
@@ -459,21 +523,39 @@ impl Volume {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVolumeRequest {
+    #[schema(
+        pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
+    #[schema(minimum = 1, maximum = 67108864)]
     pub size_mib: u64,
     #[serde(default)]
     pub format: VolumeFormat,
     /// Default `data` (the host's own data directory).
     #[serde(default)]
+    #[schema(
+        pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub pool: Option<String>,
     /// For a local pool: the host to create it on (default: the VM's host when `attach_to` is
     /// given, else the host receiving the request).
     #[serde(default)]
+    #[schema(value_type = Option<u64>, minimum = 1)]
     pub node: Option<NodeId>,
     /// Attach it to this VM (name or ID) once made.
     #[serde(default)]
+    #[schema(
+        pattern = r"^([a-z]([a-z0-9-]{0,61}[a-z0-9])?|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub attach_to: Option<String>,
     #[serde(default)]
+    #[schema(schema_with = crate::schema::labels)]
     pub labels: BTreeMap<String, String>,
 }
 
@@ -482,6 +564,11 @@ pub struct CreateVolumeRequest {
 #[serde(deny_unknown_fields)]
 pub struct AttachVolumeRequest {
     /// VM name or ID.
+    #[schema(
+        pattern = r"^([a-z]([a-z0-9-]{0,61}[a-z0-9])?|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub vm: String,
 }
 
@@ -490,6 +577,7 @@ pub struct AttachVolumeRequest {
 #[serde(deny_unknown_fields)]
 pub struct ResizeVolumeRequest {
     /// The new size; volumes only grow.
+    #[schema(minimum = 1, maximum = 67108864)]
     pub size_mib: u64,
 }
 
@@ -497,6 +585,11 @@ pub struct ResizeVolumeRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeSnapshotRequest {
+    #[schema(
+        pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
 }
 
@@ -505,18 +598,20 @@ pub struct VolumeSnapshotRequest {
 #[serde(deny_unknown_fields)]
 pub struct MoveVolumeRequest {
     /// The pool to move it to.
+    #[schema(
+        pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub pool: String,
     /// This move's own limit in MB/s (1 to 200); the policy's limits apply too.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 200)]
     pub rate_mb: Option<u64>,
 }
 
-/// A page of a list. `next` is the cursor to pass as `after` for the following page.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct VolumePage {
-    pub items: Vec<Volume>,
-    pub next: Option<String>,
-}
+/// A page of volumes (see [`crate::page`]).
+pub type VolumePage = crate::Page<Volume>;
 
 /// Filters of `GET /api/v1/volumes`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -547,29 +642,40 @@ pub struct TieringPolicy {
     /// Plan and move on its own (moves asked for through the API happen either way).
     pub enabled: bool,
     /// Length of a planning window, in seconds (10 to 86400).
+    #[schema(minimum = 10, maximum = 86400)]
     pub window_s: u64,
     /// A pool should stay under this share of its capacity (0.1 to 1).
+    #[schema(minimum = 0.1, maximum = 1.0)]
     pub high_water: f64,
     /// Windows a volume stays put after a move.
+    #[schema(maximum = 100000)]
     pub min_dwell_windows: u64,
     /// Windows without I/O after which a volume goes one tier colder.
+    #[schema(minimum = 1, maximum = 100000)]
     pub demote_after_idle_windows: u64,
     /// Score margin (in log1p operations) for a predicted-hot volume to displace a hot one.
+    #[schema(minimum = 0.0, maximum = 10.0)]
     pub hysteresis: f64,
     /// Operations per window from which a volume counts as hot (any I/O makes it warm, none
     /// cold).
+    #[schema(minimum = 2)]
     pub hot_ops_per_window: u64,
     /// Pools being drained (the maintenance policy empties them).
     #[serde(default)]
     pub draining_pools: Vec<String>,
     /// Move rate limits in MB/s (1 to 200): all moves of a host together, per pool, per volume.
+    #[schema(minimum = 1, maximum = 200)]
     pub global_mb: u64,
+    #[schema(minimum = 1, maximum = 200)]
     pub pool_mb: u64,
+    #[schema(minimum = 1, maximum = 200)]
     pub volume_mb: u64,
     /// Adaptive throttling: back off while the guests' mean I/O latency is above this
     /// (milliseconds; 0: whenever the guests do any I/O) or the host's load per CPU is above
     /// `max_load_per_cpu`.
+    #[schema(maximum = 60000)]
     pub max_guest_latency_ms: u64,
+    #[schema(minimum = 0.1, maximum = 100.0)]
     pub max_load_per_cpu: f64,
 }
 
@@ -680,8 +786,14 @@ pub struct Image {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImportImageRequest {
+    #[schema(
+        pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
     /// Path of a qcow2 or raw file on the host that serves the request. It is copied.
+    #[schema(pattern = r"^/[^\u0000]*$", max_length = 4096)]
     pub source_path: String,
     /// `qcow2` or `raw`; detected from the file when omitted.
     #[serde(default)]
@@ -840,22 +952,26 @@ pub struct Operation {
 pub struct MigrateVmRequest {
     /// The host to move to (default: the best by placement).
     #[serde(default)]
-    #[schema(value_type = Option<u64>)]
+    #[schema(value_type = Option<u64>, minimum = 1)]
     pub target: Option<NodeId>,
     /// RAM bandwidth cap, MiB/s.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 100000)]
     pub max_bandwidth_mib: Option<u64>,
     /// Disk mirroring bandwidth cap, MiB/s.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 100000)]
     pub disk_bandwidth_mib: Option<u64>,
     /// The longest pause QEMU may plan for the switch-over, ms.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 60000)]
     pub downtime_limit_ms: Option<u64>,
     /// Throttle a guest that dirties memory faster than it can be sent.
     #[serde(default)]
     pub auto_converge: Option<bool>,
     /// Give up (or switch to post-copy) when not done after this many seconds.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 86400)]
     pub timeout_seconds: Option<u64>,
     #[serde(default)]
     pub on_timeout: Option<MigrationTimeoutAction>,

@@ -123,6 +123,7 @@ async fn floor(demo: &Path, runs: usize) -> (Vec<f64>, Vec<f64>) {
                 qemu_binary: "qemu-system-x86_64".into(),
                 accel: Accel::Tcg,
                 start_timeout: Duration::from_secs(20),
+                console_max_bytes: novacron_hypervisor::qemu::CONSOLE_MAX_BYTES,
             })
             .await
             .expect("driver"),

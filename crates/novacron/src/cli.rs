@@ -465,7 +465,23 @@ pub enum ImageCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum OpCommand {
-    List,
+    /// Operations, newest first (one page; the next page's cursor is printed).
+    List {
+        /// running, success, failure or cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        /// A kind (vm.start) or a prefix ending in a dot (vm.).
+        #[arg(long)]
+        kind: Option<String>,
+        /// A VM's name or ID, or a resource path.
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// The cursor printed after the previous page.
+        #[arg(long)]
+        after: Option<String>,
+    },
     Show {
         id: String,
     },
@@ -596,7 +612,7 @@ pub async fn run(g: Global, command: Command) -> anyhow::Result<()> {
         Command::User(c) => user(&g, c).await,
         Command::Node(NodeCommand::List) => {
             let c = client(&g)?;
-            let nodes: Vec<serde_json::Value> = c.get("/api/v1/nodes").await?;
+            let nodes: Vec<serde_json::Value> = c.list_all("/api/v1/nodes").await?;
             if g.output == Format::Json {
                 return output::json(&nodes);
             }
@@ -1112,7 +1128,7 @@ async fn follow_console(c: &Client, vm: &str, offset: u64) -> anyhow::Result<()>
 
 /// The API address of host `id`.
 async fn host_address(c: &Client, id: novacron_types::NodeId) -> anyhow::Result<String> {
-    let nodes: Vec<serde_json::Value> = c.get("/api/v1/nodes").await?;
+    let nodes: Vec<serde_json::Value> = c.list_all("/api/v1/nodes").await?;
     nodes
         .iter()
         .find(|n| n["id"].as_u64() == Some(id.0))
@@ -1381,11 +1397,31 @@ async fn image(g: &Global, cmd: ImageCommand) -> anyhow::Result<()> {
 async fn op(g: &Global, cmd: OpCommand) -> anyhow::Result<()> {
     let c = client(g)?;
     match cmd {
-        OpCommand::List => {
-            let ops: Vec<Operation> = c.get("/api/v1/operations").await?;
-            if g.output == Format::Json {
-                return output::json(&ops);
+        OpCommand::List {
+            status,
+            kind,
+            target,
+            limit,
+            after,
+        } => {
+            let mut path = String::from("/api/v1/operations");
+            let filters = [("status", status), ("kind", kind), ("target", target)];
+            let mut sep = '?';
+            for (k, v) in filters {
+                if let Some(v) = v {
+                    path.push_str(&format!("{sep}{k}={}", encode(&v)));
+                    sep = '&';
+                }
             }
+            let page: novacron_types::Page<Operation> =
+                c.page(&path, limit, after.as_deref()).await?;
+            if let Some(next) = &page.next {
+                eprintln!("(more: novacron op list --after {next})");
+            }
+            if g.output == Format::Json {
+                return output::json(&page.items);
+            }
+            let ops = page.items;
             let rows = ops
                 .iter()
                 .map(|o| {
@@ -1437,7 +1473,7 @@ async fn token(g: &Global, cmd: TokenCommand) -> anyhow::Result<()> {
             Ok(())
         }
         TokenCommand::List => {
-            let tokens: Vec<serde_json::Value> = c.get("/api/v1/tokens").await?;
+            let tokens: Vec<serde_json::Value> = c.list_all("/api/v1/tokens").await?;
             if g.output == Format::Json {
                 return output::json(&tokens);
             }
@@ -1476,7 +1512,7 @@ async fn user(g: &Global, cmd: UserCommand) -> anyhow::Result<()> {
             Ok(())
         }
         UserCommand::List => {
-            let users: Vec<serde_json::Value> = c.get("/api/v1/users").await?;
+            let users: Vec<serde_json::Value> = c.list_all("/api/v1/users").await?;
             if g.output == Format::Json {
                 return output::json(&users);
             }

@@ -103,16 +103,40 @@ fn opt<T: ToString>(v: Option<T>) -> String {
     v.map(|x| x.to_string()).unwrap_or_else(|| "-".into())
 }
 
+/// What the voters line says: how many vote (and, in the leader's view, how many of them are
+/// online: reachable), whether they make a quorum, and the target when the cluster has fewer voters than
+/// it aims for (it promotes hosts as they join).
+fn quorum_line(s: &ClusterStatus) -> String {
+    let plural = if s.voters == 1 { "" } else { "s" };
+    let voters = s.members.iter().filter(|m| m.voting);
+    let knows_health = voters.clone().all(|m| m.health != "unknown");
+    let mut line = format!("quorum: {}", if s.quorum { "yes" } else { "NO" });
+    if knows_health {
+        let online = voters.filter(|m| m.health == "online").count();
+        line.push_str(&format!(
+            " ({online} of {} voter{plural} reachable)",
+            s.voters
+        ));
+    } else {
+        line.push_str(&format!(" ({} voter{plural})", s.voters));
+    }
+    if s.voters < s.target_voters {
+        line.push_str(&format!(
+            "; target {} voters as more hosts join",
+            s.target_voters
+        ));
+    }
+    line
+}
+
 fn print_status(s: &ClusterStatus) {
     match &s.leader {
         Some(l) => println!(
-            "Leader: host {} ({}), term {}, quorum: {}, voters {}/{} (as seen by host {})",
+            "Leader: host {} ({}), term {}, {} (as seen by host {})",
             l.id,
             l.api_address,
             s.term,
-            if s.quorum { "yes" } else { "NO" },
-            s.voters,
-            s.target_voters,
+            quorum_line(s),
             s.reported_by
         ),
         None => println!(

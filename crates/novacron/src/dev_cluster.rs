@@ -2,7 +2,9 @@
 //! its own data dir, joined into one cluster; stopped together on Ctrl-C.
 //!
 //! Ports are chosen once and kept in `BASE/cluster.json`, so running it again restarts the same
-//! cluster (Raft remembers each member's address).
+//! cluster (Raft remembers each member's address). A host that exits (killed to watch failover
+//! and HA, say) leaves the others running: it is restarted by the `--restart` policy, or by
+//! running `dev-cluster` again, which starts only the hosts that are not running.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -35,6 +37,10 @@ pub struct DevClusterArgs {
     /// Loopback address the hosts listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub ip: std::net::IpAddr,
+    /// What to do when a host exits: no (report it; the others keep running), on-failure
+    /// (start it again unless it stopped cleanly) or always.
+    #[arg(long, default_value = "no", value_parser = ["no", "on-failure", "always"])]
+    pub restart: String,
     /// Extra arguments for every `novacron serve` (for example --accel tcg).
     #[arg(last = true)]
     pub serve_args: Vec<String>,
@@ -53,6 +59,14 @@ struct Host {
     role: HostRole,
     url: String,
     child: Child,
+    /// How to start it again.
+    listen: std::net::SocketAddr,
+    extra: Vec<String>,
+    started: std::time::Instant,
+    /// Wait before the next restart (doubles while it keeps exiting soon after starting).
+    backoff: Duration,
+    /// Exited and not restarted.
+    down: bool,
 }
 
 fn free_port(ip: std::net::IpAddr) -> anyhow::Result<u16> {
@@ -146,7 +160,23 @@ async fn spawn(
         role,
         url,
         child,
+        listen,
+        extra: extra.to_vec(),
+        started: std::time::Instant::now(),
+        backoff: Duration::from_secs(1),
+        down: false,
     })
+}
+
+/// Whether a host already answers on `listen` (started by another `dev-cluster`, or by hand).
+async fn already_running(listen: std::net::SocketAddr) -> bool {
+    let probe = Client::new(&format!("http://{listen}"), None);
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        probe.get::<serde_json::Value>("/healthz"),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok())
 }
 
 /// Copies a child's output, line by line, into its log file (and to `lines`, if given).
@@ -190,89 +220,184 @@ pub async fn run(args: DevClusterArgs) -> anyhow::Result<()> {
 
     let mut hosts: Vec<Host> = Vec::new();
     let mut admin: Option<Client> = None;
+    let mut running_elsewhere: Vec<(String, HostRole, String)> = Vec::new();
     for (i, (name, role, port)) in plan.iter().enumerate() {
         let listen = std::net::SocketAddr::new(args.ip, *port);
-        let mut extra = args.serve_args.clone();
-        let joined_before = base.join(name).join("identity.json").exists();
-        if i > 0 && !joined_before {
-            let seed = admin.as_ref().context("the first host is not up")?;
-            let t: JoinTokenCreated = seed
-                .post(
-                    "/api/v1/cluster/tokens",
-                    &JoinTokenRequest {
-                        role: Some(*role),
-                        ttl_seconds: Some(600),
-                    },
-                )
-                .await
-                .context("making a join token")?;
-            extra.extend([
-                "--join".to_string(),
-                seed.base().to_string(),
-                "--token".to_string(),
-                t.token,
-            ]);
-        }
-        eprintln!("starting {name} on http://{listen} ...");
-        let host = match spawn(&base, name, *role, listen, &extra, &password).await {
-            Ok(h) => h,
-            Err(e) => {
-                stop_all(&mut hosts).await;
-                return Err(e);
+        let url = format!("http://{listen}");
+        if already_running(listen).await {
+            eprintln!("{name} is already running on {url}; leaving it alone");
+            running_elsewhere.push((name.clone(), *role, url.clone()));
+        } else {
+            let mut extra = args.serve_args.clone();
+            let joined_before = base.join(name).join("identity.json").exists();
+            if i > 0 && !joined_before {
+                let seed = admin.as_ref().context("the first host is not up")?;
+                let t: JoinTokenCreated = seed
+                    .post(
+                        "/api/v1/cluster/tokens",
+                        &JoinTokenRequest {
+                            role: Some(*role),
+                            ttl_seconds: Some(600),
+                        },
+                    )
+                    .await
+                    .context("making a join token")?;
+                extra.extend([
+                    "--join".to_string(),
+                    seed.base().to_string(),
+                    "--token".to_string(),
+                    t.token,
+                ]);
             }
-        };
+            eprintln!("starting {name} on {url} ...");
+            match spawn(&base, name, *role, listen, &extra, &password).await {
+                Ok(mut h) => {
+                    // A joined host must not try to join again when restarted.
+                    h.extra = args.serve_args.clone();
+                    hosts.push(h);
+                }
+                Err(e) => {
+                    stop_all(&mut hosts).await;
+                    return Err(e);
+                }
+            }
+        }
         if i == 0 {
-            let c = Client::new(&host.url, None);
+            let c = Client::new(&url, None);
             let token = c
                 .login("admin", &password)
                 .await
                 .context("logging in to the first host")?;
             admin = Some(c.with_token(token));
         }
-        hosts.push(host);
     }
 
-    println!("NovaCron dev cluster: {} hosts", hosts.len());
+    let total = hosts.len() + running_elsewhere.len();
+    println!("NovaCron dev cluster: {total} hosts");
     for h in &hosts {
         println!("  {:<8} {:<8} {}", h.name, h.role.as_str(), h.url);
     }
+    for (name, role, url) in &running_elsewhere {
+        println!(
+            "  {:<8} {:<8} {url} (already running; not started here)",
+            name,
+            role.as_str()
+        );
+    }
     println!("admin password: {password}");
+    let first = plan
+        .first()
+        .map(|(_, _, p)| format!("http://{}", std::net::SocketAddr::new(args.ip, *p)))
+        .unwrap_or_default();
     println!(
-        "log in with: novacron login --server {} (logs in {}/<host>/novacron.log)",
-        hosts[0].url,
+        "log in with: novacron login --server {first} (logs in {}/<host>/novacron.log)",
         base.display()
     );
-    println!("Ctrl-C stops every host (VMs keep running and are re-adopted next time).");
+    if hosts.is_empty() {
+        println!("Every host is already running; nothing to do here.");
+        return Ok(());
+    }
+    println!(
+        "Ctrl-C stops the hosts started here (VMs keep running and are re-adopted next time)."
+    );
+    let how_to_restart = format!(
+        "novacron dev-cluster --base-dir {}{} (starts only the hosts that are down)",
+        base.display(),
+        if args.witness { " --witness" } else { "" },
+    );
+    supervise(&mut hosts, &args.restart, &base, &password, &how_to_restart).await
+}
 
+/// Watches the hosts until Ctrl-C or SIGTERM, which stop them all. A host that exits is
+/// reported, and started again if the policy says so; the others keep running either way.
+async fn supervise(
+    hosts: &mut [Host],
+    policy: &str,
+    base: &Path,
+    password: &str,
+    how_to_restart: &str,
+) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let exited = async {
-        loop {
-            for h in hosts.iter_mut() {
-                if let Ok(Some(status)) = h.child.try_wait() {
-                    return (h.name.clone(), status);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tick.tick() => {}
+        }
+        for h in hosts.iter_mut().filter(|h| !h.down) {
+            let Ok(Some(status)) = h.child.try_wait() else {
+                continue;
+            };
+            let restart = match policy {
+                "always" => true,
+                "on-failure" => !status.success(),
+                _ => false,
+            };
+            eprintln!(
+                "host {} exited ({}); the other hosts keep running",
+                h.name,
+                describe(status)
+            );
+            if !restart {
+                h.down = true;
+                eprintln!(
+                    "  start it again with: {how_to_restart}, or run dev-cluster with \
+                     --restart on-failure"
+                );
+                continue;
+            }
+            if h.started.elapsed() > Duration::from_secs(30) {
+                h.backoff = Duration::from_secs(1);
+            }
+            eprintln!("  restarting {} in {}s", h.name, h.backoff.as_secs());
+            tokio::time::sleep(h.backoff).await;
+            h.backoff = (h.backoff * 2).min(Duration::from_secs(30));
+            match spawn(base, &h.name, h.role, h.listen, &h.extra, password).await {
+                Ok(new) => {
+                    let backoff = h.backoff;
+                    *h = new;
+                    h.backoff = backoff;
+                    eprintln!("  {} is back on {}", h.name, h.url);
+                }
+                Err(e) => {
+                    eprintln!("  {e:#}");
+                    h.down = true;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-    };
-    let outcome = tokio::select! {
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        _ = term.recv() => Ok(()),
-        (name, status) = exited => Err(anyhow::anyhow!("host {name} exited ({status}); stopping the others")),
-    };
-    stop_all(&mut hosts).await;
-    outcome
+        if hosts.iter().all(|h| h.down) {
+            eprintln!("every host started here has exited");
+            return Err(anyhow::anyhow!("every host has exited"));
+        }
+    }
+    stop_all(hosts).await;
+    Ok(())
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(0), _) => "stopped cleanly".to_string(),
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(sig)) => match nix::sys::signal::Signal::try_from(sig) {
+            Ok(s) => format!("killed by {}", s.as_str()),
+            Err(_) => format!("killed by signal {sig}"),
+        },
+        _ => "exited".to_string(),
+    }
 }
 
 async fn stop_all(hosts: &mut [Host]) {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
-    for h in hosts.iter() {
+    let running = |h: &Host| !h.down;
+    for h in hosts.iter().filter(|h| running(h)) {
         if let Some(pid) = h.child.id() {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
         }
     }
-    for h in hosts.iter_mut() {
+    for h in hosts.iter_mut().filter(|h| running(h)) {
         if tokio::time::timeout(Duration::from_secs(15), h.child.wait())
             .await
             .is_err()

@@ -10,6 +10,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use novacron_hypervisor::accel::AccelSetting;
+use novacron_server::api::conn::ConnLimits;
 use novacron_server::cluster::ClusterSettings;
 use novacron_server::node::{self, HostSettings, JoinTarget, NodeConfig};
 use novacron_server::service::ServiceSettings;
@@ -109,8 +110,34 @@ pub struct ServeArgs {
     /// Raft: build a snapshot after this many log entries.
     #[arg(long, env = "NOVACRON_SNAPSHOT_EVERY")]
     pub snapshot_every: Option<u64>,
-    /// Log filter (tracing's EnvFilter syntax); RUST_LOG also works.
-    #[arg(long, env = "NOVACRON_LOG", default_value = "info")]
+    /// API connections from outside the cluster, over all clients (default 4096).
+    #[arg(long, env = "NOVACRON_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// API connections from one client address outside the cluster (default 256).
+    #[arg(long, env = "NOVACRON_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Seconds a connection may take to send its request headers, and may stay idle between
+    /// two requests, before it is closed (default 15).
+    #[arg(long, env = "NOVACRON_HEADER_TIMEOUT")]
+    pub header_timeout: Option<u64>,
+    /// A VM's console log is rotated to console.log.1 past this size, in MiB (default 4).
+    #[arg(long, env = "NOVACRON_CONSOLE_LOG_MAX_MIB")]
+    pub console_log_max_mib: Option<u64>,
+    /// Days finished operations are kept (default 7).
+    #[arg(long, env = "NOVACRON_OPERATIONS_RETENTION_DAYS")]
+    pub operations_retention_days: Option<u64>,
+    /// Finished operations kept at most; the oldest go first (default 10000).
+    #[arg(long, env = "NOVACRON_OPERATIONS_MAX")]
+    pub operations_max: Option<u64>,
+    /// How much to log: a level (error, warn, info, debug, trace) for NovaCron's own messages,
+    /// with libraries kept at warn; or a full filter in tracing's syntax
+    /// (`info,openraft=debug`). RUST_LOG, when set, wins.
+    #[arg(
+        long = "log-level",
+        visible_alias = "log",
+        env = "NOVACRON_LOG",
+        default_value = "info"
+    )]
     pub log: String,
     /// Logs as JSON lines.
     #[arg(long)]
@@ -149,6 +176,12 @@ struct ServeFile {
     migration_timeout: Option<u64>,
     max_outgoing_migrations: Option<usize>,
     max_incoming_migrations: Option<usize>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    header_timeout: Option<u64>,
+    console_log_max_mib: Option<u64>,
+    operations_retention_days: Option<u64>,
+    operations_max: Option<u64>,
 }
 
 /// `2.5` → 250 (percent), for ratios between 0.1 and 100.
@@ -291,6 +324,41 @@ fn config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
         }
         service.stats_interval = Duration::from_secs(s);
     }
+    if let Some(m) = args.console_log_max_mib.or(file.console_log_max_mib) {
+        anyhow::ensure!(
+            (1..=1024).contains(&m),
+            "--console-log-max-mib must be between 1 and 1024 (got {m})"
+        );
+        service.console_max_bytes = m << 20;
+    }
+    if let Some(d) = args
+        .operations_retention_days
+        .or(file.operations_retention_days)
+    {
+        anyhow::ensure!(
+            (1..=3650).contains(&d),
+            "--operations-retention-days must be between 1 and 3650 (got {d})"
+        );
+        service.operations_retention = Duration::from_secs(d * 24 * 3600);
+    }
+    if let Some(n) = args.operations_max.or(file.operations_max) {
+        anyhow::ensure!(
+            (10..=1_000_000).contains(&n),
+            "--operations-max must be between 10 and 1000000 (got {n})"
+        );
+        service.operations_max = n;
+    }
+    let mut http = ConnLimits::default();
+    if let Some(n) = args.max_connections.or(file.max_connections) {
+        http.max_connections = n;
+    }
+    if let Some(n) = args.max_connections_per_ip.or(file.max_connections_per_ip) {
+        http.max_per_ip = n;
+    }
+    if let Some(s) = args.header_timeout.or(file.header_timeout) {
+        http.header_timeout = Duration::from_secs(s);
+    }
+    http.validate().map_err(anyhow::Error::msg)?;
     let data_dir = args
         .data_dir
         .or(file.data_dir)
@@ -309,6 +377,7 @@ fn config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
         cluster,
         host,
         watchdog_exe: std::env::current_exe().ok(),
+        http,
         node_name: args
             .node_name
             .or(file.node_name)
@@ -339,12 +408,39 @@ fn config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
     })
 }
 
+/// NovaCron's own crates, whose messages a bare `--log-level` applies to.
+const OWN_TARGETS: [&str; 6] = [
+    "novacron",
+    "novacron_server",
+    "novacron_state",
+    "novacron_hypervisor",
+    "novacron_tiering",
+    "novacron_types",
+];
+
+/// A bare level applies to NovaCron's own messages and leaves libraries (hyper, ...) at `warn`
+/// and openraft at `error`: dozens of openraft lines per election help nobody running a host. Anything else
+/// is a filter in tracing's syntax, used as given.
+fn log_filter(level: &str) -> String {
+    let bare = ["error", "warn", "info", "debug", "trace", "off"];
+    if !bare.contains(&level.trim()) {
+        return level.to_string();
+    }
+    // openraft warns about routine events (a vote changing at start-up): errors only.
+    let mut filter = String::from("warn,openraft=error");
+    for target in OWN_TARGETS {
+        filter.push_str(&format!(",{target}={}", level.trim()));
+    }
+    filter
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log))
-        .context("bad --log filter")?;
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(log_filter(&args.log)))
+        .context("bad --log-level")?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if args.log_json {
         builder.json().init();
@@ -404,6 +500,16 @@ mod tests {
         .expect("config");
         assert_eq!(cfg.listen.to_string(), "127.0.0.1:1");
         assert_eq!(cfg.accel, AccelSetting::Kvm);
+    }
+
+    #[test]
+    fn a_bare_log_level_is_for_novacron_and_libraries_stay_at_warn() {
+        let f = log_filter("info");
+        assert!(f.starts_with("warn,"), "{f}");
+        assert!(f.contains("novacron_server=info"), "{f}");
+        assert!(f.contains("openraft=error"), "{f}");
+        assert_eq!(log_filter("info,openraft=debug"), "info,openraft=debug");
+        tracing_subscriber::EnvFilter::try_new(log_filter("debug")).expect("valid filter");
     }
 
     #[test]

@@ -666,8 +666,17 @@ async fn bad_requests_get_the_right_error_and_change_nothing() {
             M::GET,
             "/api/v1/vms/idle/console/ws",
             None,
-            400,
+            426,
             "invalid_argument",
+            Some("upgrade"),
+        ),
+        case(
+            Viewer,
+            M::GET,
+            "/api/v1/vms/no-such-vm/console/ws",
+            None,
+            404,
+            "not_found",
             None,
         ),
         // Query parameters and other bodies.
@@ -881,7 +890,7 @@ async fn bad_requests_get_the_right_error_and_change_nothing() {
         before,
         "a rejected request changed stored state"
     );
-    let ops: Vec<Value> = admin.get("/api/v1/operations").await.expect("ops");
+    let ops: Vec<Value> = admin.list_all("/api/v1/operations").await.expect("ops");
     assert_eq!(ops.len(), 1, "only the one start operation exists: {ops:?}");
 }
 
@@ -924,7 +933,7 @@ async fn health_metrics_openapi_and_tokens() {
         .await
         .expect_err("a token cannot mint tokens");
     assert_eq!(e.status(), Some(403));
-    let listed: Vec<Value> = admin.get("/api/v1/tokens").await.expect("list");
+    let listed: Vec<Value> = admin.list_all("/api/v1/tokens").await.expect("list");
     assert!(
         listed
             .iter()
@@ -960,7 +969,7 @@ async fn health_metrics_openapi_and_tokens() {
     let doc: Value = admin.get("/api/v1/openapi.json").await.expect("openapi");
     assert!(doc["paths"]["/api/v1/vms/{vm}/actions/{action}"]["post"].is_object());
 
-    let nodes: Vec<Value> = admin.get("/api/v1/nodes").await.expect("nodes");
+    let nodes: Vec<Value> = admin.list_all("/api/v1/nodes").await.expect("nodes");
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0]["accelerator"], "tcg");
     assert_eq!(nodes[0]["raft"]["role"], "leader");

@@ -164,44 +164,167 @@ async fn cli_manages_a_cluster() {
     assert!(err.contains("not found"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dev_cluster_starts_joined_hosts_and_stops_them_all() {
-    let base = tempfile::tempdir().expect("tempdir");
+/// `novacron dev-cluster ARGS` with its standard output and error on receivers.
+fn dev_cluster(
+    base: &std::path::Path,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<String>,
+    std::sync::mpsc::Receiver<String>,
+) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_novacron"))
-        .args(["dev-cluster", "--nodes", "2", "--witness", "--base-dir"])
-        .arg(base.path())
-        .args(["--", "--accel", "tcg"])
+        .arg("dev-cluster")
+        .args(args)
+        .arg("--base-dir")
+        .arg(base)
+        .args(["--", "--accel", "tcg", "--demo-image"])
+        .arg(common::demo_dir())
         .env("NOVACRON_ADMIN_PASSWORD", ADMIN_PASSWORD)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn dev-cluster");
-    let rx = common::stdout_lines(&mut child);
-    // "  node-1   full     http://127.0.0.1:PORT" for each host, then the password line.
-    let mut urls = Vec::new();
+    let out = common::stdout_lines(&mut child);
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, err) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            eprintln!("dev-cluster: {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, out, err)
+}
+
+/// Reads dev-cluster's host lines ("  node-1   full     http://127.0.0.1:PORT") up to the
+/// password line.
+fn host_urls(rx: &std::sync::mpsc::Receiver<String>) -> Vec<(String, String)> {
+    let mut hosts = Vec::new();
     loop {
         let line = rx
             .recv_timeout(std::time::Duration::from_secs(120))
             .expect("dev-cluster output");
-        let host_line =
-            line.trim_start().starts_with("node-") || line.trim_start().starts_with("witness");
+        let name = line
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let host_line = name.starts_with("node-") || name == "witness";
         if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://"))
             && host_line
         {
-            urls.push(url.to_string());
+            hosts.push((name, url.to_string()));
         }
         if line.starts_with("admin password") {
-            break;
+            return hosts;
         }
     }
-    assert_eq!(urls.len(), 3, "{urls:?}");
+}
+
+/// Waits for a line containing `needle` on `rx`.
+fn wait_line(
+    rx: &std::sync::mpsc::Receiver<String>,
+    needle: &str,
+    within: std::time::Duration,
+) -> String {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no line with {needle:?} within {within:?}"));
+        if line.contains(needle) {
+            return line;
+        }
+    }
+}
+
+/// Kills host `name`'s `novacron serve` with SIGKILL, as a crash would.
+fn kill_host(base: &std::path::Path, name: &str) {
+    let serve = pids_with(&format!("serve --data-dir {}", base.join(name).display()));
+    assert_eq!(serve.len(), 1, "{serve:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serve[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+}
+
+fn signal(child: &std::process::Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("signal");
+}
+
+async fn ready(url: &str) -> bool {
+    reqwest::get(format!("{url}/readyz"))
+        .await
+        .is_ok_and(|r| r.status().as_u16() == 200)
+}
+
+/// Kills every process whose command line names the directory (dev-cluster, its hosts, their
+/// watchdogs and guests) when dropped, so a failing test leaves nothing running.
+struct Reap(std::path::PathBuf);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        for pid in pids_with(&self.0.display().to_string()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Waits until no process of ours (command line naming `base`) is left, at most `within`.
+fn wait_none_left(base: &std::path::Path, within: std::time::Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let left = pids_with(&base.display().to_string());
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes left {within:?} after the stop: {left:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_cluster_survives_a_host_kill_and_stops_them_all() {
+    use std::time::Duration;
+    let base = tempfile::tempdir().expect("tempdir");
+    let _reap = Reap(base.path().to_path_buf());
+    let (mut child, out, err) = dev_cluster(base.path(), &["--nodes", "2", "--witness"]);
+    let hosts = host_urls(&out);
+    assert_eq!(hosts.len(), 3, "{hosts:?}");
     let admin = {
-        let c = novacron_client::Client::new(&urls[2], None);
+        let c = novacron_client::Client::new(&hosts[2].1, None);
         let t = c.login("admin", ADMIN_PASSWORD).await.expect("login");
         c.with_token(t)
     };
-    let s: Value = admin.get("/api/v1/cluster").await.expect("status");
+    // Hosts join as learners and are promoted one at a time: wait for three voters.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        let s: Value = admin.get("/api/v1/cluster").await.expect("status");
+        if s["voters"] == 3 {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never three voters: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(s["members"].as_array().map(Vec::len), Some(3), "{s}");
     assert!(
         s["members"]
@@ -210,21 +333,79 @@ async fn dev_cluster_starts_joined_hosts_and_stops_them_all() {
         "{s}"
     );
 
-    // SIGTERM stops every host, and dev-cluster exits cleanly.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("signal");
-    let status = child.wait().expect("wait");
-    assert!(status.success(), "{status:?}");
-    for url in &urls {
-        let addr = url.trim_start_matches("http://");
+    // Kill one host the hard way: the others keep running, and dev-cluster says what happened
+    // and how to start it again.
+    kill_host(base.path(), "node-1");
+    let line = wait_line(&err, "host node-1 exited", Duration::from_secs(10));
+    assert!(line.contains("killed by SIGKILL"), "{line}");
+    let hint = wait_line(&err, "start it again with", Duration::from_secs(5));
+    assert!(hint.contains("novacron dev-cluster --base-dir"), "{hint}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "dev-cluster stopped when one host died"
+    );
+    assert!(ready(&hosts[1].1).await, "node-2 is no longer ready");
+    assert!(ready(&hosts[2].1).await, "the witness is no longer ready");
+    // Two of three voters: still writable (once a new leader is elected, if node-1 led).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while let Err(e) = admin
+        .post::<_, Value>(
+            "/api/v1/tokens",
+            &serde_json::json!({ "name": "two-of-three" }),
+        )
+        .await
+    {
         assert!(
-            std::net::TcpStream::connect(addr).is_err(),
-            "{url} still answers after dev-cluster stopped"
+            std::time::Instant::now() < deadline,
+            "no write with one host down: {e}"
         );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // Running it again starts only the host that is down.
+    let (mut again, out2, _err2) = dev_cluster(base.path(), &["--nodes", "2", "--witness"]);
+    let listed = host_urls(&out2);
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(ready(&hosts[0].1).await, "node-1 did not come back");
+    assert_eq!(
+        pids_with(&format!(
+            "serve --data-dir {}",
+            base.path().join("node-2").display()
+        ))
+        .len(),
+        1,
+        "node-2 was started twice"
+    );
+
+    // Ctrl-C (SIGINT) of each stops the hosts it started; nothing of ours is left after.
+    signal(&again, nix::sys::signal::Signal::SIGINT);
+    assert!(again.wait().expect("wait").success());
+    assert!(!ready(&hosts[0].1).await, "node-1 still answers");
+    assert!(
+        ready(&hosts[1].1).await,
+        "the second dev-cluster stopped node-2"
+    );
+    signal(&child, nix::sys::signal::Signal::SIGINT);
+    assert!(child.wait().expect("wait").success());
+    wait_none_left(base.path(), Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_cluster_restarts_a_dead_host_on_request() {
+    use std::time::Duration;
+    let base = tempfile::tempdir().expect("tempdir");
+    let _reap = Reap(base.path().to_path_buf());
+    let (mut child, out, err) =
+        dev_cluster(base.path(), &["--nodes", "1", "--restart", "on-failure"]);
+    let hosts = host_urls(&out);
+    kill_host(base.path(), "node-1");
+    wait_line(&err, "restarting node-1", Duration::from_secs(10));
+    wait_line(&err, "node-1 is back", Duration::from_secs(60));
+    assert!(ready(&hosts[0].1).await, "node-1 is back but not ready");
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    assert!(child.wait().expect("wait").success());
+    wait_none_left(base.path(), Duration::from_secs(5));
 }
 
 /// `tiering eval` needs no server: the real CloudPhysics trace in, one JSON entry per

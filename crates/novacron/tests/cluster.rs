@@ -416,3 +416,83 @@ async fn joining_and_removing_hosts_explain_their_errors() {
         .expect("raw");
     assert_eq!(code, 401);
 }
+
+/// Right after a host dies, a create through a survivor lands on a live host or fails with
+/// nothing recorded; once the host has missed a few heartbeats it is no placement target at
+/// all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_right_after_a_host_dies_land_on_live_hosts() {
+    let mut cluster = TestCluster::start(&["full", "full", "full"], &[]).await;
+    let leader = cluster.leader_index(0).await;
+    let victim = (leader + 1) % 3;
+    let survivor = (leader + 2) % 3;
+    let victim_id = NodeId(host_id(&cluster.nodes[victim]).await);
+    let c = cluster.admin(survivor).await;
+    cluster.nodes[victim].kill();
+    let killed = Instant::now();
+    let mut made = Vec::new();
+    let mut failed = Vec::new();
+    let mut i = 0;
+    // Spread placement prefers the emptiest host, so the dead one is chosen at first. A create
+    // every 250 ms for 3 s: twelve 1-vCPU VMs fit on the two survivors.
+    while killed.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let name = format!("after-kill-{i}");
+        i += 1;
+        let at = killed.elapsed();
+        match c.create_vm(&demo_vm(&name)).await {
+            Ok(vm) => {
+                assert_ne!(vm.node, victim_id, "{name} was placed on the dead host");
+                made.push(name);
+            }
+            Err(e) => {
+                assert!(
+                    at < Duration::from_secs(1),
+                    "a create {at:?} after the kill (past the heartbeat threshold) failed: {e}"
+                );
+                failed.push((name, e.to_string()));
+            }
+        }
+    }
+    eprintln!(
+        "{} created, {} failed: {failed:?}",
+        made.len(),
+        failed.len()
+    );
+    assert!(made.len() >= 5, "{made:?}");
+    let vms = c.list_vms().await.expect("list");
+    assert!(
+        vms.iter().all(|v| v.node != victim_id),
+        "VMs recorded on the dead host: {vms:?}"
+    );
+    for (name, _) in &failed {
+        assert!(
+            vms.iter().all(|v| &v.name != name),
+            "the failed create of {name} left a record"
+        );
+    }
+    // The dry run says why the dead host is out.
+    let report = c
+        .place(&novacron_types::PlacementRequest {
+            vcpus: 1,
+            memory_mib: 128,
+            disk_mib: 0,
+            image: None,
+            placement: Default::default(),
+            node: None,
+            strategy: None,
+            pool: None,
+        })
+        .await
+        .expect("dry run");
+    let out = report
+        .rejected
+        .iter()
+        .find(|r| r.node == victim_id)
+        .expect("the dead host is rejected");
+    let codes: Vec<&str> = out.reasons.iter().map(|r| r.code.as_str()).collect();
+    assert!(
+        codes.contains(&"not_heartbeating") || codes.contains(&"offline"),
+        "{codes:?}"
+    );
+}

@@ -199,7 +199,8 @@ async fn check_running_on(
         std::fs::read_link(&link).expect("root disk is a link"),
         pool.join("vms").join(id).join("root.qcow2")
     );
-    let ops: Vec<novacron_types::Operation> = admin.get("/api/v1/operations").await.expect("ops");
+    let ops: Vec<novacron_types::Operation> =
+        admin.list_all("/api/v1/operations").await.expect("ops");
     assert!(
         ops.iter().any(|o| o.kind == "vm.ha_restart"
             && o.status == OperationStatus::Success

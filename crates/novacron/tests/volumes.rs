@@ -548,11 +548,12 @@ async fn a_vms_boot_disk_moves_between_pools_running_and_stopped() {
         "the copies changed the disk"
     );
     start_vm(&c, "boot").await;
+    // A fresh console log for this boot (the first boot's is console.log.1).
     wait_console(
         &c,
         "boot",
         "seqwrite device vda present",
-        2,
+        1,
         Duration::from_secs(60),
     )
     .await;
@@ -961,7 +962,7 @@ async fn the_tiering_engine_moves_a_busy_volume_hot_and_an_idle_one_cold_by_itse
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     // The moves are operations that succeeded, and a pass explains itself.
-    let ops: Vec<novacron_types::Operation> = c.get("/api/v1/operations").await.expect("ops");
+    let ops: Vec<novacron_types::Operation> = c.list_all("/api/v1/operations").await.expect("ops");
     let moves: Vec<_> = ops.iter().filter(|o| o.kind == "volume.move").collect();
     assert!(
         moves.len() >= 2

@@ -2,6 +2,7 @@
 //! `novacron`, with a QMP socket, a pidfile and a console log in the VM's directory.
 
 pub mod args;
+pub mod console;
 pub mod copy;
 mod migration;
 pub mod qmp_raw;
@@ -31,8 +32,8 @@ const MAX_SOCKET_PATH: usize = 107;
 const QMP_DEADLINE: Duration = Duration::from_secs(10);
 /// How often a graceful stop presses the ACPI power button again.
 const POWERDOWN_REPEAT: Duration = Duration::from_secs(3);
-/// A console log larger than this is rotated (to `.1`) when the VM starts.
-const CONSOLE_ROTATE_BYTES: u64 = 8 * 1024 * 1024;
+/// The default size at which a running VM's console log is rotated.
+pub const CONSOLE_MAX_BYTES: u64 = 4 << 20;
 
 pub struct QemuConfig {
     /// Directory holding one sub-directory per VM.
@@ -41,6 +42,9 @@ pub struct QemuConfig {
     pub accel: Accel,
     /// How long `start` waits for QMP to answer.
     pub start_timeout: Duration,
+    /// A running VM's console log is rotated to `console.log.1` once it grows past this (so a
+    /// guest writing to its serial port cannot fill the host's disk).
+    pub console_max_bytes: u64,
 }
 
 pub struct QemuHypervisor {
@@ -180,6 +184,7 @@ impl QemuHypervisor {
             jobs_tx,
             bus: self.bus.clone(),
             registry: self.registry.clone(),
+            console: console::Rotation::new(paths.console_log(), self.cfg.console_max_bytes),
             stop_requested: false,
             quit_sent: false,
             guest_shutdown: false,
@@ -256,24 +261,26 @@ pub fn kill_vm_process(vms_root: &Path, id: VmId) -> bool {
     }
 }
 
-/// Kills every QEMU under `vms_root` whose VM has its disks on a shared pool (another host
-/// could start such a VM once this one's lease is gone). For the fencing watchdog. Returns the
-/// VMs whose QEMU was killed.
+/// The VMs under `vms_root` whose disks are on a shared pool and whose QEMU runs (verified by
+/// UUID): another host could start such a VM once this one's lease is gone.
+pub fn shared_disk_vms_running(vms_root: &Path) -> Vec<VmId> {
+    std::fs::read_dir(vms_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.path().join(SHARED_MARK).exists())
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<VmId>().ok())
+        .filter(|id| verified_pid(vms_root, *id).is_some())
+        .collect()
+}
+
+/// Kills every QEMU under `vms_root` whose VM has its disks on a shared pool. For the fencing
+/// watchdog. Returns the VMs whose QEMU was killed.
 pub fn kill_shared_disk_vms(vms_root: &Path) -> Vec<VmId> {
-    let mut killed = Vec::new();
-    for entry in std::fs::read_dir(vms_root).into_iter().flatten().flatten() {
-        let Some(id) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<VmId>().ok())
-        else {
-            continue;
-        };
-        if entry.path().join(SHARED_MARK).exists() && kill_vm_process(vms_root, id) {
-            killed.push(id);
-        }
-    }
-    killed
+    shared_disk_vms_running(vms_root)
+        .into_iter()
+        .filter(|id| kill_vm_process(vms_root, *id))
+        .collect()
 }
 
 /// In a VM's directory: its disks are links into a shared pool (not this host's to delete).
@@ -755,13 +762,8 @@ impl QemuHypervisor {
         }
         let _ = std::fs::remove_file(paths.qmp_socket());
         let _ = std::fs::remove_file(paths.pidfile());
-        let console = paths.console_log();
-        if std::fs::metadata(&console)
-            .map(|m| m.len() > CONSOLE_ROTATE_BYTES)
-            .unwrap_or(false)
-        {
-            let _ = std::fs::rename(&console, console.with_extension("log.1"));
-        }
+        // Every boot starts a fresh console log; the previous boot's is kept as `.1`.
+        console::start_fresh(&paths.console_log())?;
         let stderr = std::fs::File::create(paths.qemu_log())?;
         let mut args = args::command_line(spec, &paths, self.cfg.accel);
         args.extend(extra.iter().map(|a| a.to_string()));

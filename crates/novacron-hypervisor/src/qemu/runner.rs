@@ -224,6 +224,8 @@ pub struct Runner {
     pub jobs_tx: watch::Sender<u64>,
     pub bus: broadcast::Sender<StateChange>,
     pub registry: Registry,
+    /// Keeps the console log under its size while the VM runs.
+    pub console: super::console::Rotation,
     pub stop_requested: bool,
     /// `quit` was sent: QEMU is on its way out, so a closed QMP stream is expected.
     pub quit_sent: bool,
@@ -303,6 +305,18 @@ impl Runner {
             | qmp::Event::BLOCK_JOB_ERROR { .. }
             | qmp::Event::JOB_STATUS_CHANGE { .. } => {
                 self.jobs_tx.send_modify(|n| *n += 1);
+            }
+            // A reset the guest did itself (a reboot from inside, a triple fault, a panic with
+            // `panic=-1`): the VM stays running, but it booted again, and the record says so.
+            qmp::Event::RESET { data, .. } if data.guest => {
+                let cause = format!("{:?}", data.reason).replace('_', "-");
+                tracing::warn!(vm = %self.id, cause, "the guest reset itself");
+                let state = *self.state_tx.borrow();
+                let _ = self.bus.send(StateChange {
+                    id: self.id,
+                    state,
+                    reason: Some(format!("the guest rebooted itself ({cause})")),
+                });
             }
             qmp::Event::GUEST_PANICKED { .. } => {
                 // QEMU lives on with the guest halted; see `state_map`.
@@ -399,6 +413,7 @@ impl Runner {
                         self.finish().await;
                         return;
                     }
+                    self.console.check();
                     let exiting = self.quit_sent || self.guest_shutdown;
                     if self.qmp_lost && !exiting && self.reconnect(1).await {
                         self.qmp_lost = false;

@@ -92,6 +92,7 @@ pub async fn qemu_with(root: &std::path::Path, accel: Accel) -> QemuHypervisor {
         qemu_binary: "qemu-system-x86_64".into(),
         accel,
         start_timeout: Duration::from_secs(20),
+        console_max_bytes: novacron_hypervisor::qemu::CONSOLE_MAX_BYTES,
     })
     .await
     .expect("qemu driver")

@@ -98,9 +98,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Query {
     type Rejection = HttpError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        // An empty value is no value: `?after=` starts at the beginning, `?kind=` filters
+        // nothing (as forms and generated clients send them).
         axum::extract::Query::<HashMap<String, String>>::from_request_parts(parts, state)
             .await
-            .map(|q| Query(q.0))
+            .map(|q| Query(q.0.into_iter().filter(|(_, v)| !v.is_empty()).collect()))
             .map_err(|e| HttpError(ApiError::invalid("query", format!("bad query string: {e}"))))
     }
 }
@@ -137,6 +139,24 @@ impl Query {
                 format!("{name} must be true or false (got '{v}')"),
             )),
         }
+    }
+
+    /// Refuses parameters this endpoint does not know (a misspelt filter must not silently
+    /// return everything).
+    pub fn only(&self, known: &[&str]) -> Result<(), ApiError> {
+        match self.0.keys().find(|k| !known.contains(&k.as_str())) {
+            Some(k) => Err(ApiError::invalid(
+                k.clone(),
+                format!("unknown parameter '{k}' (known: {})", known.join(", ")),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// `limit` and `after`: which page of a list.
+    pub fn page(&self) -> Result<novacron_types::PageRequest, ApiError> {
+        let limit = self.u64("limit", u32::MAX as u64)?.map(|l| l as usize);
+        novacron_types::PageRequest::new(limit, self.0.get("after").cloned())
     }
 
     /// `consistency=stale` asks for this host's local view instead of a linearizable read.

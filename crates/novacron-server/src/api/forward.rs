@@ -33,30 +33,48 @@ pub async fn to_node(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Response {
-    match forward(svc, node, method, path_and_query, headers, body).await {
+    match try_to_node(svc, node, method, path_and_query, headers, body).await {
         Ok(r) => r,
-        Err(e) => HttpError(e).into_response(),
+        Err(f) => HttpError(f.into_error()).into_response(),
     }
 }
 
-async fn forward(
+/// Why a forwarded request got no answer.
+pub enum Failed {
+    /// The host could not be connected to: the request was never sent, so it changed
+    /// nothing there (a caller may try another host).
+    Unreachable(ApiError),
+    /// Anything else (the host may have acted on it).
+    Other(ApiError),
+}
+
+impl Failed {
+    pub fn into_error(self) -> ApiError {
+        match self {
+            Failed::Unreachable(e) | Failed::Other(e) => e,
+        }
+    }
+}
+
+/// [`to_node`], telling a host that could not be reached apart from other failures.
+pub async fn try_to_node(
     svc: &Service,
     node: NodeId,
     method: Method,
     path_and_query: &str,
     headers: &HeaderMap,
     body: Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failed> {
     if headers.contains_key(FORWARDED_HEADER) {
-        return Err(ApiError::unavailable(format!(
+        return Err(Failed::Other(ApiError::unavailable(format!(
             "this request was forwarded here, but host {node} owns the resource; the hosts \
              disagree about ownership (a change in flight); retry"
-        )));
+        ))));
     }
     let addr = svc
         .state()
         .read(|s| s.nodes.get(&node.0).map(|n| n.api_address.clone()))
-        .ok_or_else(|| ApiError::unavailable(format!("host {node} is not a cluster member")))?;
+        .ok_or_else(|| Failed::Other(ApiError::not_found("host", node)))?;
     let client = svc.cluster().transport.client();
     let mut req = client
         .request(method, format!("{addr}{path_and_query}"))
@@ -69,14 +87,19 @@ async fn forward(
         }
     }
     let resp = req.send().await.map_err(|e| {
-        ApiError::new(
+        let error = ApiError::new(
             if e.is_timeout() {
                 ErrorCode::Timeout
             } else {
                 ErrorCode::Unavailable
             },
             format!("host {node} ({addr}), which owns this resource, did not answer: {e}"),
-        )
+        );
+        if e.is_connect() {
+            Failed::Unreachable(error)
+        } else {
+            Failed::Other(error)
+        }
     })?;
     let status = resp.status();
     let mut out = Response::builder().status(status.as_u16());
@@ -94,12 +117,16 @@ async fn forward(
         }
     }
     // Forwarded replies are small (the console is read in bounded pieces).
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|e| ApiError::unavailable(format!("reading host {node}'s answer: {e}")))?;
-    out.body(Body::from(bytes))
-        .map_err(|e| ApiError::internal(format!("building the forwarded answer: {e}")))
+    let bytes = resp.bytes().await.map_err(|e| {
+        Failed::Other(ApiError::unavailable(format!(
+            "reading host {node}'s answer: {e}"
+        )))
+    })?;
+    out.body(Body::from(bytes)).map_err(|e| {
+        Failed::Other(ApiError::internal(format!(
+            "building the forwarded answer: {e}"
+        )))
+    })
 }
 
 /// Route layer for `/api/v1/vms/{vm}/...`: runs the request on the VM's host.

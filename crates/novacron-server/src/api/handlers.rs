@@ -18,9 +18,9 @@ use novacron_types::{
     Role, StoragePool, TokenView, UpdateVmRequest, UserView, Vm, VmSnapshot,
 };
 use novacron_types::{
-    AttachVolumeRequest, CreateVolumeRequest, MoveVolumeRequest, NodeId, PoolTier,
-    ResizeVolumeRequest, TieringPolicy, TieringReport, Volume, VolumePage, VolumeQuery,
-    VolumeSnapshotRequest,
+    AttachVolumeRequest, CreateVolumeRequest, MoveVolumeRequest, NodeId, OperationStatus, Page,
+    PoolTier, ResizeVolumeRequest, TieringPolicy, TieringReport, VmState, Volume, VolumePage,
+    VolumeQuery, VolumeSnapshotRequest,
 };
 
 use super::AppState;
@@ -29,6 +29,17 @@ use super::extract::{JsonBody, Query};
 use crate::auth::Principal;
 use crate::cluster::status::{ClusterStatus, LeaderRef};
 use crate::service::{JoinReply, JoinRequest, JoinTokenCreated, JoinTokenRequest, VmAction};
+
+/// How current a read must be (documents `?consistency=`; parsed by [`Query::stale`]).
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum Consistency {
+    /// Confirmed current with the leader (the default).
+    Linearizable,
+    /// This host's own copy, possibly behind.
+    Stale,
+}
 
 /// Console reads return at most this much per request.
 const CONSOLE_READ_LIMIT: u64 = 1024 * 1024;
@@ -45,11 +56,53 @@ pub struct Health {
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "system", responses((status = 200, body = Health)))]
+/// Liveness: the process answers. Says nothing of whether it can serve yet (`/readyz`).
 pub async fn healthz(State(st): State<AppState>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
         node: st.service.node_id().0,
     })
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Ready {
+    /// `ready`.
+    pub status: String,
+    pub node: u64,
+    /// The last log index this host has applied.
+    pub applied_index: u64,
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "system",
+    responses((status = 200, body = Ready),
+        (status = 503, body = ErrorBody, description = "Not ready: `reason` is the phase \
+            (`starting`, `catching_up`, `bootstrapping`, `stopping`) or `isolated`")))]
+/// Readiness: 200 once this host has caught up with the log as the leader had it when the host
+/// started, recorded the bootstrap (admin user, this host, demo image) and re-adopted its VMs,
+/// while it is not isolated from the cluster or stopping.
+pub async fn readyz(State(st): State<AppState>) -> Response {
+    use crate::readiness::Phase;
+    let phase = st.readiness.phase();
+    let svc = &st.service;
+    let not_ready = |reason: &str, message: String| {
+        let error = ApiError::unavailable(message).with_reason(reason);
+        (StatusCode::SERVICE_UNAVAILABLE, Json(ErrorBody { error })).into_response()
+    };
+    if phase != Phase::Ready {
+        return not_ready(phase.as_str(), format!("not ready: {}", phase.explain()));
+    }
+    if svc.cluster().is_isolated() {
+        return not_ready(
+            "isolated",
+            "not ready: this host cannot renew its lease with a quorum of the cluster".into(),
+        );
+    }
+    Json(Ready {
+        status: "ready".into(),
+        node: svc.node_id().0,
+        applied_index: svc.state().metrics().applied_index,
+    })
+    .into_response()
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "system",
@@ -96,42 +149,42 @@ pub struct RaftStatus {
 }
 
 #[utoipa::path(get, path = "/api/v1/nodes", tag = "nodes",
-    responses((status = 200, body = Vec<NodeStatus>)), security(("bearer" = [])))]
-pub async fn list_nodes(State(st): State<AppState>) -> ApiResult<Json<Vec<NodeStatus>>> {
+    params(("limit" = Option<usize>, Query, minimum = 1, maximum = 500, description = "page size, 1 to 500 (default 100)"),
+           ("after" = Option<String>, Query, description = "the previous page's `next`")),
+    responses((status = 200, body = Page<NodeStatus>), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Hosts by ID, a page at a time.
+pub async fn list_nodes(State(st): State<AppState>, q: Query) -> ApiResult<Json<Page<NodeStatus>>> {
+    q.only(&["limit", "after"])?;
     let svc = &st.service;
-    let nodes = svc.list_nodes().await?;
+    let nodes = svc.list_nodes(&q.page()?).await?;
     let cluster = svc.cluster_status(false).await?;
     let m = svc.state().metrics();
-    Ok(Json(
-        nodes
-            .into_iter()
-            .map(|info| {
-                let member = cluster.members.iter().find(|c| c.id == info.id);
-                NodeStatus {
-                    status: member
-                        .map(|c| c.health.clone())
-                        .unwrap_or_else(|| "unknown".into()),
-                    raft: RaftStatus {
-                        role: if cluster.leader.as_ref().is_some_and(|l| l.id == info.id) {
-                            "leader"
-                        } else {
-                            match member.map(|c| c.voting) {
-                                Some(true) => "follower",
-                                Some(false) => "learner",
-                                None => "unknown",
-                            }
-                        }
-                        .into(),
-                        term: cluster.term,
-                        leader: cluster.leader.as_ref().map(|l| l.id.0).or(m.leader),
-                        last_log_index: member.and_then(|c| c.matched_index).unwrap_or(0),
-                        applied_index: member.and_then(|c| c.applied_index).unwrap_or(0),
-                    },
-                    info,
+    Ok(Json(nodes.map(|info| {
+        let member = cluster.members.iter().find(|c| c.id == info.id);
+        NodeStatus {
+            status: member
+                .map(|c| c.health.clone())
+                .unwrap_or_else(|| "unknown".into()),
+            raft: RaftStatus {
+                role: if cluster.leader.as_ref().is_some_and(|l| l.id == info.id) {
+                    "leader"
+                } else {
+                    match member.map(|c| c.voting) {
+                        Some(true) => "follower",
+                        Some(false) => "learner",
+                        None => "unknown",
+                    }
                 }
-            })
-            .collect(),
-    ))
+                .into(),
+                term: cluster.term,
+                leader: cluster.leader.as_ref().map(|l| l.id.0).or(m.leader),
+                last_log_index: member.and_then(|c| c.matched_index).unwrap_or(0),
+                applied_index: member.and_then(|c| c.applied_index).unwrap_or(0),
+            },
+            info,
+        }
+    })))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -140,7 +193,9 @@ pub async fn list_nodes(State(st): State<AppState>) -> ApiResult<Json<Vec<NodeSt
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
+    #[schema(min_length = 1, max_length = 63)]
     pub username: String,
+    #[schema(max_length = 1024)]
     pub password: String,
 }
 
@@ -168,16 +223,24 @@ pub async fn login(
         ))
         .into_response();
     }
+    let limited = |message: &str| {
+        let e = ApiError::new(ErrorCode::Unavailable, message).with_reason("rate_limited");
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "10")],
+            Json(ErrorBody { error: e }),
+        )
+            .into_response()
+    };
+    if st.login_ip_limiter.check_key(&peer.ip()).is_err() {
+        return limited("too many login attempts from this address; wait a minute");
+    }
     if st
         .login_limiter
         .check_key(&(peer.ip(), req.username.clone()))
         .is_err()
     {
-        let e = ApiError::new(
-            ErrorCode::Unavailable,
-            "too many login attempts for this user; wait a minute",
-        );
-        return (StatusCode::TOO_MANY_REQUESTS, Json(ErrorBody { error: e })).into_response();
+        return limited("too many login attempts for this user; wait a minute");
     }
     match st.service.login(&req.username, &req.password).await {
         Ok(s) => Json(LoginResponse {
@@ -193,15 +256,25 @@ pub async fn login(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUserRequest {
+    #[schema(
+        pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub username: String,
+    #[schema(min_length = 8, max_length = 1024)]
     pub password: String,
     pub role: Role,
 }
 
-#[utoipa::path(get, path = "/api/v1/users", tag = "auth",
-    responses((status = 200, body = Vec<UserView>)), security(("bearer" = [])))]
-pub async fn list_users(State(st): State<AppState>) -> ApiResult<Json<Vec<UserView>>> {
-    Ok(Json(st.service.list_users().await?))
+#[utoipa::path(get, path = "/api/v1/users", tag = "auth", params(("limit" = Option<usize>, Query, minimum = 1, maximum = 500, description = "page size, 1 to 500 (default 100)"),
+           ("after" = Option<String>, Query, description = "the previous page's `next`")),
+    responses((status = 200, body = Page<UserView>), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Users by name, a page at a time.
+pub async fn list_users(State(st): State<AppState>, q: Query) -> ApiResult<Json<Page<UserView>>> {
+    q.only(&["limit", "after"])?;
+    Ok(Json(st.service.list_users(&q.page()?).await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/users", tag = "auth", request_body = CreateUserRequest,
@@ -221,12 +294,18 @@ pub async fn create_user(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTokenRequest {
+    #[schema(
+        pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
     /// At most the caller's role; the caller's role when omitted.
     #[serde(default)]
     pub role: Option<Role>,
     /// The token expires after this many days; never when omitted.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 3650)]
     pub expires_in_days: Option<u32>,
 }
 
@@ -238,13 +317,18 @@ pub struct CreatedToken {
     pub view: TokenView,
 }
 
-#[utoipa::path(get, path = "/api/v1/tokens", tag = "auth",
-    responses((status = 200, body = Vec<TokenView>)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "auth", params(("limit" = Option<usize>, Query, minimum = 1, maximum = 500, description = "page size, 1 to 500 (default 100)"),
+           ("after" = Option<String>, Query, description = "the previous page's `next`")),
+    responses((status = 200, body = Page<TokenView>), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// API tokens by ID (the caller's own; everyone's for an admin), a page at a time.
 pub async fn list_tokens(
     State(st): State<AppState>,
     Extension(who): Extension<Principal>,
-) -> ApiResult<Json<Vec<TokenView>>> {
-    Ok(Json(st.service.list_tokens(&who).await?))
+    q: Query,
+) -> ApiResult<Json<Page<TokenView>>> {
+    q.only(&["limit", "after"])?;
+    Ok(Json(st.service.list_tokens(&who, &q.page()?).await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/tokens", tag = "auth", request_body = CreateTokenRequest,
@@ -296,11 +380,41 @@ fn accepted(op: Operation) -> Response {
 }
 
 #[utoipa::path(get, path = "/api/v1/vms", tag = "vms",
-    params(("consistency" = Option<String>, Query,
-        description = "`stale`: this host's copy of the state, without confirming it is current")),
-    responses((status = 200, body = Vec<Vm>)), security(("bearer" = [])))]
-pub async fn list_vms(State(st): State<AppState>, q: Query) -> ApiResult<Json<Vec<Vm>>> {
-    Ok(Json(st.service.list_vms_with(q.stale()?).await?))
+    params(("consistency" = Option<Consistency>, Query,
+        description = "`stale`: this host's copy of the state, without confirming it is current"),
+        ("node" = Option<u64>, Query, description = "on this host"),
+        ("state" = Option<VmState>, Query, description = "in this observed state"),
+        ("limit" = Option<usize>, Query, minimum = 1, maximum = 500, description = "page size, 1 to 500 (default 100)"),
+           ("after" = Option<String>, Query, description = "the previous page's `next`")),
+    responses((status = 200, body = Page<Vm>), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// VMs by name, filtered, a page at a time.
+pub async fn list_vms(State(st): State<AppState>, q: Query) -> ApiResult<Json<Page<Vm>>> {
+    q.only(&["consistency", "node", "state", "limit", "after"])?;
+    let state = match q.0.get("state") {
+        None => None,
+        Some(v) => Some(
+            VmState::ALL
+                .into_iter()
+                .find(|s| s.as_str() == v)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "state",
+                        format!(
+                            "state must be one of {} (got '{v}')",
+                            VmState::ALL.map(VmState::as_str).join(", ")
+                        ),
+                    )
+                })?,
+        ),
+    };
+    let filter = crate::service::VmFilter {
+        node: q.u64("node", u64::MAX)?.map(NodeId),
+        state,
+    };
+    Ok(Json(
+        st.service.list_vms(&filter, &q.page()?, q.stale()?).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/api/v1/vms", tag = "vms", request_body = CreateVmRequest,
@@ -313,14 +427,22 @@ pub async fn create_vm(
     JsonBody(mut req): JsonBody<CreateVmRequest>,
 ) -> Response {
     let svc = &st.service;
-    let host = match svc.choose_host(&req).await {
-        Ok(h) => h,
-        Err(e) => return super::HttpError(e).into_response(),
-    };
-    if host != svc.node_id() {
+    // A host placement chose may have died since its last heartbeat. If it cannot even be
+    // connected to, nothing was sent, so nothing was recorded: the next best host is tried
+    // (unless the request named the host).
+    let named = req.node.is_some();
+    let mut unreachable = Vec::new();
+    let host = loop {
+        let host = match svc.choose_host(&req, &unreachable).await {
+            Ok(h) => h,
+            Err(e) => return super::HttpError(e).into_response(),
+        };
+        if host == svc.node_id() {
+            break host;
+        }
         req.node = Some(host);
         let body = serde_json::to_vec(&req).unwrap_or_default();
-        return super::forward::to_node(
+        match super::forward::try_to_node(
             svc,
             host,
             axum::http::Method::POST,
@@ -328,8 +450,23 @@ pub async fn create_vm(
             &headers,
             body.into(),
         )
-        .await;
-    }
+        .await
+        {
+            Err(super::forward::Failed::Unreachable(e)) if !named && unreachable.len() < 2 => {
+                tracing::warn!(
+                    "host {host} could not be reached to create VM '{}' ({}); trying the next \
+                     best host",
+                    req.name,
+                    e.message
+                );
+                unreachable.push(host);
+                req.node = None;
+            }
+            Err(f) => return super::HttpError(f.into_error()).into_response(),
+            Ok(r) => return r,
+        }
+    };
+    req.node = Some(host);
     match svc.create_vm(req, &who).await {
         Ok(vm) => (StatusCode::CREATED, Json(vm)).into_response(),
         Err(e) => super::HttpError(e).into_response(),
@@ -348,7 +485,7 @@ pub async fn place(
 }
 
 #[utoipa::path(get, path = "/api/v1/vms/{vm}", tag = "vms", params(("vm" = String, Path, description = "ID or name"),
-        ("consistency" = Option<String>, Query,
+        ("consistency" = Option<Consistency>, Query,
         description = "`stale`: this host's copy of the state, without confirming it is current")),
     responses((status = 200, body = Vm), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn get_vm(
@@ -420,7 +557,7 @@ pub async fn migrate_vm(
 
 #[utoipa::path(get, path = "/api/v1/vms/{vm}/disks/stats", tag = "vms",
     params(("vm" = String, Path, description = "ID or name"),
-           ("step" = Option<u64>, Query, description = "Seconds per bucket at least (default: the finest kept)")),
+           ("step" = Option<u64>, Query, maximum = 86400, description = "Seconds per bucket at least (default: the finest kept)")),
     responses((status = 200, body = DiskIoReport), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn vm_disk_stats(
@@ -434,8 +571,8 @@ pub async fn vm_disk_stats(
 
 #[utoipa::path(get, path = "/api/v1/vms/{vm}/console", tag = "vms",
     params(("vm" = String, Path, description = "ID or name"),
-           ("offset" = Option<u64>, Query, description = "Start at this byte of the log"),
-           ("tail" = Option<u64>, Query, description = "Only the last N bytes")),
+           ("offset" = Option<u64>, Query, maximum = 9223372036854775807u64, description = "Start at this byte of the log"),
+           ("tail" = Option<u64>, Query, maximum = 1048576, description = "Only the last N bytes (at most 1 MiB)")),
     responses((status = 200, description = "The serial log; header X-Console-Next-Offset continues it",
         content_type = "text/plain"), (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
@@ -465,16 +602,26 @@ pub async fn vm_console(
 
 #[utoipa::path(get, path = "/api/v1/vms/{vm}/console/ws", tag = "vms",
     params(("vm" = String, Path, description = "ID or name"),
-           ("offset" = Option<u64>, Query, description = "Start at this byte (default: the end)")),
-    responses((status = 101, description = "WebSocket: binary messages carry console bytes as they are written")),
+           ("offset" = Option<u64>, Query, maximum = 9223372036854775807u64, description = "Start at this byte (default: the end)")),
+    responses((status = 101, description = "WebSocket: binary messages carry console bytes as they are written"),
+        (status = 404, body = ErrorBody), (status = 426, body = ErrorBody, description = "Not a WebSocket request")),
     security(("bearer" = [])))]
 pub async fn vm_console_ws(
     State(st): State<AppState>,
     Path(vm): Path<String>,
     q: Query,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
+    // The VM first: an unknown VM is a 404 whether or not the request asked for a WebSocket.
     let vm = st.service.get_vm(&vm).await?;
+    let offset = q.u64("offset", u64::MAX >> 1)?;
+    let Ok(ws) = ws else {
+        let e = ApiError::invalid(
+            "upgrade",
+            "this endpoint is a WebSocket: send 'Connection: upgrade' and 'Upgrade: websocket'",
+        );
+        return Ok((StatusCode::UPGRADE_REQUIRED, Json(ErrorBody { error: e })).into_response());
+    };
     if vm.node != st.service.node_id() {
         // WebSockets are not forwarded: point the client at the VM's host.
         let addr = st
@@ -488,7 +635,6 @@ pub async fn vm_console_ws(
         ))
         .into());
     }
-    let offset = q.u64("offset", u64::MAX >> 1)?;
     let path = st.service.console_path(&vm);
     Ok(ws.on_upgrade(move |socket| stream_console(socket, path, offset)))
 }
@@ -536,6 +682,11 @@ async fn stream_console(mut socket: WebSocket, path: std::path::PathBuf, offset:
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSnapshotRequest {
+    #[schema(
+        pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
 }
 
@@ -591,10 +742,14 @@ pub async fn delete_snapshot(
 // ---------------------------------------------------------------------------------------------
 // Images
 
-#[utoipa::path(get, path = "/api/v1/images", tag = "images",
-    responses((status = 200, body = Vec<Image>)), security(("bearer" = [])))]
-pub async fn list_images(State(st): State<AppState>) -> ApiResult<Json<Vec<Image>>> {
-    Ok(Json(st.service.list_images().await?))
+#[utoipa::path(get, path = "/api/v1/images", tag = "images", params(("limit" = Option<usize>, Query, minimum = 1, maximum = 500, description = "page size, 1 to 500 (default 100)"),
+           ("after" = Option<String>, Query, description = "the previous page's `next`")),
+    responses((status = 200, body = Page<Image>), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Images by name, a page at a time.
+pub async fn list_images(State(st): State<AppState>, q: Query) -> ApiResult<Json<Page<Image>>> {
+    q.only(&["limit", "after"])?;
+    Ok(Json(st.service.list_images(&q.page()?).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/images/{image}", tag = "images",
@@ -634,10 +789,17 @@ pub async fn delete_image(
 // ---------------------------------------------------------------------------------------------
 // Storage pools
 
-#[utoipa::path(get, path = "/api/v1/pools", tag = "pools",
-    responses((status = 200, body = Vec<StoragePool>)), security(("bearer" = [])))]
-pub async fn list_pools(State(st): State<AppState>) -> ApiResult<Json<Vec<StoragePool>>> {
-    Ok(Json(st.service.list_pools().await?))
+#[utoipa::path(get, path = "/api/v1/pools", tag = "pools", params(("limit" = Option<usize>, Query, minimum = 1, maximum = 500, description = "page size, 1 to 500 (default 100)"),
+           ("after" = Option<String>, Query, description = "the previous page's `next`")),
+    responses((status = 200, body = Page<StoragePool>), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Pools by name, a page at a time.
+pub async fn list_pools(
+    State(st): State<AppState>,
+    q: Query,
+) -> ApiResult<Json<Page<StoragePool>>> {
+    q.only(&["limit", "after"])?;
+    Ok(Json(st.service.list_pools(&q.page()?).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/pools/{pool}", tag = "pools",
@@ -683,9 +845,9 @@ pub async fn delete_pool(
            ("vm" = Option<String>, Query, description = "attached to this VM (ID or name)"),
            ("attached" = Option<bool>, Query), ("node" = Option<u64>, Query),
            ("label" = Option<String>, Query, description = "key=value"),
-           ("limit" = Option<usize>, Query, description = "page size, 1 to 500 (default 100)"),
+           ("limit" = Option<usize>, Query, minimum = 1, maximum = 500, description = "page size, 1 to 500 (default 100)"),
            ("after" = Option<String>, Query, description = "the previous page's `next`")),
-    responses((status = 200, body = VolumePage), (status = 400, body = ErrorBody)),
+    responses((status = 200, body = Page<Volume>), (status = 400, body = ErrorBody)),
     security(("bearer" = [])))]
 /// Volumes in ID order, filtered, a page at a time.
 pub async fn list_volumes(State(st): State<AppState>, q: Query) -> ApiResult<Json<VolumePage>> {
@@ -924,9 +1086,47 @@ pub async fn set_tiering_policy(
 // Operations
 
 #[utoipa::path(get, path = "/api/v1/operations", tag = "operations",
-    responses((status = 200, body = Vec<Operation>)), security(("bearer" = [])))]
-pub async fn list_operations(State(st): State<AppState>) -> ApiResult<Json<Vec<Operation>>> {
-    Ok(Json(st.service.list_operations().await?))
+    params(("status" = Option<OperationStatus>, Query),
+        ("kind" = Option<String>, Query, description = "a kind (`vm.start`) or a prefix ending in a dot (`vm.`)"),
+        ("target" = Option<String>, Query, description = "a resource path (`/api/v1/vms/{id}`) or a VM's name or ID"),
+        ("since" = Option<i64>, Query, minimum = 0, description = "created at or after (Unix milliseconds)"),
+        ("until" = Option<i64>, Query, minimum = 0, description = "created before (Unix milliseconds)"),
+        ("limit" = Option<usize>, Query, minimum = 1, maximum = 500, description = "page size, 1 to 500 (default 100)"),
+           ("after" = Option<String>, Query, description = "the previous page's `next`")),
+    responses((status = 200, body = Page<Operation>), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Operations, newest first, filtered, a page at a time. Finished ones are kept for
+/// `--operations-retention-days` and at most `--operations-max` of them.
+pub async fn list_operations(
+    State(st): State<AppState>,
+    q: Query,
+) -> ApiResult<Json<Page<Operation>>> {
+    q.only(&[
+        "status", "kind", "target", "since", "until", "limit", "after",
+    ])?;
+    let status = match q.0.get("status").map(String::as_str) {
+        None => None,
+        Some("running") => Some(OperationStatus::Running),
+        Some("success") => Some(OperationStatus::Success),
+        Some("failure") => Some(OperationStatus::Failure),
+        Some("cancelled") => Some(OperationStatus::Cancelled),
+        Some(v) => {
+            return Err(ApiError::invalid(
+                "status",
+                format!("status must be running, success, failure or cancelled (got '{v}')"),
+            )
+            .into());
+        }
+    };
+    let millis = |name: &str| q.u64(name, i64::MAX as u64).map(|v| v.map(|t| t as i64));
+    let filter = crate::service::OperationFilter {
+        status,
+        kind: q.0.get("kind").cloned(),
+        target: q.0.get("target").cloned(),
+        since: millis("since")?,
+        until: millis("until")?,
+    };
+    Ok(Json(st.service.list_operations(&filter, &q.page()?).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/operations/{id}", tag = "operations",
@@ -971,7 +1171,7 @@ pub async fn cancel_operation(
 }
 
 #[utoipa::path(post, path = "/api/v1/nodes/{id}/evacuate", tag = "nodes",
-    params(("id" = u64, Path, description = "Host ID")),
+    params(("id" = u64, Path, minimum = 1, description = "Host ID")),
     responses((status = 202, body = Operation, description = "Evacuating; follow the operation"),
         (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
@@ -1004,7 +1204,7 @@ pub async fn evacuate_node(
 }
 
 #[utoipa::path(post, path = "/api/v1/nodes/{id}/restore", tag = "nodes",
-    params(("id" = u64, Path, description = "Host ID")),
+    params(("id" = u64, Path, minimum = 1, description = "Host ID")),
     responses((status = 200, body = NodeInfo), (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
 /// Ends maintenance: VMs may be placed on the host again.
@@ -1022,7 +1222,7 @@ pub async fn restore_node(
 }
 
 #[utoipa::path(get, path = "/api/v1/operations/{id}/wait", tag = "operations",
-    params(("timeout" = Option<u64>, Query, description = "Seconds to wait (default 60, at most 3600)")),
+    params(("timeout" = Option<u64>, Query, maximum = 3600, description = "Seconds to wait (default 60, at most 3600)")),
     responses((status = 200, body = Operation, description = "Finished, or still running at the timeout"),
         (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
@@ -1043,7 +1243,7 @@ pub async fn wait_operation(
 // Cluster
 
 #[utoipa::path(get, path = "/api/v1/cluster", tag = "cluster",
-    params(("consistency" = Option<String>, Query,
+    params(("consistency" = Option<Consistency>, Query,
         description = "`stale`: this host's own view, without asking the leader")),
     responses((status = 200, body = ClusterStatus)), security(("bearer" = [])))]
 pub async fn cluster_status(
@@ -1096,7 +1296,7 @@ pub async fn join_cluster(
 }
 
 #[utoipa::path(delete, path = "/api/v1/cluster/members/{id}", tag = "cluster",
-    params(("id" = u64, Path, description = "Host ID"),
+    params(("id" = u64, Path, minimum = 1, description = "Host ID"),
         ("force" = Option<bool>, Query, description = "Remove a host that is down")),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
     security(("bearer" = [])))]
@@ -1118,6 +1318,7 @@ pub async fn remove_member(
 pub struct TransferLeaderRequest {
     /// The voter to hand leadership to (default: the healthiest other voter).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub to: Option<u64>,
 }
 

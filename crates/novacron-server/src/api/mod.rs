@@ -1,10 +1,11 @@
 //! The REST API under `/api/v1`: thin handlers that parse, call the [`Service`], and format.
 //!
 //! Roles are attached to each route where it is declared ([`viewer`], [`operator`], [`admin`]),
-//! so no route can forget its check. Only `/healthz`, `/api/v1/auth/login` and
+//! so no route can forget its check. Only `/healthz`, `/readyz`, `/api/v1/auth/login` and
 //! `/api/v1/cluster/join` (the join token is its credential) are open; `/internal/v1` takes the
 //! cluster secret only.
 
+pub mod conn;
 mod error;
 mod extract;
 mod forward;
@@ -23,6 +24,8 @@ use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, patch, post, put};
+use std::num::NonZeroU32;
+
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use novacron_types::{ApiError, ErrorCode, Role};
@@ -38,28 +41,46 @@ pub struct AppState {
     /// Login attempts per client address and username, so a password cannot be guessed at line
     /// rate, and nobody elsewhere can lock a user out.
     pub login_limiter: Arc<DefaultKeyedRateLimiter<(std::net::IpAddr, String)>>,
+    /// Login attempts per client address over all usernames, so one client spraying names
+    /// cannot take every password check for itself.
+    pub login_ip_limiter: Arc<DefaultKeyedRateLimiter<std::net::IpAddr>>,
+    /// What `/readyz` answers.
+    pub readiness: crate::readiness::Readiness,
 }
 
 impl AppState {
-    pub fn new(service: Service) -> Self {
+    pub fn new(service: Service, readiness: crate::readiness::Readiness) -> Self {
         let quota =
             Quota::per_minute(std::num::NonZeroU32::new(30).unwrap_or(std::num::NonZeroU32::MIN));
         let login_limiter = Arc::new(RateLimiter::keyed(quota));
-        // Forget idle keys every minute so the map stays small.
-        let weak = Arc::downgrade(&login_limiter);
+        // 120 a minute with bursts of 30 per address: plenty for people and scripts behind one
+        // address, far below what a hashing flood needs.
+        let per_ip = Quota::per_minute(NonZeroU32::new(120).unwrap_or(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::new(30).unwrap_or(NonZeroU32::MIN));
+        let login_ip_limiter = Arc::new(RateLimiter::keyed(per_ip));
+        // Forget idle keys every minute so the maps stay small.
+        let (weak, weak_ip) = (
+            Arc::downgrade(&login_limiter),
+            Arc::downgrade(&login_ip_limiter),
+        );
         tokio::spawn(async move {
             let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
             loop {
                 every.tick().await;
-                match weak.upgrade() {
-                    Some(l) => l.retain_recent(),
-                    None => break,
+                match (weak.upgrade(), weak_ip.upgrade()) {
+                    (Some(l), Some(i)) => {
+                        l.retain_recent();
+                        i.retain_recent();
+                    }
+                    _ => break,
                 }
             }
         });
         Self {
             service,
             login_limiter,
+            login_ip_limiter,
+            readiness,
         }
     }
 }
@@ -215,15 +236,23 @@ async fn method_not_allowed() -> Response {
         .into_response()
 }
 
+/// The largest body the unauthenticated routes (login, join) read.
+const OPEN_BODY_LIMIT: usize = 8 * 1024;
+
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
     use handlers::*;
     let s = &state;
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", viewer(s, get(metrics)))
         .route("/api/v1/openapi.json", viewer(s, get(openapi_json)))
-        .route("/api/v1/auth/login", post(login))
+        // Open routes take small bodies only: each byte of a bogus request costs the host.
+        .route(
+            "/api/v1/auth/login",
+            post(login).layer(DefaultBodyLimit::max(OPEN_BODY_LIMIT)),
+        )
         .route(
             "/api/v1/users",
             admin(s, get(list_users)).merge(admin(s, post(create_user))),
@@ -338,7 +367,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/nodes/{id}/restore", admin(s, post(restore_node)))
         .route("/api/v1/cluster", viewer(s, get(cluster_status)))
         .route("/api/v1/cluster/tokens", admin(s, post(create_join_token)))
-        .route("/api/v1/cluster/join", post(join_cluster))
+        .route(
+            "/api/v1/cluster/join",
+            post(join_cluster).layer(DefaultBodyLimit::max(OPEN_BODY_LIMIT)),
+        )
         .route(
             "/api/v1/cluster/members/{id}",
             admin(s, delete(remove_member)),

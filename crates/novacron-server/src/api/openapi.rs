@@ -22,8 +22,9 @@ impl Modify for BearerAuth {
 #[openapi(
     info(title = "NovaCron API", version = "1", description = "Manage virtual machines on a NovaCron cluster."),
     modifiers(&BearerAuth),
+    components(schemas(handlers::Consistency)),
     paths(
-        handlers::healthz, handlers::metrics, handlers::openapi_json, handlers::list_nodes,
+        handlers::healthz, handlers::readyz, handlers::metrics, handlers::openapi_json, handlers::list_nodes,
         handlers::login, handlers::list_users, handlers::create_user,
         handlers::list_tokens, handlers::create_token, handlers::revoke_token,
         handlers::list_vms, handlers::create_vm, handlers::get_vm, handlers::update_vm, handlers::delete_vm,

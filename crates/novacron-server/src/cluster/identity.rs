@@ -1,7 +1,6 @@
 //! `identity.json` in the data dir: which host this is and the secret it shares with the rest
 //! of its cluster. Written once (bootstrap or join), read at every start.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -67,23 +66,13 @@ impl Identity {
     }
 
     /// Writes the file (mode 0600) through a temporary file and a rename.
+    /// Writes the identity durably (temporary file, sync, rename, directory sync), readable by
+    /// this user only: a crash leaves the old identity or the new one, never half of one.
     pub fn save(&self, data_dir: &Path) -> Result<(), String> {
-        use std::os::unix::fs::OpenOptionsExt as _;
         let path = Self::path(data_dir);
-        let tmp = data_dir.join(format!("{FILE}.tmp"));
         let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        };
-        write().map_err(|e| format!("writing {}: {e}", path.display()))
+        novacron_hypervisor::durable::write(&path, text.as_bytes(), 0o600)
+            .map_err(|e| format!("writing {}: {e}", path.display()))
     }
 }
 

@@ -117,6 +117,12 @@ impl ClusterSettings {
     pub fn isolate_after(&self) -> Duration {
         self.lease - self.fence_budget
     }
+
+    /// A host the leader has not heard from for this long (three heartbeats: 3 s by default)
+    /// is not offered to new VMs, migrations or HA restarts, even before it is `offline`.
+    pub fn placement_silence(&self) -> Duration {
+        self.heartbeat * 3
+    }
 }
 
 /// A host's report to the leader, sent with every lease renewal.

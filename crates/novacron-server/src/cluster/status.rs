@@ -36,6 +36,11 @@ pub struct MemberStatus {
     /// What it reported it has applied.
     pub applied_index: Option<u64>,
     pub last_heartbeat_ms_ago: Option<u64>,
+    /// On the leader: milliseconds since it last heard from the host, counting from when it
+    /// became leader for a host it has not heard from since. Placement offers only hosts heard
+    /// from within a few heartbeats.
+    #[serde(default)]
+    pub last_heard_ms_ago: Option<u64>,
     /// Milliseconds until another host may take over its VMs (0: already may).
     pub takeover_safe_in_ms: Option<u64>,
     pub inventory: Option<Inventory>,
@@ -155,6 +160,10 @@ impl Cluster {
                         beat.map(|(_, b)| b.applied_index)
                     },
                     last_heartbeat_ms_ago: beat.map(|(ago, _)| *ago),
+                    last_heard_ms_ago: is_leader
+                        .then(|| self.last_heard(id))
+                        .flatten()
+                        .map(|t| t.elapsed().as_millis() as u64),
                     takeover_safe_in_ms: is_leader
                         .then(|| self.lease_safe_after(id))
                         .flatten()
@@ -174,11 +183,15 @@ impl Cluster {
                 }
             })
             .collect();
+        // A leader that is the only voter is its own quorum: openraft records no
+        // acknowledgement from anyone else, and needs none to commit.
+        let sole_voter = mem.voters.len() == 1 && mem.voters.contains(&me);
         let quorum = is_leader
-            && self
-                .state
-                .millis_since_quorum_ack()
-                .is_some_and(|ms| ms < self.settings.heartbeat.as_millis() as u64 * 2);
+            && (sole_voter
+                || self
+                    .state
+                    .millis_since_quorum_ack()
+                    .is_some_and(|ms| ms < self.settings.heartbeat.as_millis() as u64 * 2));
         ClusterStatus {
             leader: self.state.leader().map(|(id, addr)| LeaderRef {
                 id: NodeId(id),

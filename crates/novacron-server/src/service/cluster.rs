@@ -21,6 +21,7 @@ pub struct JoinTokenRequest {
     pub role: Option<HostRole>,
     /// Seconds until it expires (default 3600, at most 7 days).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 604800)]
     pub ttl_seconds: Option<u64>,
 }
 
@@ -37,19 +38,34 @@ pub struct JoinTokenCreated {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JoinRequest {
+    /// `ncj1-ID-SECRET`, from `novacron cluster token`.
+    #[schema(pattern = r"^ncj1-[^-]+-.+$", max_length = 256)]
     pub token: String,
+    #[schema(
+        pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
     /// Where the other hosts reach the new one (`http://host:port`).
+    #[schema(
+        pattern = r"^https?://[^/?#@\s\u0000-\u001f\u007f]+/?$",
+        max_length = 256
+    )]
     pub api_address: String,
     #[serde(default)]
     pub role: HostRole,
     #[serde(default)]
+    #[schema(pattern = r"^[^\u0000-\u001f\u007f]*$", max_length = 128)]
     pub qemu_version: String,
     #[serde(default)]
+    #[schema(pattern = r"^[^\u0000-\u001f\u007f]*$", max_length = 16)]
     pub accelerator: String,
     #[serde(default)]
+    #[schema(maximum = 65536)]
     pub cpus: u32,
     #[serde(default)]
+    #[schema(maximum = 4294967296u64)]
     pub memory_mib: u64,
 }
 
@@ -71,6 +87,57 @@ fn parse_join_token(token: &str) -> Option<(&str, &str)> {
         }
         _ => None,
     }
+}
+
+/// The longest `api_address` a host may give (a URL).
+const MAX_ADDRESS_LEN: usize = 256;
+
+/// A join request's fields, each capped: they end up in every host's records.
+fn check_join_fields(req: &JoinRequest) -> Result<(), ApiError> {
+    novacron_types::validate::name("name", &req.name)?;
+    let addr = req.api_address.trim_end_matches('/');
+    if addr.len() > MAX_ADDRESS_LEN {
+        return Err(ApiError::invalid(
+            "api_address",
+            format!("api_address is longer than {MAX_ADDRESS_LEN} characters"),
+        ));
+    }
+    let rest = addr
+        .strip_prefix("http://")
+        .or_else(|| addr.strip_prefix("https://"));
+    let host_port = rest.unwrap_or_default();
+    if rest.is_none()
+        || host_port.is_empty()
+        || host_port.contains(['/', '?', '#', '@', ' '])
+        || host_port.chars().any(|c| c.is_control())
+    {
+        return Err(ApiError::invalid(
+            "api_address",
+            "api_address must be an http:// or https:// URL of a host and port, like \
+             http://10.0.0.2:8080",
+        ));
+    }
+    for (field, value, max) in [
+        ("qemu_version", &req.qemu_version, 128),
+        ("accelerator", &req.accelerator, 16),
+    ] {
+        if value.len() > max || value.chars().any(|c| c.is_control()) {
+            return Err(ApiError::invalid(
+                field,
+                format!("{field} must be at most {max} printable characters"),
+            ));
+        }
+    }
+    if req.cpus > 65_536 {
+        return Err(ApiError::invalid("cpus", "cpus must be at most 65536"));
+    }
+    if req.memory_mib > 1 << 32 {
+        return Err(ApiError::invalid(
+            "memory_mib",
+            "memory_mib must be at most 4294967296 (4 PiB)",
+        ));
+    }
+    Ok(())
 }
 
 impl Service {
@@ -121,15 +188,12 @@ impl Service {
                 "not a join token (expected ncj1-...); make one with `novacron cluster token`",
             )
         })?;
-        novacron_types::validate::name("name", &req.name)?;
+        check_join_fields(&req)?;
         let addr = req.api_address.trim_end_matches('/').to_string();
-        if !(addr.starts_with("http://") || addr.starts_with("https://")) {
-            return Err(ApiError::invalid(
-                "api_address",
-                "api_address must be an http:// or https:// URL",
-            ));
-        }
         let hash = sha256_hex(secret);
+        // The token is checked here before anything is proposed: a wrong guess must not add an
+        // entry to every host's log. `apply` checks it again (two joins may race for it).
+        self.check_join_token(id, &hash, req.role).await?;
         // IDs are never reused: take one above every ID ever seen. Two joins racing for the same
         // ID are told apart by `apply`; the loser retries with the next.
         for _ in 0..5 {
@@ -190,6 +254,45 @@ impl Service {
         Err(ApiError::unavailable(
             "could not allocate a host ID (too many joins at once); retry",
         ))
+    }
+
+    /// The join token must exist, match, be unused and unexpired, and be for this role. This
+    /// host's copy decides when it knows the token; a token it does not know (made a moment ago
+    /// through another host) is looked up again with a linearizable read.
+    async fn check_join_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        role: HostRole,
+    ) -> Result<(), ApiError> {
+        let lookup = |s: &novacron_state::ClusterState| s.meta.join_tokens.get(id).cloned();
+        let token = match self.inner.state.read(lookup) {
+            Some(t) => Some(t),
+            None => self.inner.state.read_linearizable(lookup).await?,
+        };
+        let valid = token.as_ref().is_some_and(|t| {
+            crate::auth::constant_time_eq(&t.secret_sha256, secret_sha256)
+                && t.used_by.is_none()
+                && t.expires_at > now_millis()
+        });
+        let Some(token) = token.filter(|_| valid) else {
+            return Err(ApiError::new(
+                ErrorCode::Unauthenticated,
+                "the join token is invalid, expired or already used; make a new one with \
+                 `novacron cluster token`",
+            ));
+        };
+        if token.role != role {
+            return Err(ApiError::invalid(
+                "role",
+                format!(
+                    "this token is for a {} host, not a {} host",
+                    token.role.as_str(),
+                    role.as_str()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The cluster as the leader sees it; `stale` answers from this host alone.

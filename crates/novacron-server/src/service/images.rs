@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use novacron_hypervisor::disks;
+use novacron_hypervisor::{disks, durable};
 use novacron_state::CommandV1;
 use novacron_types::{
     ApiError, Image, ImageFormat, ImageId, ImportImageRequest, KernelBoot, Operation, now_millis,
@@ -25,14 +25,20 @@ struct DemoManifest {
 }
 
 impl Service {
-    pub async fn list_images(&self) -> Result<Vec<Image>, ApiError> {
-        let mut images = self
-            .inner
+    /// Images by name, a page at a time.
+    pub async fn list_images(
+        &self,
+        page: &novacron_types::PageRequest,
+    ) -> Result<novacron_types::Page<Image>, ApiError> {
+        self.inner
             .state
-            .read_linearizable(|s| s.images.values().cloned().collect::<Vec<_>>())
-            .await?;
-        images.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(images)
+            .read_linearizable(|s| {
+                let mut images: Vec<&Image> = s.images.values().collect();
+                images.sort_by(|a, b| a.name.cmp(&b.name));
+                page.page(images, |i| i.name.clone())
+                    .map(|p| p.map(|i| i.clone()))
+            })
+            .await?
     }
 
     pub async fn get_image(&self, key: &str) -> Result<Image, ApiError> {
@@ -203,10 +209,24 @@ impl Service {
         }
         let id = ImageId::new_random();
         let store = self.inner.images_dir.join(id.to_string());
-        std::fs::create_dir_all(&store).map_err(|e| ApiError::internal(e.to_string()))?;
-        for f in [&m.disk, &m.kernel, &m.initrd] {
-            std::fs::copy(dir.join(f), store.join(f))
-                .map_err(|e| ApiError::internal(format!("copying demo image file {f}: {e}")))?;
+        // Copied into a temporary directory, synced, then renamed into place: a crash leaves a
+        // `.part` directory (removed at start), never a recorded image with truncated files.
+        let part = durable::partial_name(&store);
+        let copy = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&part)?;
+            for f in [&m.disk, &m.kernel, &m.initrd] {
+                std::fs::copy(dir.join(f), part.join(f))?;
+                durable::sync_file(&part.join(f))?;
+            }
+            durable::sync_dir(&part)?;
+            durable::rename(&part, &store)
+        };
+        if let Err(e) = copy() {
+            let _ = std::fs::remove_dir_all(&part);
+            return Err(ApiError::internal(format!(
+                "copying the demo image into {}: {e}",
+                self.inner.images_dir.display()
+            )));
         }
         let disk = store.join(&m.disk);
         let info = disks::info(&disk).await.map_err(hv_error)?;

@@ -20,8 +20,8 @@ pub mod volumes;
 
 pub use cluster::{JoinReply, JoinRequest, JoinTokenCreated, JoinTokenRequest};
 pub use migration::{ColdCopied, ColdRequest, IncomingRequest, MigrationSettings};
-pub use ops::OpCtx;
-pub use vms::{ConsoleChunk, VmAction, read_console};
+pub use ops::{OpCtx, OperationFilter};
+pub use vms::{ConsoleChunk, VmAction, VmFilter, read_console};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -47,6 +47,12 @@ pub struct ServiceSettings {
     pub migration: MigrationSettings,
     /// How often the collector samples every running VM's disk counters.
     pub stats_interval: Duration,
+    /// Finished operations are kept this long ...
+    pub operations_retention: Duration,
+    /// ... and at most this many of them (the oldest go first).
+    pub operations_max: u64,
+    /// A VM's console log is rotated (to `console.log.1`) once it grows past this size.
+    pub console_max_bytes: u64,
 }
 
 impl Default for ServiceSettings {
@@ -57,6 +63,9 @@ impl Default for ServiceSettings {
             placement: Default::default(),
             migration: MigrationSettings::default(),
             stats_interval: Duration::from_secs(10),
+            operations_retention: Duration::from_secs(7 * 24 * 3600),
+            operations_max: 10_000,
+            console_max_bytes: 4 << 20,
         }
     }
 }
@@ -73,6 +82,9 @@ pub(crate) struct Inner {
     vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     /// Password checks in flight.
     login_permits: Arc<tokio::sync::Semaphore>,
+    /// How long a password check takes here (a moving average, microseconds): a login for a
+    /// name that does not exist waits as long, without hashing.
+    pub(crate) hash_micros: std::sync::atomic::AtomicU64,
     migrations: migration::Migrations,
     ha_retries: Mutex<ha::HaRetries>,
     pool_probe: Mutex<pools::PoolProbe>,
@@ -110,6 +122,7 @@ impl Service {
                 metrics,
                 vm_locks: Mutex::new(HashMap::new()),
                 login_permits: Arc::new(tokio::sync::Semaphore::new(4)),
+                hash_micros: std::sync::atomic::AtomicU64::new(50_000),
                 migrations: migration::Migrations::new(&settings.migration),
                 ha_retries: Mutex::default(),
                 pool_probe: Mutex::default(),
@@ -203,11 +216,18 @@ pub(crate) fn hv_error(e: HvError) -> ApiError {
 }
 
 impl Service {
-    pub async fn list_nodes(&self) -> Result<Vec<novacron_types::NodeInfo>, ApiError> {
+    /// Hosts by ID, a page at a time.
+    pub async fn list_nodes(
+        &self,
+        page: &novacron_types::PageRequest,
+    ) -> Result<novacron_types::Page<novacron_types::NodeInfo>, ApiError> {
         self.inner
             .state
-            .read_linearizable(|s| s.nodes.values().cloned().collect())
-            .await
+            .read_linearizable(|s| {
+                page.page(s.nodes.values(), |n| n.id.0)
+                    .map(|p| p.map(|n| n.clone()))
+            })
+            .await?
     }
 
     /// Fills the gauges that mirror state, right before a scrape.

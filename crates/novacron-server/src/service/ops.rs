@@ -6,9 +6,99 @@ use std::future::Future;
 use std::time::Duration;
 
 use novacron_state::{CommandV1, StateEvent, Touched};
-use novacron_types::{ApiError, ErrorCode, Operation, OperationId, OperationStatus, now_millis};
+use novacron_types::{
+    ApiError, ErrorCode, Operation, OperationId, OperationStatus, Page, PageRequest, UnixMillis,
+    VmId, now_millis,
+};
 
 use super::Service;
+
+/// Filters of `GET /api/v1/operations`.
+#[derive(Clone, Debug, Default)]
+pub struct OperationFilter {
+    pub status: Option<OperationStatus>,
+    /// The kind (`vm.start`), or a prefix ending in a dot (`vm.`).
+    pub kind: Option<String>,
+    /// A resource path (`/api/v1/vms/{id}`), or a VM's name or ID.
+    pub target: Option<String>,
+    /// Created at or after (Unix milliseconds).
+    pub since: Option<UnixMillis>,
+    /// Created before (Unix milliseconds).
+    pub until: Option<UnixMillis>,
+}
+
+impl OperationFilter {
+    fn matches(&self, o: &Operation, target_vm: Option<VmId>) -> bool {
+        let kind = self
+            .kind
+            .as_ref()
+            .is_none_or(|k| match k.strip_suffix('.') {
+                Some(prefix) => {
+                    o.kind.starts_with(prefix) && o.kind[prefix.len()..].starts_with('.')
+                }
+                None => o.kind == *k,
+            });
+        let target = self.target.as_ref().is_none_or(|t| {
+            o.resources
+                .iter()
+                .any(|r| r == t || target_vm.is_some_and(|id| *r == super::vms::vm_path(id)))
+        });
+        self.status.is_none_or(|st| o.status == st)
+            && kind
+            && target
+            && self.since.is_none_or(|t| o.created_at >= t)
+            && self.until.is_none_or(|t| o.created_at < t)
+    }
+}
+
+/// Where a page of operations ends: newest first, so the key sorts later for older ones
+/// (`<created_at>.<id>`, compared by creation time descending, then ID).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpCursor {
+    created_at: UnixMillis,
+    id: OperationId,
+}
+
+impl OpCursor {
+    fn of(o: &Operation) -> Self {
+        Self {
+            created_at: o.created_at,
+            id: o.id,
+        }
+    }
+}
+
+impl Ord for OpCursor {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other
+            .created_at
+            .cmp(&self.created_at)
+            .then(self.id.cmp(&other.id))
+    }
+}
+
+impl PartialOrd for OpCursor {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl std::fmt::Display for OpCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.created_at, self.id)
+    }
+}
+
+impl std::str::FromStr for OpCursor {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (at, id) = s.split_once('.').ok_or(())?;
+        Ok(Self {
+            created_at: at.parse().map_err(|_| ())?,
+            id: id.parse().map_err(|_| ())?,
+        })
+    }
+}
 use crate::auth::Principal;
 use crate::metrics::KindLabels;
 
@@ -141,6 +231,7 @@ impl Service {
             if let Err(e) = service.inner.state.propose(finish).await {
                 tracing::error!(op = %op.id, "recording the end of the operation: {e}");
             }
+            service.prune_if_over_count().await;
         });
         Ok(())
     }
@@ -156,14 +247,30 @@ impl Service {
             .ok_or_else(|| ApiError::not_found("operation", id))
     }
 
-    pub async fn list_operations(&self) -> Result<Vec<Operation>, ApiError> {
-        let mut ops = self
-            .inner
+    /// Operations, newest first, filtered, a page at a time.
+    pub async fn list_operations(
+        &self,
+        filter: &OperationFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Operation>, ApiError> {
+        // A VM named as a target also matches operations recorded with its ID.
+        let target_vm = match &filter.target {
+            Some(t) if !t.starts_with('/') => self.find_vm(t).ok().map(|vm| vm.id),
+            _ => None,
+        };
+        self.inner
             .state
-            .read_linearizable(|s| s.operations.values().cloned().collect::<Vec<_>>())
-            .await?;
-        ops.sort_by_key(|o| std::cmp::Reverse(o.created_at));
-        Ok(ops)
+            .read_linearizable(|s| {
+                let mut ops: Vec<&Operation> = s
+                    .operations
+                    .values()
+                    .filter(|o| filter.matches(o, target_vm))
+                    .collect();
+                ops.sort_by_key(|o| OpCursor::of(o));
+                page.page(ops, |o| OpCursor::of(o))
+                    .map(|p| p.map(|o| o.clone()))
+            })
+            .await?
     }
 
     /// Waits until the operation is finished or `timeout` passes, then returns it as it is.
@@ -192,21 +299,48 @@ impl Service {
     }
 
     /// Drops finished operations last updated more than `age` ago.
-    pub async fn prune_operations(&self, age: Duration) {
-        let before = now_millis() - age.as_millis() as i64;
-        let any = self.inner.state.read(|s| {
-            s.operations
-                .values()
-                .any(|o| o.status.is_final() && o.updated_at < before)
+    /// Drops finished operations past the retention age, and the oldest beyond the retained
+    /// count (`--operations-retention-days`, `--operations-max`).
+    pub async fn prune_operations(&self) {
+        let settings = &self.inner.settings;
+        let before = now_millis() - settings.operations_retention.as_millis() as i64;
+        let keep_at_most = settings.operations_max;
+        let due = self.inner.state.read(|s| {
+            let finished = s.operations.values().filter(|o| o.status.is_final());
+            let (mut count, mut old) = (0u64, false);
+            for o in finished {
+                count += 1;
+                old |= o.updated_at < before;
+            }
+            old || count > keep_at_most
         });
-        if any
+        if due
             && let Err(e) = self
                 .inner
                 .state
-                .propose(CommandV1::PruneOperations { before })
+                .propose(CommandV1::PruneOperationsKeeping {
+                    before,
+                    keep_at_most,
+                })
                 .await
         {
             tracing::warn!("pruning operations: {e}");
+        }
+    }
+
+    /// Prunes at once when finished operations exceed the retained count by a tenth (so a
+    /// burst of operations cannot grow the state until the next periodic pass; the slack keeps
+    /// it from pruning after every single one).
+    async fn prune_if_over_count(&self) {
+        let max = self.inner.settings.operations_max;
+        let finished = self.inner.state.read(|s| {
+            s.operations
+                .values()
+                .filter(|o| o.status.is_final())
+                .count() as u64
+        });
+        if finished > max + max / 10 {
+            self.prune_operations().await;
         }
     }
 

@@ -72,11 +72,18 @@ fn usable(p: &StoragePool) -> bool {
 }
 
 impl Service {
-    pub async fn list_pools(&self) -> Result<Vec<StoragePool>, ApiError> {
+    /// Pools by name, a page at a time.
+    pub async fn list_pools(
+        &self,
+        page: &novacron_types::PageRequest,
+    ) -> Result<novacron_types::Page<StoragePool>, ApiError> {
         self.inner
             .state
-            .read_linearizable(|s| s.pools.values().cloned().collect())
-            .await
+            .read_linearizable(|s| {
+                page.page(s.pools.values(), |p| p.name.clone())
+                    .map(|p| p.map(|pool| pool.clone()))
+            })
+            .await?
     }
 
     pub async fn get_pool(&self, name: &str) -> Result<StoragePool, ApiError> {

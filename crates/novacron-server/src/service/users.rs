@@ -27,8 +27,17 @@ impl Service {
     }
 
     pub async fn login(&self, username: &str, password: &str) -> Result<Session, ApiError> {
+        use std::sync::atomic::Ordering;
         let user = self.inner.state.read(|s| s.user_by_name(username).cloned());
-        let hash = user.as_ref().map(|u| u.password_hash.clone());
+        let Some(hash) = user.as_ref().map(|u| u.password_hash.clone()) else {
+            // No such user: wait about as long as a check takes, so timing does not tell which
+            // names exist, but spend no hashing on it. A flood of made-up names then cannot
+            // starve real logins of the few checks that run at once.
+            let typical = self.inner.hash_micros.load(Ordering::Relaxed);
+            let jitter = rand::random_range(0..=typical / 5);
+            tokio::time::sleep(std::time::Duration::from_micros(typical + jitter)).await;
+            return Err(unauthenticated("invalid username or password"));
+        };
         let password = password.to_string();
         // Argon2 takes ~19 MiB and tens of milliseconds per attempt: bound how many run at once.
         // The permit moves into the blocking task, so a client that disconnects cannot free it
@@ -40,19 +49,24 @@ impl Service {
         .await
         .map_err(|_| ApiError::unavailable("too many logins at once; retry shortly"))?
         .map_err(|_| ApiError::unavailable("shutting down"))?;
-        // Hash even for unknown users so timing does not reveal which names exist.
-        let ok = tokio::task::spawn_blocking(move || {
+        let (ok, took) = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            match hash {
-                Some(h) => auth::verify_password(&password, &h),
-                None => {
-                    let _ = auth::hash_password(&password);
-                    false
-                }
-            }
+            let started = std::time::Instant::now();
+            let ok = auth::verify_password(&password, &hash);
+            (ok, started.elapsed())
         })
         .await
-        .unwrap_or(false);
+        .unwrap_or((false, std::time::Duration::ZERO));
+        if !took.is_zero() {
+            // An exponential moving average (weight 1/8) of recent checks.
+            let micros = took.as_micros().min(u128::from(u32::MAX)) as u64;
+            let _ =
+                self.inner
+                    .hash_micros
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |avg| {
+                        Some(avg - avg / 8 + micros / 8)
+                    });
+        }
         let user = match (ok, user) {
             (true, Some(u)) => u,
             _ => return Err(unauthenticated("invalid username or password")),
@@ -155,11 +169,20 @@ impl Service {
         Ok(UserView::from(&user))
     }
 
-    pub async fn list_users(&self) -> Result<Vec<UserView>, ApiError> {
+    /// Users by name, a page at a time.
+    pub async fn list_users(
+        &self,
+        page: &novacron_types::PageRequest,
+    ) -> Result<novacron_types::Page<UserView>, ApiError> {
         self.inner
             .state
-            .read_linearizable(|s| s.users.values().map(UserView::from).collect())
-            .await
+            .read_linearizable(|s| {
+                let mut users: Vec<&novacron_types::User> = s.users.values().collect();
+                users.sort_by(|a, b| a.username.cmp(&b.username));
+                page.page(users, |u| u.username.clone())
+                    .map(|p| p.map(UserView::from))
+            })
+            .await?
     }
 
     /// Creates an API token for the caller; the secret is in the returned string only.
@@ -211,17 +234,22 @@ impl Service {
         Ok((auth::format_api_token(id, &secret), TokenView::from(&token)))
     }
 
-    pub async fn list_tokens(&self, who: &Principal) -> Result<Vec<TokenView>, ApiError> {
+    /// API tokens by ID (the caller's own; every user's for an admin), a page at a time.
+    pub async fn list_tokens(
+        &self,
+        who: &Principal,
+        page: &novacron_types::PageRequest,
+    ) -> Result<novacron_types::Page<TokenView>, ApiError> {
         self.inner
             .state
             .read_linearizable(|s| {
-                s.tokens
+                let mine = s
+                    .tokens
                     .values()
-                    .filter(|t| who.role == Role::Admin || t.user == who.user)
-                    .map(TokenView::from)
-                    .collect()
+                    .filter(|t| who.role == Role::Admin || t.user == who.user);
+                page.page(mine, |t| t.id).map(|p| p.map(TokenView::from))
             })
-            .await
+            .await?
     }
 
     pub async fn revoke_token(&self, who: &Principal, id: &str) -> Result<(), ApiError> {

@@ -8,9 +8,9 @@ use std::time::Instant;
 use novacron_hypervisor::{RuntimeSpec, StateChange};
 use novacron_state::{CommandV1, placement};
 use novacron_types::{
-    ApiError, CreateVmRequest, DiskSpec, ErrorCode, Image, KernelBoot, NodeId, Operation,
-    PlacementReport, PlacementRequest, PowerState, UpdateVmRequest, Vm, VmId, VmSnapshot, VmSpec,
-    VmState, now_millis, validate,
+    ApiError, CreateVmRequest, DiskSpec, ErrorCode, Image, KernelBoot, NodeId, Operation, Page,
+    PageRequest, PlacementReport, PlacementRequest, PowerState, UpdateVmRequest, Vm, VmId,
+    VmSnapshot, VmSpec, VmState, now_millis, validate,
 };
 
 use super::{OpCtx, Service, hv_error};
@@ -81,6 +81,13 @@ impl VmAction {
     }
 }
 
+/// Filters of `GET /api/v1/vms`.
+#[derive(Clone, Debug, Default)]
+pub struct VmFilter {
+    pub node: Option<NodeId>,
+    pub state: Option<VmState>,
+}
+
 /// A piece of the serial console log.
 pub struct ConsoleChunk {
     pub data: Vec<u8>,
@@ -136,20 +143,30 @@ impl Service {
         self.find_vm(key)
     }
 
-    pub async fn list_vms(&self) -> Result<Vec<Vm>, ApiError> {
-        self.list_vms_with(false).await
-    }
-
-    /// `stale`: this host's copy, without asking the leader whether it is current.
-    pub async fn list_vms_with(&self, stale: bool) -> Result<Vec<Vm>, ApiError> {
-        let all = |s: &novacron_state::ClusterState| s.vms.values().cloned().collect::<Vec<_>>();
-        let mut vms = if stale {
-            self.inner.state.read(all)
-        } else {
-            self.inner.state.read_linearizable(all).await?
+    /// VMs by name, filtered, a page at a time. `stale`: this host's copy, without asking the
+    /// leader whether it is current.
+    pub async fn list_vms(
+        &self,
+        filter: &VmFilter,
+        page: &PageRequest,
+        stale: bool,
+    ) -> Result<Page<Vm>, ApiError> {
+        let pick = |s: &novacron_state::ClusterState| {
+            let mut vms: Vec<&Vm> = s
+                .vms
+                .values()
+                .filter(|v| filter.node.is_none_or(|n| v.node == n))
+                .filter(|v| filter.state.is_none_or(|st| v.state == st))
+                .collect();
+            vms.sort_by(|a, b| a.name.cmp(&b.name));
+            page.page(vms, |v| v.name.clone())
+                .map(|p| p.map(|v| v.clone()))
         };
-        vms.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(vms)
+        if stale {
+            self.inner.state.read(pick)
+        } else {
+            self.inner.state.read_linearizable(pick).await?
+        }
     }
 
     fn find_image(&self, key: &str) -> Option<Image> {
@@ -285,9 +302,14 @@ impl Service {
             .await
     }
 
-    /// The leader's view of every host's health, free disk and load, for placement.
+    /// The leader's view of every host's health, free disk and load, for placement. A host
+    /// whose last heartbeat is older than [`ClusterSettings::placement_silence`] is marked
+    /// silent: it may be dead, and a VM placed there would wait for it in vain.
+    ///
+    /// [`ClusterSettings::placement_silence`]: crate::cluster::ClusterSettings::placement_silence
     pub(crate) async fn live_view(&self) -> Result<BTreeMap<u64, placement::Live>, ApiError> {
         let status = self.cluster_status(false).await?;
+        let silence = self.cluster().settings.placement_silence().as_millis() as u64;
         Ok(status
             .members
             .iter()
@@ -299,6 +321,9 @@ impl Service {
                         health: m.health.clone(),
                         disk_free_bytes: inv.map(|i| i.disk_free_bytes.clone()).unwrap_or_default(),
                         load1: inv.map(|i| i.load1),
+                        silent_ms: m
+                            .last_heard_ms_ago
+                            .filter(|ms| *ms > silence && m.id != status.reported_by),
                     },
                 )
             })
@@ -320,13 +345,31 @@ impl Service {
         }
     }
 
-    /// Which host a new VM goes to: the best by [`Service::place`], or the one asked for if it
-    /// passes the same checks. The error lists every host's reasons.
-    pub async fn choose_host(&self, req: &CreateVmRequest) -> Result<NodeId, ApiError> {
+    /// Which host a new VM goes to: the best by [`Service::place`] that is not in `except`
+    /// (hosts a first attempt could not reach), or the one asked for if it passes the same
+    /// checks. The error lists every host's reasons.
+    pub async fn choose_host(
+        &self,
+        req: &CreateVmRequest,
+        except: &[NodeId],
+    ) -> Result<NodeId, ApiError> {
         validate::create_vm(req)?;
         let report = self.place(&Self::placement_request(req)).await?;
-        if let Some(n) = report.chosen {
+        if let Some(n) = report
+            .candidates
+            .iter()
+            .map(|c| c.node)
+            .find(|n| !except.contains(n))
+        {
             return Ok(n);
+        }
+        if !except.is_empty() && !report.candidates.is_empty() {
+            let tried: Vec<String> = except.iter().map(|n| n.to_string()).collect();
+            return Err(ApiError::unavailable(format!(
+                "no host could take VM '{}': host(s) {} fit but did not answer",
+                req.name,
+                tried.join(", ")
+            )));
         }
         let (first, reasons) = placement::explain(&report, None);
         let what = match req.node {

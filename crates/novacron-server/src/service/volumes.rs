@@ -885,7 +885,7 @@ impl Service {
         let link = self.vm_disk_link(vm, disk);
         let result = (|| -> Result<(), novacron_hypervisor::HvError> {
             if stage.exists() {
-                std::fs::rename(stage, to_file)?;
+                novacron_hypervisor::durable::rename(stage, to_file)?;
             }
             if to_file != link {
                 // Replaces the old link, or the old file itself when it was in pool `data`.
@@ -1117,7 +1117,7 @@ impl Service {
                 self.mark_done(plan, COPIED);
                 return Ok(bytes);
             }
-            std::fs::rename(&part, &plan.to_file)
+            novacron_hypervisor::durable::rename(&part, &plan.to_file)
                 .map(|()| bytes)
                 .map_err(|e| ApiError::internal(format!("renaming the copy: {e}")))
         });
@@ -1676,7 +1676,9 @@ impl Marker {
         } else {
             String::new()
         };
-        std::fs::write(&marker, format!("{phase}\n{from}\nhost {}\n", host.0))
+        // Durably: a restart decides from the marker whether a copy is complete.
+        let text = format!("{phase}\n{from}\nhost {}\n", host.0);
+        novacron_hypervisor::durable::write(&marker, text.as_bytes(), 0o644)
             .map_err(|e| ApiError::internal(format!("writing {}: {e}", marker.display())))
     }
 }

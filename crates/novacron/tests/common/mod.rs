@@ -149,6 +149,11 @@ impl Node {
         c.with_token(token)
     }
 
+    /// What the node has logged so far (its standard error, every run on this data dir).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(STDERR_LOG)).unwrap_or_default()
+    }
+
     /// PIDs of QEMU processes this node started (from pidfiles).
     pub fn qemu_pids(&self) -> Vec<i32> {
         qemu_pids(&self.data_dir().join("vms"))
@@ -157,6 +162,29 @@ impl Node {
 
 /// Starts `novacron serve` on `dir` and waits for its "listening on" line.
 fn spawn(dir: &Path, listen: &str, extra: &[String]) -> (Child, String, Vec<String>) {
+    let (mut child, rx) = launch(dir, listen, extra);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut lines = Vec::new();
+    let url = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("novacron did not report its address; output: {lines:?}")
+        });
+        lines.push(line.clone());
+        if let Some(rest) = line.split(" listening on ").nth(1) {
+            break rest.split_whitespace().next().expect("url").to_string();
+        }
+    };
+    (child, url, lines)
+}
+
+/// Starts `novacron serve` on `dir`; its standard output comes line by line on the receiver.
+fn launch(
+    dir: &Path,
+    listen: &str,
+    extra: &[String],
+) -> (Child, std::sync::mpsc::Receiver<String>) {
     let demo = demo_dir();
     assert!(
         demo.join("image.json").exists(),
@@ -179,27 +207,118 @@ fn spawn(dir: &Path, listen: &str, extra: &[String]) -> (Child, String, Vec<Stri
         .arg(&demo)
         .args(extra)
         .env("NOVACRON_ADMIN_PASSWORD", ADMIN_PASSWORD)
-        .env("NOVACRON_LOG", "info,openraft=error")
+        .env("NOVACRON_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn novacron");
+    keep_stderr(&mut child, &dir.join(STDERR_LOG));
     let rx = stdout_lines(&mut child);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut lines = Vec::new();
-    let url = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!("novacron did not report its address; output: {lines:?}")
-        });
-        lines.push(line.clone());
-        if let Some(rest) = line.split(" listening on ").nth(1) {
-            break rest.split_whitespace().next().expect("url").to_string();
+    (child, rx)
+}
+
+/// A free TCP port on `ip` (bound and released: another process could take it in between,
+/// which on loopback in a test run does not happen in practice).
+pub fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+impl Node {
+    /// Starts a node on a free port without waiting for it to be ready; its standard output
+    /// comes on the returned receiver (for tests of start-up itself).
+    pub fn start_unready(extra: Vec<String>) -> (Node, std::sync::mpsc::Receiver<String>) {
+        let dir = tempfile::Builder::new()
+            .prefix("nc")
+            .tempdir()
+            .expect("tempdir");
+        let listen = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+        let (child, rx) = launch(dir.path(), &listen, &extra);
+        let node = Node {
+            dir,
+            url: format!("http://{listen}"),
+            child: Some(child),
+            stdout_lines: Vec::new(),
+            extra,
+        };
+        (node, rx)
+    }
+
+    /// Stops `novacron` the way a service manager or Ctrl-C does (SIGINT) and waits for it to
+    /// exit, at most `within`. Returns whether it did.
+    pub fn stop_gracefully(&mut self, within: Duration) -> bool {
+        let Some(child) = self.child.as_mut() else {
+            return true;
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-    };
-    (child, url, lines)
+        false
+    }
+}
+
+/// PIDs of processes whose command line contains `needle` (for example a data dir).
+pub fn pids_with(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if text.contains(needle) && !is_zombie(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// Where a node's log (its standard error) is kept, in the node's temporary directory, across
+/// restarts.
+pub const STDERR_LOG: &str = "novacron.stderr";
+
+/// Copies the child's standard error to the test's (so a failing test shows it) and appends
+/// it to `file` (so a test can read what the node logged).
+pub fn keep_stderr(child: &mut Child, file: &Path) {
+    use std::io::Write;
+    let stderr = child.stderr.take().expect("stderr piped");
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .expect("stderr log");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            let _ = writeln!(out, "{line}");
+        }
+    });
 }
 
 /// The child's standard output, line by line, read on a thread so the test can wait with a

@@ -1,0 +1,514 @@
+//! The API's connections: accepted under caps, served by hyper with a header-read timeout, and
+//! drained on a graceful stop.
+//!
+//! `axum::serve` sets no timeout and no cap: a client that opens connections and sends nothing
+//! holds a file descriptor each for ever, and about a thousand of them used to exhaust the
+//! process's descriptors, after which the Raft log could not open a segment and the host fenced
+//! its VMs. Here:
+//! - hyper's `header_read_timeout` closes a connection whose request headers do not arrive in
+//!   time, both on a new connection and on an idle kept-alive one between requests;
+//! - a connection from outside the cluster counts against a cap per client address and a cap
+//!   over all such clients; one over a cap is answered `503` and closed at once, so it holds no
+//!   descriptor;
+//! - connections from the cluster's own hosts (their addresses, from the replicated host
+//!   records) count only against a hard ceiling, so host-to-host traffic (Raft, heartbeats,
+//!   forwarded requests) keeps working while the public API is flooded;
+//! - [`raise_nofile_limit`] lifts the soft descriptor limit to the hard one at start.
+//!
+//! The admission rule ([`Gate`]) is plain bookkeeping with no I/O, tested below.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt;
+
+/// Limits on the API's connections (`novacron serve --max-connections ...`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Connections from outside the cluster, over all client addresses.
+    pub max_connections: usize,
+    /// Connections from one client address outside the cluster.
+    pub max_per_ip: usize,
+    /// A connection whose request headers do not arrive within this time is closed (a new
+    /// connection, or a kept-alive one idle between two requests).
+    pub header_timeout: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_per_ip: 256,
+            header_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+impl ConnLimits {
+    /// Connections from the cluster's own hosts beyond the public cap, before even they are
+    /// refused: the last guard of the process's descriptors.
+    const HOSTS_HEADROOM: usize = 1024;
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_connections == 0 || self.max_per_ip == 0 {
+            return Err("--max-connections and --max-connections-per-ip must be at least 1".into());
+        }
+        if self.max_per_ip > self.max_connections {
+            return Err(format!(
+                "--max-connections-per-ip ({}) cannot exceed --max-connections ({})",
+                self.max_per_ip, self.max_connections
+            ));
+        }
+        if self.header_timeout < Duration::from_secs(1) {
+            return Err("--header-timeout must be at least 1 second".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why a connection was turned away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Its client address already holds `max_per_ip` connections.
+    PerClient,
+    /// Clients outside the cluster hold `max_connections` in all.
+    Total,
+    /// Even the cluster's hosts are past the hard ceiling.
+    Ceiling,
+}
+
+impl Refusal {
+    fn message(self) -> &'static str {
+        match self {
+            Refusal::PerClient => "too many connections from this address",
+            Refusal::Total => "too many connections to this host",
+            Refusal::Ceiling => "this host is out of connections",
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    /// Connections from outside the cluster, per client address.
+    per_ip: HashMap<IpAddr, usize>,
+    /// Connections from outside the cluster, in all.
+    public: usize,
+    /// Every connection, the cluster's hosts' included.
+    all: usize,
+}
+
+/// Counts open connections and decides whether a new one is admitted.
+pub struct Gate {
+    limits: ConnLimits,
+    counts: Mutex<Counts>,
+}
+
+/// An admitted connection's place; dropping it frees the place.
+pub struct Permit {
+    gate: Arc<Gate>,
+    /// The client address, when it counts against the public caps.
+    public: Option<IpAddr>,
+}
+
+impl Gate {
+    pub fn new(limits: ConnLimits) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            counts: Mutex::new(Counts::default()),
+        })
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits a connection from `ip` (`host`: one of the cluster's own hosts), or says why not.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, host: bool) -> Result<Permit, Refusal> {
+        let mut c = self.counts();
+        let ceiling = self.limits.max_connections + ConnLimits::HOSTS_HEADROOM;
+        if c.all >= ceiling {
+            return Err(Refusal::Ceiling);
+        }
+        if !host {
+            let mine = c.per_ip.get(&ip).copied().unwrap_or(0);
+            if mine >= self.limits.max_per_ip {
+                return Err(Refusal::PerClient);
+            }
+            if c.public >= self.limits.max_connections {
+                return Err(Refusal::Total);
+            }
+            *c.per_ip.entry(ip).or_default() += 1;
+            c.public += 1;
+        }
+        c.all += 1;
+        Ok(Permit {
+            gate: self.clone(),
+            public: (!host).then_some(ip),
+        })
+    }
+
+    /// Open connections: (from outside the cluster, all).
+    pub fn open(&self) -> (usize, usize) {
+        let c = self.counts();
+        (c.public, c.all)
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut c = self.gate.counts();
+        c.all = c.all.saturating_sub(1);
+        if let Some(ip) = self.public {
+            c.public = c.public.saturating_sub(1);
+            if let Some(n) = c.per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    c.per_ip.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// The addresses of the cluster's hosts, refreshed by the node as host records change.
+#[derive(Clone, Default)]
+pub struct HostAddrs(Arc<RwLock<HashSet<IpAddr>>>);
+
+impl HostAddrs {
+    pub fn set(&self, addrs: HashSet<IpAddr>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = addrs;
+    }
+
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(ip)
+    }
+}
+
+/// Resolves host API addresses (`http://host:port`) to IP addresses; names that do not
+/// resolve are left out.
+pub async fn resolve_hosts(addresses: impl IntoIterator<Item = String>) -> HashSet<IpAddr> {
+    let mut out = HashSet::new();
+    for a in addresses {
+        let rest = a.split("://").nth(1).unwrap_or(&a);
+        let authority = rest.split('/').next().unwrap_or(rest);
+        if let Ok(sa) = authority.parse::<SocketAddr>() {
+            out.insert(sa.ip());
+            continue;
+        }
+        let with_port = if authority.contains(':') {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        if let Ok(Ok(found)) =
+            tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(with_port)).await
+        {
+            out.extend(found.map(|s| s.ip()));
+        }
+    }
+    out
+}
+
+/// Lifts the soft limit on open files to the hard limit, so that the caps above, not the
+/// kernel's default of 1024, decide how many connections a host holds. Returns the new limit.
+pub fn raise_nofile_limit() -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!("cannot raise the open files limit from {soft} to {hard}: {e}");
+            return Some(soft);
+        }
+        return Some(hard);
+    }
+    Some(soft)
+}
+
+/// Logs at most one warning a minute for refused connections, with the count since the last.
+struct RefusalLog {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, ip: IpAddr, why: Refusal, gate: &Gate) {
+        self.since += 1;
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+        {
+            return;
+        }
+        let (public, all) = gate.open();
+        tracing::warn!(
+            client = %ip,
+            refused = self.since,
+            open_public = public,
+            open_all = all,
+            "refusing connections: {}",
+            why.message()
+        );
+        self.last = Some(Instant::now());
+        self.since = 0;
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets requests in flight finish
+/// (for at most `drain`).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnLimits,
+    hosts: HostAddrs,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+    drain: Duration,
+) {
+    let gate = Gate::new(limits.clone());
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    // Closed (every sender gone) when a graceful stop begins; each connection holds a
+    // receiver of `close`, whose sender learns when the last one has ended.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    let (close_tx, close_rx) = tokio::sync::watch::channel(());
+    let mut refused = RefusalLog {
+        last: None,
+        since: 0,
+    };
+    let mut accept_errors: Option<Instant> = None;
+    let refusing = Refusing::default();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors (or another transient failure): wait a little
+                    // rather than spin, and say so once in a while.
+                    if accept_errors.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                        tracing::warn!("accepting a connection failed: {e}");
+                        accept_errors = Some(Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let ip = peer.ip();
+        let permit = match gate.admit(ip, hosts.contains(&ip)) {
+            Ok(p) => p,
+            Err(why) => {
+                refused.note(ip, why, &gate);
+                // Answered (a 503 a client can read) while few refusals are in flight;
+                // beyond that, closed at once: refusing must not cost descriptors either.
+                if let Some(slot) = refusing.try_claim() {
+                    tokio::spawn(turn_away(stream, why, slot));
+                }
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let mut req = req.map(axum::body::Body::new);
+                req.extensions_mut().insert(ConnectInfo(peer));
+                app.clone().oneshot(req)
+            });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let mut stop = stop_rx.clone();
+        let close = close_rx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _close = close;
+            tokio::pin!(conn);
+            let mut stopping = false;
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::trace!(client = %peer, "connection ended: {e}");
+                        }
+                        break;
+                    }
+                    _ = stop.changed(), if !stopping => {
+                        // Finish the request in flight, then close.
+                        stopping = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    drop(stop_tx);
+    drop(close_rx);
+    if tokio::time::timeout(drain, close_tx.closed())
+        .await
+        .is_err()
+    {
+        tracing::info!(
+            "requests still running after {}s; stopping anyway",
+            drain.as_secs()
+        );
+    }
+}
+
+/// How many refused connections are being answered at once, at most [`Refusing::MAX`].
+#[derive(Clone, Default)]
+struct Refusing(Arc<std::sync::atomic::AtomicUsize>);
+
+/// A refused connection being answered; frees its place when dropped.
+struct RefusingSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Refusing {
+    const MAX: usize = 256;
+
+    fn try_claim(&self) -> Option<RefusingSlot> {
+        use std::sync::atomic::Ordering;
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < Self::MAX).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| RefusingSlot(self.0.clone()))
+    }
+}
+
+impl Drop for RefusingSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// How long a refused connection may take to send its request before it is closed unanswered.
+const REFUSAL_READ: Duration = Duration::from_secs(2);
+
+/// Answers the request of a connection over a cap with a 503 (JSON, `Retry-After`) and closes
+/// it. The request is read first, so that the client sees an answer to it rather than a reply
+/// to a request it had not yet sent.
+async fn turn_away(stream: TcpStream, why: Refusal, _slot: RefusingSlot) {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(REFUSAL_READ)
+        .keep_alive(false);
+    let service = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+        let body = serde_json::json!({
+            "error": {"code": "unavailable", "message": why.message(), "reason": "connection_limit"}
+        })
+        .to_string();
+        let resp = hyper::Response::builder()
+            .status(503)
+            .header("content-type", "application/json")
+            .header("retry-after", "5")
+            .header("connection", "close")
+            .body(axum::body::Body::from(body));
+        async move { resp }
+    });
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(REFUSAL_READ * 2, conn).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(total: usize, per_ip: usize) -> ConnLimits {
+        ConnLimits {
+            max_connections: total,
+            max_per_ip: per_ip,
+            header_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([127, 0, 0, last])
+    }
+
+    #[test]
+    fn one_client_cannot_take_more_than_its_share() {
+        let gate = Gate::new(limits(10, 3));
+        let held: Vec<Permit> = (0..3)
+            .map(|_| gate.admit(ip(9), false).expect("admitted"))
+            .collect();
+        assert_eq!(
+            gate.admit(ip(9), false).err(),
+            Some(Refusal::PerClient),
+            "the fourth from one address"
+        );
+        assert!(
+            gate.admit(ip(8), false).is_ok(),
+            "another address still gets in"
+        );
+        drop(held);
+        assert!(
+            gate.admit(ip(9), false).is_ok(),
+            "closed connections free their places"
+        );
+    }
+
+    #[test]
+    fn the_public_cap_does_not_hold_back_the_clusters_hosts() {
+        let gate = Gate::new(limits(4, 2));
+        let _held: Vec<Permit> = (1..=2)
+            .flat_map(|a| [gate.admit(ip(a), false), gate.admit(ip(a), false)])
+            .map(|p| p.expect("admitted"))
+            .collect();
+        assert_eq!(gate.admit(ip(3), false).err(), Some(Refusal::Total));
+        let host = gate
+            .admit(ip(2), true)
+            .expect("a host is admitted past the public cap");
+        assert_eq!(gate.open(), (4, 5));
+        drop(host);
+        assert_eq!(gate.open(), (4, 4));
+    }
+
+    #[test]
+    fn even_hosts_stop_at_the_ceiling() {
+        let gate = Gate::new(limits(1, 1));
+        let held: Vec<Permit> = (0..1 + ConnLimits::HOSTS_HEADROOM)
+            .map(|_| gate.admit(ip(1), true).expect("under the ceiling"))
+            .collect();
+        assert_eq!(gate.admit(ip(1), true).err(), Some(Refusal::Ceiling));
+        assert_eq!(gate.admit(ip(7), false).err(), Some(Refusal::Ceiling));
+        drop(held);
+        assert_eq!(gate.open(), (0, 0));
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        assert!(ConnLimits::default().validate().is_ok());
+        assert!(limits(0, 0).validate().is_err());
+        assert!(limits(10, 20).validate().is_err());
+    }
+
+    #[tokio::test]
+    async fn host_addresses_resolve_from_urls() {
+        let got = resolve_hosts([
+            "http://127.0.0.3:8080".to_string(),
+            "https://[::1]:9000/".to_string(),
+            "http://localhost:80".to_string(),
+        ])
+        .await;
+        assert!(got.contains(&ip(3)), "{got:?}");
+        assert!(
+            got.contains(&"::1".parse::<IpAddr>().expect("ip")),
+            "{got:?}"
+        );
+    }
+}
