@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
@@ -184,6 +185,8 @@ fn dev_cluster(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Its own process group, like a job in a terminal: `signal` sends to the group.
+        .process_group(0)
         .spawn()
         .expect("spawn dev-cluster");
     let out = common::stdout_lines(&mut child);
@@ -258,8 +261,16 @@ fn kill_host(base: &std::path::Path, name: &str) {
     .expect("kill");
 }
 
+/// Signals dev-cluster's whole process group, as Ctrl-C in its terminal does.
 fn signal(child: &std::process::Child, sig: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("signal");
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("signal");
+}
+
+/// Whether the host's process answers at all (`/healthz`).
+async fn alive(url: &str) -> bool {
+    reqwest::get(format!("{url}/healthz"))
+        .await
+        .is_ok_and(|r| r.status().as_u16() == 200)
 }
 
 async fn ready(url: &str) -> bool {
@@ -363,28 +374,32 @@ async fn dev_cluster_survives_a_host_kill_and_stops_them_all() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    // Running it again starts only the host that is down.
+    // Lose node-2 as well: only the witness is left, no quorum.
+    kill_host(base.path(), "node-2");
+    wait_line(&err, "host node-2 exited", Duration::from_secs(10));
+
+    // Running it again starts only the hosts that are down, both at once (neither can be
+    // ready without the other).
     let (mut again, out2, _err2) = dev_cluster(base.path(), &["--nodes", "2", "--witness"]);
     let listed = host_urls(&out2);
     assert_eq!(listed.len(), 3, "{listed:?}");
     assert!(ready(&hosts[0].1).await, "node-1 did not come back");
+    assert!(ready(&hosts[1].1).await, "node-2 did not come back");
+    let witness = format!("serve --data-dir {}", base.path().join("witness").display());
     assert_eq!(
-        pids_with(&format!(
-            "serve --data-dir {}",
-            base.path().join("node-2").display()
-        ))
-        .len(),
+        pids_with(&witness).len(),
         1,
-        "node-2 was started twice"
+        "the witness was started twice"
     );
 
-    // Ctrl-C (SIGINT) of each stops the hosts it started; nothing of ours is left after.
+    // Ctrl-C (SIGINT to the job's process group) of each stops the hosts it started; nothing
+    // of ours is left after.
     signal(&again, nix::sys::signal::Signal::SIGINT);
     assert!(again.wait().expect("wait").success());
-    assert!(!ready(&hosts[0].1).await, "node-1 still answers");
+    assert!(!alive(&hosts[0].1).await, "node-1 still answers");
     assert!(
-        ready(&hosts[1].1).await,
-        "the second dev-cluster stopped node-2"
+        alive(&hosts[2].1).await,
+        "the second dev-cluster stopped the witness"
     );
     signal(&child, nix::sys::signal::Signal::SIGINT);
     assert!(child.wait().expect("wait").success());
