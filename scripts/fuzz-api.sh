@@ -70,13 +70,16 @@ volume = "fuzz-vol"
 image = "demo"
 TOML
 
+hooks_dir=$PWD/scripts/fuzz
+st=$PWD/$venv/bin/st
 run() {
-  SCHEMATHESIS_HOOKS=hooks PYTHONPATH=scripts/fuzz \
-    "$venv/bin/st" --config-file "$tmp/schemathesis.toml" run "$url/api/v1/openapi.json" \
+  # From the temp dir: schemathesis keeps caches in the working directory.
+  (cd "$tmp" && SCHEMATHESIS_HOOKS=hooks PYTHONPATH="$hooks_dir" \
+    "$st" --config-file "$tmp/schemathesis.toml" run "$url/api/v1/openapi.json" \
     -H "Authorization: Bearer $token" \
     -c not_a_server_error,response_schema_conformance,error_shape \
     -n "$examples" --seed 1 -w 1 --no-color --request-timeout 60 \
-    --phases coverage,fuzzing,stateful --generation-database none "$@"
+    --phases coverage,fuzzing,stateful --generation-database none "$@")
 }
 status=0
 # Deletes last, so the named VM and volume live through the other operations.
