@@ -58,6 +58,9 @@ impl Client {
     pub fn new(base: &str, token: Option<String>) -> Self {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(3700))
+            // Below the server's shortest header-read timeout (5 s), which also closes idle
+            // kept-alive connections: a pooled connection is never reused as it closes.
+            .pool_idle_timeout(Duration::from_secs(4))
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
         Self {

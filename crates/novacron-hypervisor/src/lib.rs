@@ -349,7 +349,10 @@ pub trait Hypervisor: Send + Sync + 'static {
         Vec::new()
     }
 
-    /// Stops watching every VM without touching the QEMU processes (they outlive `novacron`).
+    /// Stops watching every VM without touching the QEMU processes (they outlive `novacron`),
+    /// and starts nothing from then on: a start in flight finishes first, later ones fail. So
+    /// once it returns, every QEMU this driver will ever have started is running and visible
+    /// (what the fencing watchdog checks on a clean stop).
     async fn detach_all(&self);
 
     // Live migration, incoming side (the target host): start QEMU waiting for the RAM, with the

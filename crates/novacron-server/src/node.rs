@@ -128,9 +128,8 @@ pub async fn run(
     }
     cfg.cluster.validate().map_err(NodeError::Startup)?;
     cfg.http.validate().map_err(NodeError::Startup)?;
-    if let Some(n) = conn::raise_nofile_limit() {
-        tracing::debug!("open files limit: {n}");
-    }
+    let fd_limit = conn::raise_nofile_limit();
+    let http_limits = cfg.http.within_fd_limit(fd_limit);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| NodeError::Listen {
@@ -206,7 +205,11 @@ pub async fn run(
     let readiness = Readiness::default();
     let app = router(AppState::new(service.clone(), readiness.clone()));
     let hosts = HostAddrs::default();
-    tokio::spawn(track_host_addresses(state.clone(), hosts.clone()));
+    tokio::spawn(track_host_addresses(
+        state.clone(),
+        hosts.clone(),
+        cfg.join.as_ref().map(|j| j.address.clone()),
+    ));
     let stopping = readiness.clone();
     let shutdown = async move {
         shutdown.await;
@@ -215,7 +218,7 @@ pub async fn run(
     let server = tokio::spawn(conn::serve(
         listener,
         app,
-        cfg.http.clone(),
+        http_limits,
         hosts,
         shutdown,
         DRAIN,
@@ -333,11 +336,14 @@ pub async fn run(
     tokio::spawn(manager::run(cluster.clone()));
 
     readiness.set(Phase::Ready);
-    println!(
-        "novacron: node {node_id} listening on {api_address} (bound {local}, accelerator {accel_name}, role {})",
-        identity.role.as_str()
-    );
-    tracing::info!(%api_address, "ready");
+    // A stop asked for during start-up wins: no "listening" line for a host on its way out.
+    if readiness.phase() == Phase::Ready {
+        println!(
+            "novacron: node {node_id} listening on {api_address} (bound {local}, accelerator {accel_name}, role {})",
+            identity.role.as_str()
+        );
+        tracing::info!(%api_address, "ready");
+    }
     server
         .await
         .map_err(|e| NodeError::Startup(format!("HTTP server task: {e}")))?;
@@ -371,9 +377,16 @@ async fn catch_up(state: &StateHandle, within: Duration) -> Result<(), NodeError
 }
 
 /// Keeps the set of the cluster's host addresses current for the connection caps (hosts are
-/// exempt from the public ones).
-async fn track_host_addresses(state: StateHandle, hosts: HostAddrs) {
+/// exempt from the public ones): the host records, the Raft members and, until it has caught
+/// up, the host this one joined through. Names are resolved again every 30 s (DNS changes, or
+/// a failure at boot).
+async fn track_host_addresses(
+    state: StateHandle,
+    hosts: HostAddrs,
+    joined_through: Option<String>,
+) {
     let mut known: Vec<String> = Vec::new();
+    let mut resolved_at: Option<tokio::time::Instant> = None;
     loop {
         let mut addrs: Vec<String> =
             state.read(|s| s.nodes.values().map(|n| n.api_address.clone()).collect());
@@ -384,11 +397,14 @@ async fn track_host_addresses(state: StateHandle, hosts: HostAddrs) {
                 .values()
                 .map(|a| a.api_addr.clone()),
         );
+        addrs.extend(joined_through.clone());
         addrs.sort();
         addrs.dedup();
-        if addrs != known {
+        let stale = resolved_at.is_none_or(|t| t.elapsed() > Duration::from_secs(30));
+        if addrs != known || stale {
             hosts.set(conn::resolve_hosts(addrs.clone()).await);
             known = addrs;
+            resolved_at = Some(tokio::time::Instant::now());
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }

@@ -204,6 +204,84 @@ async fn a_clean_stop_leaves_no_process_behind_and_a_kill_leaves_the_watchdog() 
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_still_fences_a_vm_on_a_shared_pool_at_its_deadline() {
+    // 3 s leases: the watchdog fences at about 3 - 1/2 s after the last renewal.
+    let mut node = Node::start_with(common::cluster::fast_args());
+    let c = node.admin().await;
+    let pool = tempfile::Builder::new()
+        .prefix("ncpool")
+        .tempdir()
+        .expect("pool dir");
+    c.create_pool(&novacron_types::CreatePoolRequest {
+        name: "shared".into(),
+        path: pool.path().display().to_string(),
+        tier: novacron_types::PoolTier::Warm,
+        shared: true,
+        capacity_bytes: 10 << 30,
+        cost_per_gib_month: 0.0,
+        performance_class: None,
+    })
+    .await
+    .expect("pool");
+    // The host reports the pools it sees with its heartbeats; placement waits for that.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let req = novacron_types::CreateVmRequest {
+        pool: Some("shared".into()),
+        ..demo_vm("on-shared")
+    };
+    while let Err(e) = c.create_vm(&req).await {
+        assert!(Instant::now() < deadline, "no VM on the shared pool: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    common::start_vm(&c, "on-shared").await;
+    let qemu = node.qemu_pids();
+    assert_eq!(qemu.len(), 1);
+    let data = node.data_dir().display().to_string();
+    let watchdog = format!("fence-watchdog --data-dir {data}");
+
+    let stopped = Instant::now();
+    assert!(
+        node.stop_gracefully(Duration::from_secs(10)),
+        "serve did not exit"
+    );
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    };
+    assert!(
+        alive(qemu[0]) && !pids_with(&watchdog).is_empty(),
+        "right after a clean stop the guest runs and the watchdog waits for its deadline"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(qemu[0]) {
+        assert!(
+            Instant::now() < deadline,
+            "the guest on the shared pool was never fenced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fenced = stopped.elapsed();
+    while !pids_with(&watchdog).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the watchdog stayed after fencing"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("fenced {fenced:?} after the clean stop");
+    assert!(
+        fenced < Duration::from_secs(3),
+        "fenced only after {fenced:?}"
+    );
+    assert!(pids_with(&data).is_empty(), "{:?}", pids_with(&data));
+}
+
 /// Holds `count` idle connections from `from` to `to`, opening them again as the server closes
 /// them, until `stop`. Returns the most it held open at once.
 async fn hold_idle_connections(
@@ -229,6 +307,7 @@ async fn hold_idle_connections(
     while !*stop.borrow() {
         let mut buf = [0u8; 512];
         let mut open_now = 0;
+        let mut reopened = 0;
         for slot in conns.iter_mut() {
             let alive = match slot {
                 Some(s) => match s.try_read(&mut buf) {
@@ -240,8 +319,13 @@ async fn hold_idle_connections(
             };
             if alive {
                 open_now += 1;
-            } else {
+            } else if reopened < 300 {
+                // At most 300 new connections a round: the test is of held connections, not of
+                // a connection storm competing with the hosts for two cores.
                 *slot = open(from, to).await;
+                reopened += 1;
+            } else {
+                *slot = None;
             }
         }
         most = most.max(open_now);
@@ -254,7 +338,12 @@ async fn hold_idle_connections(
 async fn two_thousand_idle_connections_neither_starve_clients_nor_split_the_cluster() {
     // Three hosts on their own loopback addresses; the flood comes from another one, the
     // legitimate client from a third.
-    let mut args = common::cluster::fast_args();
+    // The test timings, with a less twitchy election timeout (the machine is busy with the
+    // flood; what is tested is the connection caps, not elections under CPU starvation).
+    let mut args: Vec<String> = common::cluster::fast_args()
+        .into_iter()
+        .map(|a| if a == "150" { "400".into() } else { a })
+        .collect();
     args.extend(["--header-timeout".into(), "5".into()]);
     let seed = Node::start_listening("127.0.0.2:0", args.clone());
     let admin = seed.admin().await;
@@ -436,14 +525,15 @@ async fn bogus_joins_never_reach_the_raft_log() {
 async fn real_logins_succeed_while_hundreds_of_bogus_ones_run() {
     let node = Node::start();
     let url = format!("{}/api/v1/auth/login", node.url);
-    // 300 at once from one address: half spraying made-up names, half guessing admin's
-    // password.
+    // 300 at once from one address: most spraying made-up names, one in ten guessing admin's
+    // password. (Before the per-address limit, and with a password check for every made-up
+    // name, the real logins queued behind ~300 checks: seconds, then 503 after 5 s.)
     let bogus = http_from("127.0.0.7");
     let attack: Vec<_> = (0..300)
         .map(|i| {
             let (bogus, url) = (bogus.clone(), url.clone());
             tokio::spawn(async move {
-                let username = if i % 2 == 0 {
+                let username = if i % 10 != 0 {
                     format!("nobody-{i}-{}", rand_suffix(i))
                 } else {
                     "admin".to_string()
@@ -487,7 +577,7 @@ async fn real_logins_succeed_while_hundreds_of_bogus_ones_run() {
     }
     eprintln!("real logins: slowest {slowest:?}; bogus: {seen:?}");
     assert!(
-        slowest < Duration::from_secs(2),
+        slowest < Duration::from_millis(1500),
         "a real login took {slowest:?} during the flood"
     );
     assert!(
@@ -574,12 +664,20 @@ async fn every_list_pages_and_operations_filter_and_stay_bounded() {
                 .expect("snapshot done");
         }
     }
-    let ops = walk(&c, "/api/v1/operations", 4).await;
-    assert!(
-        ops.len() <= 11,
-        "15 finished operations with --operations-max 10 left {} (the cap plus a tenth)",
-        ops.len()
-    );
+    // Pruned once the count passes the cap by a tenth (right after the operation that did).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ops = loop {
+        let ops = walk(&c, "/api/v1/operations", 4).await;
+        if ops.len() <= 11 {
+            break ops;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "15 finished operations with --operations-max 10 left {} (the cap plus a tenth)",
+            ops.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let created: Vec<i64> = ops
         .iter()
         .filter_map(|o| o["created_at"].as_i64())

@@ -34,25 +34,40 @@ pub fn start_fresh(log: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Copies a log that QEMU is writing to `.1` and cuts it to zero length (see the module doc).
-pub fn rotate_open(log: &Path) -> std::io::Result<()> {
+/// Copies the last `keep` bytes of a log that QEMU is writing to `.1` and cuts the log to zero
+/// length (see the module doc). The log is cut even when the copy fails (a full disk is when
+/// this matters most): losing old console output is better than filling the disk.
+pub fn rotate_open(log: &Path, keep: u64) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
     let old = previous(log);
     let mut tmp = old.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    std::fs::copy(log, &tmp)?;
-    std::fs::rename(&tmp, &old)?;
-    std::fs::OpenOptions::new()
+    let copied = (|| -> std::io::Result<()> {
+        let mut from = std::fs::File::open(log)?;
+        let len = from.metadata()?.len();
+        from.seek(SeekFrom::Start(len.saturating_sub(keep)))?;
+        let mut to = std::fs::File::create(&tmp)?;
+        std::io::copy(&mut std::io::Read::take(&mut from, keep), &mut to)?;
+        std::fs::rename(&tmp, &old)
+    })();
+    if copied.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let cut = std::fs::OpenOptions::new()
         .write(true)
-        .open(log)?
-        .set_len(0)
+        .open(log)
+        .and_then(|f| f.set_len(0));
+    copied.and(cut)
 }
 
-/// The runner's check of its VM's log: at most once a second, rotate when over the size.
+/// The runner's check of its VM's log: at most once a second, rotate when over the size. The
+/// file work runs on a blocking thread, one rotation at a time.
 pub struct Rotation {
     log: PathBuf,
     max_bytes: u64,
     last_check: Option<Instant>,
+    busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Rotation {
@@ -61,11 +76,13 @@ impl Rotation {
             log,
             max_bytes,
             last_check: None,
+            busy: Default::default(),
         }
     }
 
-    /// Called often (the runner's poll tick); does the work at most once a second.
+    /// Called often (the runner's poll tick); looks at most once a second.
     pub fn check(&mut self) {
+        use std::sync::atomic::Ordering;
         if self
             .last_check
             .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
@@ -74,8 +91,21 @@ impl Rotation {
         }
         self.last_check = Some(Instant::now());
         let over = std::fs::metadata(&self.log).is_ok_and(|m| m.len() > self.max_bytes);
-        if over && let Err(e) = rotate_open(&self.log) {
-            tracing::warn!(log = %self.log.display(), "rotating the console log: {e}");
+        if !over || self.busy.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (log, keep, busy) = (self.log.clone(), self.max_bytes, self.busy.clone());
+        let rotate = move || {
+            if let Err(e) = rotate_open(&log, keep) {
+                tracing::warn!(log = %log.display(), "rotating the console log: {e}");
+            }
+            busy.store(false, Ordering::Release);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(rotate);
+            }
+            Err(_) => rotate(),
         }
     }
 }
@@ -120,7 +150,11 @@ mod tests {
         let mut r = Rotation::new(log.clone(), 2048);
         r.check();
         assert_eq!(std::fs::metadata(&log).expect("log").len(), 0);
-        assert_eq!(std::fs::metadata(previous(&log)).expect("old").len(), 3000);
+        assert_eq!(
+            std::fs::metadata(previous(&log)).expect("old").len(),
+            2048,
+            "the old file keeps the newest bytes up to the size"
+        );
         writer.write_all(b"after\n").expect("write");
         assert_eq!(
             std::fs::read_to_string(&log).expect("log"),

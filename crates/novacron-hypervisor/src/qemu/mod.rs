@@ -53,6 +53,10 @@ pub struct QemuHypervisor {
     registry: Registry,
     generation: AtomicU64,
     bus: broadcast::Sender<StateChange>,
+    /// Held (shared) by every launch from its check to its QEMU being registered; `true` once
+    /// `detach_all` has closed the driver (taken exclusively, so it waits for launches in
+    /// flight).
+    launches: tokio::sync::RwLock<bool>,
 }
 
 impl QemuHypervisor {
@@ -81,6 +85,7 @@ impl QemuHypervisor {
             registry: Arc::new(Mutex::new(HashMap::new())),
             generation: AtomicU64::new(1),
             bus,
+            launches: tokio::sync::RwLock::new(false),
         })
     }
 
@@ -729,6 +734,7 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn detach_all(&self) {
+        *self.launches.write().await = true;
         let handles: Vec<VmHandle> = self
             .registry
             .lock()
@@ -750,6 +756,12 @@ impl QemuHypervisor {
 
     /// Starts QEMU for `spec` with `extra` arguments after the usual ones.
     async fn launch(&self, spec: &RuntimeSpec, extra: &[&str]) -> Result<(), HvError> {
+        let closed = self.launches.read().await;
+        if *closed {
+            return Err(HvError::StartFailed(
+                "novacron is stopping; it starts no QEMU now".into(),
+            ));
+        }
         if self.handle(spec.id).is_some() || self.live_pid(spec.id).is_some() {
             return Err(HvError::AlreadyRunning(spec.id));
         }

@@ -55,6 +55,41 @@ impl ConnLimits {
     /// Connections from the cluster's own hosts beyond the public cap, before even they are
     /// refused: the last guard of the process's descriptors.
     const HOSTS_HEADROOM: usize = 1024;
+    /// Descriptors kept for everything else (the Raft log, redb, QMP sockets, disk files).
+    const FD_RESERVE: u64 = 512;
+    /// The header-read (and idle) timeout of the cluster's own hosts' connections: longer than
+    /// the hosts keep idle connections in their pools (30 s).
+    pub const HOST_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+
+    /// The limits, lowered where the open files limit `fd_limit` could not hold them.
+    pub fn within_fd_limit(&self, fd_limit: Option<u64>) -> ConnLimits {
+        let Some(fds) = fd_limit else {
+            return self.clone();
+        };
+        let room = usize::try_from(fds.saturating_sub(Self::FD_RESERVE)).unwrap_or(usize::MAX);
+        let headroom = Self::HOSTS_HEADROOM.min(room / 4);
+        let public = self
+            .max_connections
+            .min(room.saturating_sub(headroom))
+            .max(1);
+        let mut out = self.clone();
+        if public < self.max_connections {
+            tracing::warn!(
+                "the open files limit ({fds}) holds only {public} public connections; \
+                 --max-connections lowered from {}",
+                self.max_connections
+            );
+            out.max_connections = public;
+            out.max_per_ip = out.max_per_ip.min(public);
+        }
+        out
+    }
+
+    /// Every connection, the hosts' included, stops here: the public cap plus room for the
+    /// hosts (a quarter of the whole at most, as `within_fd_limit` reckons).
+    fn ceiling(&self) -> usize {
+        self.max_connections + Self::HOSTS_HEADROOM.min(self.max_connections / 3)
+    }
 
     pub fn validate(&self) -> Result<(), String> {
         if self.max_connections == 0 || self.max_per_ip == 0 {
@@ -66,8 +101,10 @@ impl ConnLimits {
                 self.max_per_ip, self.max_connections
             ));
         }
-        if self.header_timeout < Duration::from_secs(1) {
-            return Err("--header-timeout must be at least 1 second".into());
+        if self.header_timeout < Duration::from_secs(5) {
+            // Clients keep idle connections for less than that (4 s), so none reuses one as
+            // the server closes it.
+            return Err("--header-timeout must be at least 5 seconds".into());
         }
         Ok(())
     }
@@ -132,8 +169,7 @@ impl Gate {
     /// Admits a connection from `ip` (`host`: one of the cluster's own hosts), or says why not.
     pub fn admit(self: &Arc<Self>, ip: IpAddr, host: bool) -> Result<Permit, Refusal> {
         let mut c = self.counts();
-        let ceiling = self.limits.max_connections + ConnLimits::HOSTS_HEADROOM;
-        if c.all >= ceiling {
+        if c.all >= self.limits.ceiling() {
             return Err(Refusal::Ceiling);
         }
         if !host {
@@ -183,14 +219,17 @@ pub struct HostAddrs(Arc<RwLock<HashSet<IpAddr>>>);
 
 impl HostAddrs {
     pub fn set(&self, addrs: HashSet<IpAddr>) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = addrs;
+        let canonical = addrs.into_iter().map(|ip| ip.to_canonical()).collect();
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = canonical;
     }
 
+    /// Whether `ip` is one of the hosts' (an IPv4 address seen as IPv4-mapped IPv6 on a `[::]`
+    /// listener counts as itself).
     pub fn contains(&self, ip: &IpAddr) -> bool {
         self.0
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(ip)
+            .contains(&ip.to_canonical())
     }
 }
 
@@ -263,6 +302,12 @@ impl RefusalLog {
     }
 }
 
+/// An admitted connection's place, shared by its requests: a request that becomes a WebSocket
+/// keeps it (`Extension<ConnPermit>`) for as long as the WebSocket lives, so upgraded
+/// connections count against the caps too.
+#[derive(Clone)]
+pub struct ConnPermit(#[allow(dead_code)] Arc<Permit>);
+
 /// Serves `app` on `listener` until `shutdown` resolves, then lets requests in flight finish
 /// (for at most `drain`).
 pub async fn serve(
@@ -274,10 +319,14 @@ pub async fn serve(
     drain: Duration,
 ) {
     let gate = Gate::new(limits.clone());
-    let mut builder = http1::Builder::new();
-    builder
+    let mut public = http1::Builder::new();
+    public
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
+    let mut for_hosts = http1::Builder::new();
+    for_hosts
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout.max(ConnLimits::HOST_HEADER_TIMEOUT));
     // Closed (every sender gone) when a graceful stop begins; each connection holds a
     // receiver of `close`, whose sender learns when the last one has ended.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
@@ -306,8 +355,9 @@ pub async fn serve(
                 }
             },
         };
-        let ip = peer.ip();
-        let permit = match gate.admit(ip, hosts.contains(&ip)) {
+        let ip = peer.ip().to_canonical();
+        let host = hosts.contains(&ip);
+        let permit = match gate.admit(ip, host) {
             Ok(p) => p,
             Err(why) => {
                 refused.note(ip, why, &gate);
@@ -321,12 +371,16 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
+        let permit = ConnPermit(Arc::new(permit));
+        let for_requests = permit.clone();
         let service =
             hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let mut req = req.map(axum::body::Body::new);
                 req.extensions_mut().insert(ConnectInfo(peer));
+                req.extensions_mut().insert(for_requests.clone());
                 app.clone().oneshot(req)
             });
+        let builder = if host { &for_hosts } else { &public };
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
@@ -480,8 +534,10 @@ mod tests {
 
     #[test]
     fn even_hosts_stop_at_the_ceiling() {
-        let gate = Gate::new(limits(1, 1));
-        let held: Vec<Permit> = (0..1 + ConnLimits::HOSTS_HEADROOM)
+        let limits = limits(30, 1);
+        assert_eq!(limits.ceiling(), 40);
+        let gate = Gate::new(limits);
+        let held: Vec<Permit> = (0..40)
             .map(|_| gate.admit(ip(1), true).expect("under the ceiling"))
             .collect();
         assert_eq!(gate.admit(ip(1), true).err(), Some(Refusal::Ceiling));
@@ -491,10 +547,31 @@ mod tests {
     }
 
     #[test]
-    fn limits_are_checked() {
+    fn limits_are_checked_and_fit_the_open_files_limit() {
         assert!(ConnLimits::default().validate().is_ok());
         assert!(limits(0, 0).validate().is_err());
         assert!(limits(10, 20).validate().is_err());
+        let d = ConnLimits::default();
+        assert_eq!(d.within_fd_limit(None), d);
+        assert_eq!(d.within_fd_limit(Some(1 << 20)), d);
+        // 1024 descriptors: 512 kept aside, a quarter of the rest for hosts.
+        let small = d.within_fd_limit(Some(1024));
+        assert_eq!(small.max_connections, 384);
+        assert_eq!(small.max_per_ip, 256);
+        assert_eq!(
+            small.ceiling(),
+            512,
+            "all of the descriptors not kept aside"
+        );
+    }
+
+    #[test]
+    fn an_ipv4_host_is_recognised_when_seen_as_ipv6() {
+        let hosts = HostAddrs::default();
+        hosts.set([ip(3)].into());
+        let mapped: IpAddr = "::ffff:127.0.0.3".parse().expect("ip");
+        assert!(hosts.contains(&mapped));
+        assert!(!hosts.contains(&ip(4)));
     }
 
     #[tokio::test]

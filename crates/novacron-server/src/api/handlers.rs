@@ -610,6 +610,7 @@ pub async fn vm_console_ws(
     State(st): State<AppState>,
     Path(vm): Path<String>,
     q: Query,
+    permit: Option<Extension<super::conn::ConnPermit>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     // The VM first: an unknown VM is a 404 whether or not the request asked for a WebSocket.
@@ -636,7 +637,11 @@ pub async fn vm_console_ws(
         .into());
     }
     let path = st.service.console_path(&vm);
-    Ok(ws.on_upgrade(move |socket| stream_console(socket, path, offset)))
+    Ok(ws.on_upgrade(move |socket| async move {
+        // The connection's place under the caps is held for as long as the stream lives.
+        let _permit = permit;
+        stream_console(socket, path, offset).await
+    }))
 }
 
 async fn stream_console(mut socket: WebSocket, path: std::path::PathBuf, offset: Option<u64>) {

@@ -53,10 +53,10 @@ impl AppState {
         let quota =
             Quota::per_minute(std::num::NonZeroU32::new(30).unwrap_or(std::num::NonZeroU32::MIN));
         let login_limiter = Arc::new(RateLimiter::keyed(quota));
-        // 120 a minute with bursts of 30 per address: plenty for people and scripts behind one
+        // 60 a minute with bursts of 10 per address: plenty for people and scripts behind one
         // address, far below what a hashing flood needs.
-        let per_ip = Quota::per_minute(NonZeroU32::new(120).unwrap_or(NonZeroU32::MIN))
-            .allow_burst(NonZeroU32::new(30).unwrap_or(NonZeroU32::MIN));
+        let per_ip = Quota::per_minute(NonZeroU32::new(60).unwrap_or(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN));
         let login_ip_limiter = Arc::new(RateLimiter::keyed(per_ip));
         // Forget idle keys every minute so the maps stay small.
         let (weak, weak_ip) = (

@@ -170,7 +170,11 @@ impl Service {
                     .propose(CommandV1::CreateImage { image })
                     .await
                 {
-                    let _ = std::fs::remove_file(&dest);
+                    // Unless the record's fate is unknown (a timeout): it may still apply,
+                    // and must then find its file.
+                    if e.code != novacron_types::ErrorCode::Timeout {
+                        let _ = std::fs::remove_file(&dest);
+                    }
                     return Err(e);
                 }
                 Ok(())

@@ -29,19 +29,11 @@ impl Service {
     pub async fn login(&self, username: &str, password: &str) -> Result<Session, ApiError> {
         use std::sync::atomic::Ordering;
         let user = self.inner.state.read(|s| s.user_by_name(username).cloned());
-        let Some(hash) = user.as_ref().map(|u| u.password_hash.clone()) else {
-            // No such user: wait about as long as a check takes, so timing does not tell which
-            // names exist, but spend no hashing on it. A flood of made-up names then cannot
-            // starve real logins of the few checks that run at once.
-            let typical = self.inner.hash_micros.load(Ordering::Relaxed);
-            let jitter = rand::random_range(0..=typical / 5);
-            tokio::time::sleep(std::time::Duration::from_micros(typical + jitter)).await;
-            return Err(unauthenticated("invalid username or password"));
-        };
-        let password = password.to_string();
         // Argon2 takes ~19 MiB and tens of milliseconds per attempt: bound how many run at once.
         // The permit moves into the blocking task, so a client that disconnects cannot free it
-        // while its hash still runs.
+        // while its hash still runs. A name that does not exist queues the same way, so timing
+        // under load does not tell which names exist (floods are bounded per client address
+        // before they get here).
         let permit = tokio::time::timeout(
             std::time::Duration::from_secs(5),
             self.inner.login_permits.clone().acquire_owned(),
@@ -49,6 +41,15 @@ impl Service {
         .await
         .map_err(|_| ApiError::unavailable("too many logins at once; retry shortly"))?
         .map_err(|_| ApiError::unavailable("shutting down"))?;
+        let Some(hash) = user.as_ref().map(|u| u.password_hash.clone()) else {
+            // No such user: hold the place about as long as a check takes, but spend no CPU.
+            let typical = self.inner.hash_micros.load(Ordering::Relaxed);
+            let jitter = rand::random_range(0..=typical / 5);
+            tokio::time::sleep(std::time::Duration::from_micros(typical + jitter)).await;
+            drop(permit);
+            return Err(unauthenticated("invalid username or password"));
+        };
+        let password = password.to_string();
         let (ok, took) = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let started = std::time::Instant::now();

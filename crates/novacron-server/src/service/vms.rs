@@ -935,13 +935,17 @@ pub async fn read_console(
     file.seek(std::io::SeekFrom::Start(start))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    let mut data = vec![0u8; want as usize];
-    file.read_exact(&mut data)
+    // Up to end of file: the log may be cut (rotated) between the size and the read.
+    let mut data = Vec::with_capacity(want as usize);
+    (&mut file)
+        .take(want)
+        .read_to_end(&mut data)
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
+    let next_offset = start + data.len() as u64;
     Ok(ConsoleChunk {
         data,
         offset: start,
-        next_offset: start + want,
+        next_offset,
     })
 }
