@@ -30,6 +30,18 @@ use crate::auth::Principal;
 use crate::cluster::status::{ClusterStatus, LeaderRef};
 use crate::service::{JoinReply, JoinRequest, JoinTokenCreated, JoinTokenRequest, VmAction};
 
+/// `limit` and `after`, the page of a list (documents them; parsed by [`Query::page`]).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct PageParams {
+    /// Page size, 1 to 500 (default 100).
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<usize>,
+    /// The previous page's `next`.
+    after: Option<String>,
+}
+
 /// How current a read must be (documents `?consistency=`; parsed by [`Query::stale`]).
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -149,8 +161,7 @@ pub struct RaftStatus {
 }
 
 #[utoipa::path(get, path = "/api/v1/nodes", tag = "nodes",
-    params(("limit" = Option<usize>, Query, minimum = 1, maximum = 500, description = "page size, 1 to 500 (default 100)"),
-           ("after" = Option<String>, Query, description = "the previous page's `next`")),
+    params(PageParams),
     responses((status = 200, body = Page<NodeStatus>), (status = 400, body = ErrorBody)),
     security(("bearer" = [])))]
 /// Hosts by ID, a page at a time.
@@ -267,8 +278,7 @@ pub struct CreateUserRequest {
     pub role: Role,
 }
 
-#[utoipa::path(get, path = "/api/v1/users", tag = "auth", params(("limit" = Option<usize>, Query, minimum = 1, maximum = 500, description = "page size, 1 to 500 (default 100)"),
-           ("after" = Option<String>, Query, description = "the previous page's `next`")),
+#[utoipa::path(get, path = "/api/v1/users", tag = "auth", params(PageParams),
     responses((status = 200, body = Page<UserView>), (status = 400, body = ErrorBody)),
     security(("bearer" = [])))]
 /// Users by name, a page at a time.
@@ -317,8 +327,7 @@ pub struct CreatedToken {
     pub view: TokenView,
 }
 
-#[utoipa::path(get, path = "/api/v1/tokens", tag = "auth", params(("limit" = Option<usize>, Query, minimum = 1, maximum = 500, description = "page size, 1 to 500 (default 100)"),
-           ("after" = Option<String>, Query, description = "the previous page's `next`")),
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "auth", params(PageParams),
     responses((status = 200, body = Page<TokenView>), (status = 400, body = ErrorBody)),
     security(("bearer" = [])))]
 /// API tokens by ID (the caller's own; everyone's for an admin), a page at a time.
@@ -384,8 +393,7 @@ fn accepted(op: Operation) -> Response {
         description = "`stale`: this host's copy of the state, without confirming it is current"),
         ("node" = Option<u64>, Query, description = "on this host"),
         ("state" = Option<VmState>, Query, description = "in this observed state"),
-        ("limit" = Option<usize>, Query, minimum = 1, maximum = 500, description = "page size, 1 to 500 (default 100)"),
-           ("after" = Option<String>, Query, description = "the previous page's `next`")),
+        PageParams),
     responses((status = 200, body = Page<Vm>), (status = 400, body = ErrorBody)),
     security(("bearer" = [])))]
 /// VMs by name, filtered, a page at a time.
@@ -747,8 +755,7 @@ pub async fn delete_snapshot(
 // ---------------------------------------------------------------------------------------------
 // Images
 
-#[utoipa::path(get, path = "/api/v1/images", tag = "images", params(("limit" = Option<usize>, Query, minimum = 1, maximum = 500, description = "page size, 1 to 500 (default 100)"),
-           ("after" = Option<String>, Query, description = "the previous page's `next`")),
+#[utoipa::path(get, path = "/api/v1/images", tag = "images", params(PageParams),
     responses((status = 200, body = Page<Image>), (status = 400, body = ErrorBody)),
     security(("bearer" = [])))]
 /// Images by name, a page at a time.
@@ -794,8 +801,7 @@ pub async fn delete_image(
 // ---------------------------------------------------------------------------------------------
 // Storage pools
 
-#[utoipa::path(get, path = "/api/v1/pools", tag = "pools", params(("limit" = Option<usize>, Query, minimum = 1, maximum = 500, description = "page size, 1 to 500 (default 100)"),
-           ("after" = Option<String>, Query, description = "the previous page's `next`")),
+#[utoipa::path(get, path = "/api/v1/pools", tag = "pools", params(PageParams),
     responses((status = 200, body = Page<StoragePool>), (status = 400, body = ErrorBody)),
     security(("bearer" = [])))]
 /// Pools by name, a page at a time.
@@ -850,8 +856,7 @@ pub async fn delete_pool(
            ("vm" = Option<String>, Query, description = "attached to this VM (ID or name)"),
            ("attached" = Option<bool>, Query), ("node" = Option<u64>, Query),
            ("label" = Option<String>, Query, description = "key=value"),
-           ("limit" = Option<usize>, Query, minimum = 1, maximum = 500, description = "page size, 1 to 500 (default 100)"),
-           ("after" = Option<String>, Query, description = "the previous page's `next`")),
+           PageParams),
     responses((status = 200, body = Page<Volume>), (status = 400, body = ErrorBody)),
     security(("bearer" = [])))]
 /// Volumes in ID order, filtered, a page at a time.
@@ -1096,8 +1101,7 @@ pub async fn set_tiering_policy(
         ("target" = Option<String>, Query, description = "a resource path (`/api/v1/vms/{id}`) or a VM's name or ID"),
         ("since" = Option<i64>, Query, minimum = 0, description = "created at or after (Unix milliseconds)"),
         ("until" = Option<i64>, Query, minimum = 0, description = "created before (Unix milliseconds)"),
-        ("limit" = Option<usize>, Query, minimum = 1, maximum = 500, description = "page size, 1 to 500 (default 100)"),
-           ("after" = Option<String>, Query, description = "the previous page's `next`")),
+        PageParams),
     responses((status = 200, body = Page<Operation>), (status = 400, body = ErrorBody)),
     security(("bearer" = [])))]
 /// Operations, newest first, filtered, a page at a time. Finished ones are kept for
