@@ -448,9 +448,22 @@ async fn two_thousand_idle_connections_neither_starve_clients_nor_split_the_clus
 async fn bogus_joins_never_reach_the_raft_log() {
     let node = Node::start();
     let admin = node.admin().await;
+    // The applied index as the host reports it, once it has stopped moving (the figure comes
+    // from Raft's metrics, which follow an apply a moment later).
     let index = || async {
-        let c: Value = admin.get("/api/v1/cluster").await.expect("cluster");
-        c["local"]["applied_index"].as_u64().expect("applied index")
+        let read = || async {
+            let c: Value = admin.get("/api/v1/cluster").await.expect("cluster");
+            c["local"]["applied_index"].as_u64().expect("applied index")
+        };
+        let mut last = read().await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = read().await;
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
     };
     let before = index().await;
     // A connection per request: the server closes one it answered 413 before reading it all.
