@@ -174,35 +174,48 @@ impl Net {
     }
 
     /// Copies both ways, applying `src → dst` faults to what the client sends and `dst → src`
-    /// faults to what comes back.
+    /// faults to what comes back. Returns (dropping both sockets) once both directions have
+    /// ended, or as soon as either resets.
     async fn pipe(&self, client: TcpStream, server: TcpStream, src: Option<u32>, dst: u32) {
         let (cr, cw) = client.into_split();
         let (sr, sw) = server.into_split();
         let up = self.clone().copy(cr, sw, src.map(|s| (s, dst)));
         let down = self.clone().copy(sr, cw, src.map(|s| (dst, s)));
-        // When one direction resets, the other goes too.
-        tokio::select! {
-            _ = up => {}
-            _ = down => {}
+        tokio::pin!(up, down);
+        let (first, up_ended) = tokio::select! {
+            e = &mut up => (e, true),
+            e = &mut down => (e, false),
+        };
+        match (first, up_ended) {
+            // When one direction resets, the other goes too.
+            (End::Reset, _) => {}
+            // A half-close: the other direction goes on until it ends on its own.
+            (End::Eof, true) => {
+                down.await;
+            }
+            (End::Eof, false) => {
+                up.await;
+            }
         }
     }
 
+    /// Copies one direction until its source ends (`Eof`, after passing the end on) or
+    /// anything breaks (`Reset`).
     async fn copy(
         self,
         mut from: tokio::net::tcp::OwnedReadHalf,
         mut to: tokio::net::tcp::OwnedWriteHalf,
         link: Option<(u32, u32)>,
-    ) {
+    ) -> End {
         let mut buf = vec![0u8; 64 * 1024];
         let mut changes = self.changed.subscribe();
         loop {
             let n = match from.read(&mut buf).await {
-                Ok(0) | Err(_) => {
+                Ok(0) => {
                     let _ = to.shutdown().await;
-                    // Keep the other direction alive until it ends on its own.
-                    std::future::pending::<()>().await;
-                    return;
+                    return End::Eof;
                 }
+                Err(_) => return End::Reset,
                 Ok(n) => n,
             };
             if let Some((a, b)) = link {
@@ -213,11 +226,11 @@ impl Net {
                         break l;
                     }
                     if changes.changed().await.is_err() {
-                        return;
+                        return End::Reset;
                     }
                 };
                 if l.loss > 0.0 && self.roll() < l.loss {
-                    return; // reset: both halves are dropped
+                    return End::Reset; // both halves are dropped
                 }
                 let wait = l.delay + l.jitter.mul_f64(self.roll());
                 if !wait.is_zero() {
@@ -225,10 +238,18 @@ impl Net {
                 }
             }
             if to.write_all(&buf[..n]).await.is_err() {
-                return;
+                return End::Reset;
             }
         }
     }
+}
+
+/// How one direction of a proxied connection ended.
+enum End {
+    /// Its source closed its side: the end was passed on.
+    Eof,
+    /// A read or write failed, or a simulated loss reset it.
+    Reset,
 }
 
 /// One host's proxy. Stops when dropped.
@@ -357,6 +378,51 @@ mod tests {
         net.partition(&[1], &[2]);
         let mut c = connect_from(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), proxy.addr).await;
         assert!(echo_within(&mut c, b"client", Duration::from_secs(2)).await);
+    }
+
+    /// Open descriptors of this process.
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn finished_connections_release_both_sockets() {
+        let net = Net::new(5);
+        let (proxy, ip) = setup(&net).await;
+        // Warm up (the runtime's own descriptors, the echo server's first accept).
+        for _ in 0..10 {
+            let mut s = connect_from(ip, proxy.addr).await;
+            assert!(echo_within(&mut s, b"warm", Duration::from_secs(2)).await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = open_fds();
+        for i in 0..3000 {
+            let mut s = connect_from(ip, proxy.addr).await;
+            assert!(
+                echo_within(&mut s, b"short", Duration::from_secs(2)).await,
+                "connection {i}"
+            );
+            // Half of them closed by the client, the other half shut down for writing first.
+            if i % 2 == 0 {
+                s.shutdown().await.expect("shutdown");
+            }
+        }
+        // The last pipes end a moment after their clients close.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = open_fds();
+            if now <= before + 20 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "3000 short connections left {} descriptors open (before: {before})",
+                now
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     #[tokio::test]
