@@ -13,6 +13,7 @@
 //!   the middle of a stream; what a host sees of packet loss is stalls and broken connections).
 //!
 //! Connections from addresses that are not registered hosts (test clients) are never faulted.
+//! The proxy connects to its host from the client's own address, so the host sees who calls.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -158,7 +159,9 @@ impl Net {
                 let src = net.host_of(peer.ip());
                 let net = net.clone();
                 tokio::spawn(async move {
-                    if let Ok(server) = TcpStream::connect(target).await {
+                    // From the client's own address, as if there were no proxy: the host sees
+                    // which host is calling (its connection caps exempt the cluster's hosts).
+                    if let Ok(server) = connect_from(peer.ip(), target).await {
                         let _ = conn.set_nodelay(true);
                         let _ = server.set_nodelay(true);
                         net.pipe(conn, server, src, id).await;
@@ -242,6 +245,16 @@ impl Net {
             }
         }
     }
+}
+
+/// Connects to `to` from address `ip` (any port).
+async fn connect_from(ip: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = match ip {
+        IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(to).await
 }
 
 /// How one direction of a proxied connection ended.
