@@ -17,6 +17,13 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+/// Which API a connection was opened for: `internal` (host-to-host, `/internal/v1`) or
+/// `public`, as its first request says.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub api: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub method: String,
@@ -58,6 +65,7 @@ pub struct ModelLabels {
 pub struct Metrics {
     registry: Registry,
     pub http_requests: Family<RequestLabels, Counter>,
+    pub http_connections: Family<ConnLabels, Counter>,
     pub http_duration: Family<RouteLabels, Histogram>,
     pub vms: Family<StateLabels, Gauge>,
     pub qemu_start_seconds: Histogram,
@@ -93,6 +101,13 @@ impl Metrics {
             "http_requests",
             "API requests by route and status",
             http_requests.clone(),
+        );
+        let http_connections = Family::<ConnLabels, Counter>::default();
+        registry.register(
+            "http_connections",
+            "Connections accepted, by the API their first request was for (internal: from \
+             other hosts)",
+            http_connections.clone(),
         );
         let http_duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0001, 2.0, 18))
@@ -218,6 +233,7 @@ impl Metrics {
             pool_provisioned,
             pool_free,
             http_requests,
+            http_connections,
             http_duration,
             vms,
             qemu_start_seconds,

@@ -197,7 +197,7 @@ pub async fn run(
         hv.clone(),
         cfg.data_dir.clone(),
         images_dir,
-        metrics,
+        metrics.clone(),
         cfg.service.clone(),
     );
 
@@ -220,6 +220,7 @@ pub async fn run(
         app,
         http_limits,
         hosts,
+        metrics.clone(),
         shutdown,
         DRAIN,
     ));

@@ -184,6 +184,31 @@ impl NovaCron {
     }
 }
 
+impl NovaCron {
+    /// Connections every host has accepted from other hosts so far (`/internal/v1`), summed.
+    async fn internal_connections(&self, http: &reqwest::Client) -> u64 {
+        let mut total = 0;
+        for u in self.urls() {
+            let text = http
+                .get(format!("{u}/metrics"))
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("metrics text");
+            total += text
+                .lines()
+                .find(|l| l.starts_with("novacron_http_connections_total{api=\"internal\"}"))
+                .and_then(|l| l.split_whitespace().last())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64;
+        }
+        total
+    }
+}
+
 async fn wait_login(http: &reqwest::Client, url: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -526,21 +551,40 @@ async fn main() {
     let nc = Arc::new(NovaCron::start(novacron_bin.clone(), demo, base.path()).await);
     let etcd = Arc::new(Etcd::start(etcd_bin, base.path()).await);
 
+    // New host-to-host connections a second per host: they should be reused, not reopened.
+    let probe = reqwest::Client::new();
+    let idle_from = nc.internal_connections(&probe).await;
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let idle = (nc.internal_connections(&probe).await - idle_from) as f64 / seconds as f64 / 3.0;
     println!();
     println!("(a) write throughput and latency");
+    println!("  idle cluster: {idle:.2} new host-to-host connections/s per host");
     println!(
-        "  {:>7}  {:>12} {:>9} {:>9}  {:>12} {:>9} {:>9}  {:>8}",
-        "clients", "NovaCron/s", "p50 ms", "p99 ms", "etcd/s", "p50 ms", "p99 ms", "ratio"
+        "  {:>7}  {:>12} {:>9} {:>9} {:>10}  {:>12} {:>9} {:>9}  {:>8}",
+        "clients",
+        "NovaCron/s",
+        "p50 ms",
+        "p99 ms",
+        "conns/s/h",
+        "etcd/s",
+        "p50 ms",
+        "p99 ms",
+        "ratio"
     );
     for &c in &clients {
+        let before = nc.internal_connections(&probe).await;
         let n = load(&nc, c, seconds).await;
+        // The load ran for its warm-up second too.
+        let conns =
+            (nc.internal_connections(&probe).await - before) as f64 / (seconds + 1) as f64 / 3.0;
         let e = load(&etcd, c, seconds).await;
         println!(
-            "  {:>7}  {:>12.0} {:>9.2} {:>9.2}  {:>12.0} {:>9.2} {:>9.2}  {:>8.2}",
+            "  {:>7}  {:>12.0} {:>9.2} {:>9.2} {:>10.2}  {:>12.0} {:>9.2} {:>9.2}  {:>8.2}",
             c,
             n.ops_per_s,
             n.p50_ms,
             n.p99_ms,
+            conns,
             e.ops_per_s,
             e.p50_ms,
             e.p99_ms,

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
 
@@ -315,18 +316,13 @@ pub async fn serve(
     app: Router,
     limits: ConnLimits,
     hosts: HostAddrs,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send,
     drain: Duration,
 ) {
     let gate = Gate::new(limits.clone());
-    let mut public = http1::Builder::new();
-    public
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
-    let mut for_hosts = http1::Builder::new();
-    for_hosts
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout.max(ConnLimits::HOST_HEADER_TIMEOUT));
+    let public = server_builder(limits.header_timeout);
+    let for_hosts = server_builder(limits.header_timeout.max(ConnLimits::HOST_HEADER_TIMEOUT));
     // Closed (every sender gone) when a graceful stop begins; each connection holds a
     // receiver of `close`, whose sender learns when the last one has ended.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
@@ -373,8 +369,22 @@ pub async fn serve(
         let app = app.clone();
         let permit = ConnPermit(Arc::new(permit));
         let for_requests = permit.clone();
+        let metrics = metrics.clone();
+        let counted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let service =
             hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                if !counted.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    // Counted by its first request: host-to-host traffic is `/internal/v1`.
+                    let api = if req.uri().path().starts_with("/internal/") {
+                        "internal"
+                    } else {
+                        "public"
+                    };
+                    metrics
+                        .http_connections
+                        .get_or_create(&crate::metrics::ConnLabels { api: api.into() })
+                        .inc();
+                }
                 let mut req = req.map(axum::body::Body::new);
                 req.extensions_mut().insert(ConnectInfo(peer));
                 req.extensions_mut().insert(for_requests.clone());
@@ -382,8 +392,8 @@ pub async fn serve(
             });
         let builder = if host { &for_hosts } else { &public };
         let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
         let mut stop = stop_rx.clone();
         let close = close_rx.clone();
         tokio::spawn(async move {
@@ -420,6 +430,24 @@ pub async fn serve(
             drain.as_secs()
         );
     }
+}
+
+/// A connection's server: HTTP/1.1, or HTTP/2 with prior knowledge (what hosts speak to each
+/// other: one multiplexed connection per peer), told apart by the first bytes. HTTP/1 waits
+/// `header_timeout` for request headers (on a new connection and between requests); HTTP/2
+/// pings an idle connection and closes it if the ping is not answered.
+fn server_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .adaptive_window(true)
+        .keep_alive_interval(Some(Duration::from_secs(10)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    b
 }
 
 /// How many refused connections are being answered at once, at most [`Refusing::MAX`].

@@ -39,10 +39,18 @@ impl HttpTransport {
     /// `local_ip`: the address outgoing connections leave from (the listen address), so peers
     /// see which host is calling.
     pub fn new(secret: String, local_ip: Option<std::net::IpAddr>) -> Self {
+        // HTTP/2 with prior knowledge: one multiplexed connection per peer. A call that times
+        // out cancels its own stream, not the connection, so faults do not turn into a storm of
+        // new connections; a peer that stops answering pings is dropped within 3 s.
         let client = reqwest::Client::builder()
             .local_address(local_ip)
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
+            .http2_prior_knowledge()
+            .http2_adaptive_window(true)
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .http2_keep_alive_timeout(Duration::from_secs(2))
+            .http2_keep_alive_while_idle(true)
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .unwrap_or_default();
