@@ -142,6 +142,9 @@ pub struct StateMetrics {
     pub role: String,
     pub snapshot_index: Option<u64>,
     pub purged_index: Option<u64>,
+    /// The vote this node holds, as openraft prints it (`<T3-N2:Q>`: term 3, for node 2,
+    /// committed).
+    pub vote: String,
 }
 
 /// How a node starts on an empty store.
@@ -628,6 +631,7 @@ impl StateHandle {
             .to_string(),
             snapshot_index: m.snapshot.map(|l| l.index),
             purged_index: m.purged.map(|l| l.index),
+            vote: m.vote.to_string(),
         }
     }
 

@@ -55,7 +55,16 @@ pub struct LocalStatus {
     pub isolated: bool,
     pub raft_role: String,
     pub term: u64,
+    /// The vote this host holds (`<T3-N2:Q>`: term 3, for host 2, committed).
+    #[serde(default)]
+    pub vote: String,
+    /// The last index in this host's log (applied or not).
+    #[serde(default)]
+    pub last_log_index: u64,
     pub applied_index: u64,
+    /// How much of its lease this host still holds, in milliseconds.
+    #[serde(default)]
+    pub lease_left_ms: u64,
     /// Last log index covered by this host's snapshot (built here or installed from the leader).
     pub snapshot_index: Option<u64>,
     pub reaches: BTreeMap<u64, PeerReach>,
@@ -84,7 +93,10 @@ impl Cluster {
             isolated: self.is_isolated(),
             raft_role: m.role,
             term: m.term,
+            vote: m.vote,
+            last_log_index: m.last_log_index,
             applied_index: m.applied_index,
+            lease_left_ms: self.lease_left().as_millis() as u64,
             snapshot_index: m.snapshot_index,
             reaches: self.reach_snapshot(),
             fenced: self.fence_records(),

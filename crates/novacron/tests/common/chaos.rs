@@ -33,6 +33,20 @@ pub struct ChaosCluster {
     pub extra: Vec<String>,
     /// One session for every host (logins are rate-limited per client address and user).
     token: tokio::sync::Mutex<Option<String>>,
+    /// When the test began: the clock of every line of the timeline.
+    pub t0: Instant,
+}
+
+/// Seconds since `t0`, as the timeline prints them.
+pub fn stamp(t0: Instant) -> String {
+    format!("+{:.3}s", t0.elapsed().as_secs_f64())
+}
+
+/// This test process's open file descriptors.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 fn free_port(ip: IpAddr) -> u16 {
@@ -54,6 +68,7 @@ impl ChaosCluster {
             hosts: Vec::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             token: tokio::sync::Mutex::new(None),
+            t0: Instant::now(),
         };
         for _ in 0..n {
             c.add_host("full").await;
@@ -110,6 +125,72 @@ impl ChaosCluster {
             removed: false,
         });
         id
+    }
+
+    /// A line of the timeline: faults, heals, leader changes, with the time since the start.
+    pub fn log(&self, what: impl std::fmt::Display) {
+        eprintln!("[chaos {}] {what}", stamp(self.t0));
+    }
+
+    /// Every host's own view (role, term, vote, log, lease, isolation, fencing) and this
+    /// process's descriptors: what a failed wait prints.
+    pub async fn dump(&self) {
+        self.log(format!("test process: {} open descriptors", open_fds()));
+        for h in &self.hosts {
+            if !h.node.is_running() {
+                self.log(format!("host {}: not running", h.id));
+                continue;
+            }
+            match self.local_status(h.id).await {
+                Some(s) => {
+                    let l = &s["local"];
+                    self.log(format!(
+                        "host {}: {} term {} vote {} last log {} applied {} lease left {} ms \
+                         isolated {} fenced {} leader {} quorum {}",
+                        h.id,
+                        l["raft_role"],
+                        l["term"],
+                        l["vote"],
+                        l["last_log_index"],
+                        l["applied_index"],
+                        l["lease_left_ms"],
+                        l["isolated"],
+                        l["fenced"].as_array().map(Vec::len).unwrap_or(0),
+                        s["leader"]["id"],
+                        s["quorum"]
+                    ));
+                }
+                None => self.log(format!("host {}: no answer", h.id)),
+            }
+        }
+    }
+
+    /// New host-to-host connections every host has accepted so far, summed (from /metrics).
+    pub async fn internal_connections(&self) -> u64 {
+        let Some(token) = self.token().await else {
+            return 0;
+        };
+        let http = reqwest::Client::new();
+        let mut total = 0;
+        for h in self.active() {
+            let Ok(r) = http
+                .get(format!("{}/metrics", h.direct))
+                .bearer_auth(&token)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+            else {
+                continue;
+            };
+            let text = r.text().await.unwrap_or_default();
+            total += text
+                .lines()
+                .find(|l| l.starts_with("novacron_http_connections_total{api=\"internal\"}"))
+                .and_then(|l| l.split_whitespace().last())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64;
+        }
+        total
     }
 
     pub fn host(&self, id: u32) -> &ChaosHost {
@@ -181,7 +262,11 @@ impl ChaosCluster {
                     return h.id;
                 }
             }
-            assert!(Instant::now() < deadline, "no leader with a quorum");
+            if Instant::now() >= deadline {
+                self.log(format!("no leader with a quorum after {timeout:?}"));
+                self.dump().await;
+                panic!("no leader with a quorum");
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -373,10 +458,12 @@ impl Workload {
                 }
             }));
         }
-        // Leader sampler: every host's own (term, leader), ten times a second.
+        // Leader sampler: every host's own (term, leader), ten times a second; each new term's
+        // leader goes on the timeline.
         let rec = recorder.clone();
         let mut stop_rx = stop.subscribe();
         let token2 = token.clone();
+        let t0 = cluster.t0;
         tasks.push(tokio::spawn(async move {
             let http = reqwest::Client::builder()
                 .timeout(Duration::from_millis(500))
@@ -393,12 +480,19 @@ impl Workload {
                         && let (Some(term), Some(leader)) =
                             (s["term"].as_u64(), s["leader"]["id"].as_u64())
                     {
-                        rec.leaders
+                        let new = rec
+                            .leaders
                             .lock()
                             .expect("leaders")
                             .entry(term)
                             .or_default()
                             .insert(leader);
+                        if new {
+                            eprintln!(
+                                "[chaos {}] leader: host {leader} in term {term} (as {base} sees it)",
+                                stamp(t0)
+                            );
+                        }
                     }
                 }
                 tokio::select! {
