@@ -614,6 +614,20 @@ impl StateHandle {
         self.events.subscribe()
     }
 
+    /// The current term and the leader this node knows for it, from one snapshot of Raft's
+    /// metrics (read apart, the two can belong to different terms around an election).
+    pub fn term_and_leader(&self) -> (u64, Option<(u64, NodeAddr)>) {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let leader = m.current_leader.and_then(|id| {
+            m.membership_config
+                .membership()
+                .get_node(&id)
+                .cloned()
+                .map(|addr| (id, addr))
+        });
+        (m.current_term, leader)
+    }
+
     pub fn metrics(&self) -> StateMetrics {
         let m = self.raft.metrics().borrow_watched().clone();
         StateMetrics {

@@ -204,15 +204,18 @@ impl Cluster {
                     .state
                     .millis_since_quorum_ack()
                     .is_some_and(|ms| ms < self.settings.heartbeat.as_millis() as u64 * 2));
+        // The term and its leader from one snapshot: read apart, a host in mid-election could
+        // report the new term with the old leader (one term, two leaders, to a reader).
+        let (term, leader) = self.state.term_and_leader();
         ClusterStatus {
-            leader: self.state.leader().map(|(id, addr)| LeaderRef {
+            leader: leader.map(|(id, addr)| LeaderRef {
                 id: NodeId(id),
                 api_address: nodes
                     .get(&id)
                     .map(|n| n.api_address.clone())
                     .unwrap_or(addr.api_addr),
             }),
-            term: metrics.term,
+            term,
             quorum,
             voters: mem.voters.len(),
             target_voters: self.settings.target_voters,
