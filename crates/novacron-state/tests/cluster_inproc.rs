@@ -236,3 +236,73 @@ async fn three_nodes_forward_read_fail_over_and_catch_up() {
         n.shutdown().await;
     }
 }
+
+/// A leader that restarts does not take its leadership back in the same term: state-machine
+/// rows are not fsynced and the commit index is not stored, so a restored leader could serve
+/// reads from a state older than what it acknowledged. It must win an election (a new term,
+/// with a new entry of its own) first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leader_wins_an_election_before_it_serves() {
+    let mut c = Cluster::start(3).await;
+    let leader = c.wait_leader_among(&[1, 2, 3]).await;
+    c.node(leader)
+        .propose(CommandV1::CreateImage {
+            image: image("before-restart"),
+        })
+        .await
+        .expect("write");
+    let term = c.node(leader).metrics().term;
+    let i = (leader - 1) as usize;
+    // Stop it and let go of every handle on its store, as a process exit would.
+    c.net.unregister(&addr(leader));
+    let old = c.nodes.remove(i);
+    old.shutdown().await;
+    drop(old);
+    let reopened = reopen(&c, leader).await;
+    c.net.register(&addr(leader), reopened.clone());
+    c.nodes.insert(i, reopened);
+    // Right after the restart, and for a while: never the leader of its old term.
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while tokio::time::Instant::now() < until {
+        let m = c.node(leader).metrics();
+        assert!(
+            !(m.role == "leader" && m.term == term),
+            "the restarted host leads term {term} again without an election"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The cluster goes on, in a later term, and still has the write.
+    let now = c.wait_leader_among(&[1, 2, 3]).await;
+    assert!(c.node(now).metrics().term > term);
+    let found = c
+        .node(now)
+        .read_linearizable(|s| s.image_by_name("before-restart").is_some())
+        .await
+        .expect("read");
+    assert!(found);
+}
+
+/// Opens node `id`'s data dir again, once the tasks of its stopped incarnation have let go of
+/// the database (they end soon after `shutdown`, not during it).
+async fn reopen(c: &Cluster, id: u64) -> StateHandle {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match StateHandle::open(
+            c._dirs[(id - 1) as usize].path(),
+            NodeId(id),
+            addr(id),
+            &settings(),
+            Arc::new(c.net.port(&addr(id))),
+            StartMode::Join,
+        )
+        .await
+        {
+            Ok(h) => return h,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("reopen node {id}: {e}"),
+        }
+    }
+}
