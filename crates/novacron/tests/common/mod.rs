@@ -213,7 +213,7 @@ fn launch(
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn novacron");
-    keep_stderr(&mut child, &dir.join(STDERR_LOG));
+    keep_stderr(&mut child, &dir.join(STDERR_LOG), listen);
     let rx = stdout_lines(&mut child);
     (child, rx)
 }
@@ -303,9 +303,11 @@ fn is_zombie(pid: i32) -> bool {
 /// restarts.
 pub const STDERR_LOG: &str = "novacron.stderr";
 
-/// Copies the child's standard error to the test's (so a failing test shows it) and appends
-/// it to `file` (so a test can read what the node logged).
-pub fn keep_stderr(child: &mut Child, file: &Path) {
+/// Copies the child's standard error to the test's (so a failing test shows it), each line
+/// prefixed with `label` (which host said it), and appends it to `file` (so a test can read
+/// what the node logged).
+pub fn keep_stderr(child: &mut Child, file: &Path, label: &str) {
+    let label = label.to_string();
     use std::io::Write;
     let stderr = child.stderr.take().expect("stderr piped");
     let mut out = std::fs::OpenOptions::new()
@@ -315,7 +317,7 @@ pub fn keep_stderr(child: &mut Child, file: &Path) {
         .expect("stderr log");
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("{line}");
+            eprintln!("[{label}] {line}");
             let _ = writeln!(out, "{line}");
         }
     });
