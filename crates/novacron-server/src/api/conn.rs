@@ -321,8 +321,11 @@ pub async fn serve(
     drain: Duration,
 ) {
     let gate = Gate::new(limits.clone());
-    let public = server_builder(limits.header_timeout);
-    let for_hosts = server_builder(limits.header_timeout.max(ConnLimits::HOST_HEADER_TIMEOUT));
+    let public = server_builder(limits.header_timeout, None);
+    let for_hosts = server_builder(
+        limits.header_timeout.max(ConnLimits::HOST_HEADER_TIMEOUT),
+        Some(HOST_RESET_STREAMS),
+    );
     // Closed (every sender gone) when a graceful stop begins; each connection holds a
     // receiver of `close`, whose sender learns when the last one has ended.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
@@ -435,8 +438,13 @@ pub async fn serve(
 /// A connection's server: HTTP/1.1, or HTTP/2 with prior knowledge (what hosts speak to each
 /// other: one multiplexed connection per peer), told apart by the first bytes. HTTP/1 waits
 /// `header_timeout` for request headers (on a new connection and between requests); HTTP/2
-/// pings an idle connection and closes it if the ping is not answered.
-fn server_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
+/// pings an idle connection and closes it if the ping is not answered. `reset_streams` raises
+/// how many streams a client may cancel before the server has picked them up (h2's default,
+/// 20, guards against "rapid reset" floods from the public).
+fn server_builder(
+    header_timeout: Duration,
+    reset_streams: Option<usize>,
+) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
@@ -447,8 +455,17 @@ fn server_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .adaptive_window(true)
         .keep_alive_interval(Some(Duration::from_secs(10)))
         .keep_alive_timeout(Duration::from_secs(10));
+    if let Some(n) = reset_streams {
+        b.http2().max_pending_accept_reset_streams(n);
+    }
     b
 }
+
+/// Streams another host may cancel before they are picked up. A host cancels on its own
+/// timeouts (a Raft RPC or a forwarded request through a slow or cut link), many at once when a
+/// link heals; with h2's default the whole connection, and every call on it, was closed
+/// ("remotely-reset pending-accept streams reached limit" in a chaos run).
+const HOST_RESET_STREAMS: usize = 1024;
 
 /// How many refused connections are being answered at once, at most [`Refusing::MAX`].
 #[derive(Clone, Default)]
