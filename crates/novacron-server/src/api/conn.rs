@@ -215,22 +215,47 @@ impl Drop for Permit {
 }
 
 /// The addresses of the cluster's hosts, refreshed by the node as host records change.
-#[derive(Clone, Default)]
-pub struct HostAddrs(Arc<RwLock<HashSet<IpAddr>>>);
+/// Connections are admitted under the host or the public rules when accepted; when the set
+/// changes, a connection admitted under the rules that no longer fit its address is closed
+/// gracefully (see [`serve`]).
+#[derive(Clone)]
+pub struct HostAddrs {
+    ips: Arc<RwLock<HashSet<IpAddr>>>,
+    changed: Arc<tokio::sync::watch::Sender<()>>,
+}
+
+impl Default for HostAddrs {
+    fn default() -> Self {
+        Self {
+            ips: Arc::default(),
+            changed: Arc::new(tokio::sync::watch::Sender::new(())),
+        }
+    }
+}
 
 impl HostAddrs {
     pub fn set(&self, addrs: HashSet<IpAddr>) {
-        let canonical = addrs.into_iter().map(|ip| ip.to_canonical()).collect();
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = canonical;
+        let canonical: HashSet<IpAddr> = addrs.into_iter().map(|ip| ip.to_canonical()).collect();
+        let mut ips = self.ips.write().unwrap_or_else(|p| p.into_inner());
+        if *ips != canonical {
+            *ips = canonical;
+            drop(ips);
+            self.changed.send_replace(());
+        }
     }
 
     /// Whether `ip` is one of the hosts' (an IPv4 address seen as IPv4-mapped IPv6 on a `[::]`
     /// listener counts as itself).
     pub fn contains(&self, ip: &IpAddr) -> bool {
-        self.0
+        self.ips
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .contains(&ip.to_canonical())
+    }
+
+    /// Wakes when the set changes.
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+        self.changed.subscribe()
     }
 }
 
@@ -399,6 +424,8 @@ pub async fn serve(
             .into_owned();
         let mut stop = stop_rx.clone();
         let close = close_rx.clone();
+        let mut host_set = hosts.subscribe();
+        let hosts = hosts.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _close = close;
@@ -416,6 +443,17 @@ pub async fn serve(
                         // Finish the request in flight, then close.
                         stopping = true;
                         conn.as_mut().graceful_shutdown();
+                    }
+                    Ok(()) = host_set.changed(), if !stopping => {
+                        // A host that connected before this one knew its address (it had just
+                        // joined), or a host removed since: close (requests in flight finish)
+                        // so that it reconnects under the right rules. A host's HTTP/2
+                        // connection lives as long as the host, so it would never be
+                        // admitted again otherwise.
+                        if hosts.contains(&ip) != host {
+                            stopping = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
                     }
                 }
             }
@@ -632,5 +670,84 @@ mod tests {
             got.contains(&"::1".parse::<IpAddr>().expect("ip")),
             "{got:?}"
         );
+    }
+
+    /// The port a request came from: the same port, the same connection.
+    async fn port_of(client: &reqwest::Client, url: &str) -> Option<u16> {
+        client
+            .get(url)
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?
+            .parse()
+            .ok()
+    }
+
+    fn client_from(last: u8, http2: bool) -> reqwest::Client {
+        let b = reqwest::Client::builder().local_address(ip(last));
+        let b = if http2 { b.http2_prior_knowledge() } else { b };
+        b.build().expect("client")
+    }
+
+    /// A host that connected before this host knew its address (it had just joined) is
+    /// admitted again under the host rules once the address is known: its connection is closed
+    /// and it reconnects. Other connections are left alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_admitted_under_the_wrong_rules_is_renewed() {
+        let app = Router::new().route(
+            "/port",
+            axum::routing::get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move {
+                peer.port().to_string()
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/port", listener.local_addr().expect("addr"));
+        let hosts = HostAddrs::default();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            app,
+            limits(100, 10),
+            hosts.clone(),
+            Arc::new(crate::metrics::Metrics::new()),
+            async {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(1),
+        ));
+        let joining = client_from(41, true);
+        let public = client_from(42, false);
+        let first = port_of(&joining, &url).await.expect("host's request");
+        assert_eq!(port_of(&joining, &url).await, Some(first), "one connection");
+        let public_port = port_of(&public, &url).await.expect("public request");
+
+        hosts.set([ip(41)].into());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let renewed = loop {
+            match port_of(&joining, &url).await {
+                Some(p) if p != first => break p,
+                _ => assert!(Instant::now() < deadline, "the host's connection was kept"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(
+            port_of(&joining, &url).await,
+            Some(renewed),
+            "and reused after"
+        );
+        assert_eq!(
+            port_of(&public, &url).await,
+            Some(public_port),
+            "a connection under the right rules stays"
+        );
+        // Setting the same set again closes nothing.
+        hosts.set([ip(41)].into());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(port_of(&joining, &url).await, Some(renewed));
+        let _ = stop.send(());
+        server.await.expect("server");
     }
 }
