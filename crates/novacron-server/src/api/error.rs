@@ -35,7 +35,13 @@ impl From<ApiError> for HttpError {
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         let status = status_of(self.0.code);
-        if status.is_server_error() {
+        // 503s (no leader, not the leader, isolated, busy) are states the host reports once
+        // when it enters them, and every client retries through them: one error line per
+        // refused request flooded the log while a host was cut off (8,864 lines in five
+        // minutes of chaos). Failures and unknown outcomes stay errors.
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::debug!(code = self.0.code.as_str(), "{}", self.0.message);
+        } else if status.is_server_error() {
             tracing::error!(code = self.0.code.as_str(), "{}", self.0.message);
         }
         let unauthenticated = self.0.code == ErrorCode::Unauthenticated;
