@@ -299,3 +299,18 @@ pub enum Touched {
     Pool(String),
     Volume(VolumeId),
 }
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Log lines name the command, not its (possibly secret-bearing) payload.
+        match self {
+            Command::V1(c) => {
+                let name = serde_json::to_value(c)
+                    .ok()
+                    .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
+                    .unwrap_or_else(|| "?".into());
+                write!(f, "v1/{name}")
+            }
+        }
+    }
+}

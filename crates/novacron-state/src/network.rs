@@ -2,13 +2,12 @@
 //! messages between hosts.
 //!
 //! The real transport is HTTP (in the server crate, so this crate knows nothing about HTTP);
-//! [`InProcess`] connects nodes inside one process for fast tests and can cut links. Host-to-host
+//! [`crate::inprocess::InProcess`] connects nodes inside one process for fast tests and can cut links. Host-to-host
 //! calls that are not Raft's own (forwarded writes, read-index requests) go through the same
 //! trait, so forwarding works the same over both.
 
-use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::OptionalSend;
@@ -22,7 +21,7 @@ use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, CommandResponse};
-use crate::raft::{NodeAddr, StateHandle, TypeConfig};
+use crate::types::{NodeAddr, TypeConfig};
 
 type C = TypeConfig;
 
@@ -259,203 +258,5 @@ impl RaftNetworkV2<C> for Client {
         Some(Backoff::new((0..).map(|i: u32| {
             Duration::from_millis(200u64.saturating_mul(1 << i.min(3)).min(1000))
         })))
-    }
-}
-
-/// Server side: what a host does with a message that arrived for its Raft node.
-impl StateHandle {
-    pub async fn handle_raft(&self, req: RaftRequest) -> RaftReply {
-        let raft = self.raft();
-        let refused = |e: String| RaftReply::Refused { reason: e };
-        match req {
-            RaftRequest::Append(r) => match raft.append_entries(r).await {
-                Ok(r) => RaftReply::Append(r),
-                Err(e) => refused(e.to_string()),
-            },
-            RaftRequest::Vote(r) => match raft.vote(r).await {
-                Ok(r) => RaftReply::Vote(r),
-                Err(e) => refused(e.to_string()),
-            },
-            RaftRequest::PreVote(r) => match raft.pre_vote(r).await {
-                Ok(r) => RaftReply::PreVote(r),
-                Err(e) => refused(e.to_string()),
-            },
-            RaftRequest::TransferLeader(r) => match raft.handle_transfer_leader(r).await {
-                Ok(r) => RaftReply::TransferLeader(r),
-                Err(e) => refused(e.to_string()),
-            },
-        }
-    }
-
-    pub async fn handle_snapshot(
-        &self,
-        vote: VoteOf<C>,
-        meta: SnapshotMetaOf<C>,
-        data: Vec<u8>,
-    ) -> Result<SnapshotResponse<C>, String> {
-        self.raft()
-            .install_full_snapshot(
-                vote,
-                SnapshotOf::<C, Vec<u8>> {
-                    meta,
-                    snapshot: data,
-                },
-            )
-            .await
-            .map_err(|e| e.to_string())
-    }
-}
-
-/// Nodes in one process, for tests: messages are handed to the target's [`StateHandle`]
-/// directly. Links can be cut one way (`from` cannot reach `to`) to simulate partitions.
-#[derive(Clone, Default)]
-pub struct InProcess {
-    inner: Arc<Mutex<InProcessInner>>,
-}
-
-#[derive(Default)]
-struct InProcessInner {
-    nodes: HashMap<String, StateHandle>,
-    /// (from address, to address) pairs that drop messages.
-    cut: HashSet<(String, String)>,
-}
-
-/// One node's view of an [`InProcess`] network (it knows its own address, so cuts apply).
-#[derive(Clone)]
-pub struct InProcessPort {
-    net: InProcess,
-    me: String,
-}
-
-impl InProcess {
-    pub fn port(&self, me: &str) -> InProcessPort {
-        InProcessPort {
-            net: self.clone(),
-            me: me.to_string(),
-        }
-    }
-
-    pub fn register(&self, addr: &str, node: StateHandle) {
-        self.lock().nodes.insert(addr.to_string(), node);
-    }
-
-    pub fn unregister(&self, addr: &str) {
-        self.lock().nodes.remove(addr);
-    }
-
-    /// Cuts both directions between `a` and every address in `others`.
-    pub fn isolate(&self, a: &str, others: &[&str]) {
-        let mut g = self.lock();
-        for o in others {
-            g.cut.insert((a.to_string(), o.to_string()));
-            g.cut.insert((o.to_string(), a.to_string()));
-        }
-    }
-
-    pub fn heal(&self) {
-        self.lock().cut.clear();
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, InProcessInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl InProcessPort {
-    fn target(&self, to: &NodeAddr) -> Result<StateHandle, TransportError> {
-        let g = self.net.lock();
-        let unreachable = |reason: &str| TransportError::Unreachable {
-            addr: to.api_addr.clone(),
-            reason: reason.into(),
-        };
-        if g.cut.contains(&(self.me.clone(), to.api_addr.clone())) {
-            return Err(unreachable("link cut"));
-        }
-        g.nodes
-            .get(&to.api_addr)
-            .cloned()
-            .ok_or_else(|| unreachable("not running"))
-    }
-
-    /// A reply that cannot travel back is lost: the caller sees a timeout, not an error.
-    fn reply_lost(&self, to: &NodeAddr) -> bool {
-        self.net
-            .lock()
-            .cut
-            .contains(&(to.api_addr.clone(), self.me.clone()))
-    }
-}
-
-#[async_trait::async_trait]
-impl Transport for InProcessPort {
-    async fn raft(
-        &self,
-        target: &NodeAddr,
-        req: RaftRequest,
-        timeout: Duration,
-    ) -> Result<RaftReply, TransportError> {
-        let node = self.target(target)?;
-        let reply = tokio::time::timeout(timeout, node.handle_raft(req))
-            .await
-            .map_err(|_| TransportError::Timeout {
-                addr: target.api_addr.clone(),
-                timeout_ms: timeout.as_millis() as u64,
-            })?;
-        if self.reply_lost(target) {
-            return Err(TransportError::Timeout {
-                addr: target.api_addr.clone(),
-                timeout_ms: timeout.as_millis() as u64,
-            });
-        }
-        Ok(reply)
-    }
-
-    async fn snapshot(
-        &self,
-        target: &NodeAddr,
-        vote: VoteOf<C>,
-        meta: SnapshotMetaOf<C>,
-        data: Vec<u8>,
-        _timeout: Duration,
-    ) -> Result<SnapshotResponse<C>, TransportError> {
-        let node = self.target(target)?;
-        node.handle_snapshot(vote, meta, data)
-            .await
-            .map_err(|message| TransportError::Remote {
-                addr: target.api_addr.clone(),
-                status: 500,
-                message,
-            })
-    }
-
-    async fn forward_write(
-        &self,
-        leader: &NodeAddr,
-        req: ForwardedWrite,
-        _timeout: Duration,
-    ) -> Result<ForwardedWriteReply, TransportError> {
-        let node = self.target(leader)?;
-        node.serve_forwarded_write(req)
-            .await
-            .map_err(|e| TransportError::Remote {
-                addr: leader.api_addr.clone(),
-                status: 503,
-                message: e.message,
-            })
-    }
-
-    async fn read_index(
-        &self,
-        leader: &NodeAddr,
-        _timeout: Duration,
-    ) -> Result<u64, TransportError> {
-        let node = self.target(leader)?;
-        node.serve_read_index()
-            .await
-            .map_err(|e| TransportError::Remote {
-                addr: leader.api_addr.clone(),
-                status: 503,
-                message: e.message,
-            })
     }
 }

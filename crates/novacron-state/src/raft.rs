@@ -1,68 +1,29 @@
 //! The running Raft node and the handle the server talks to.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, InitializeError, LinearizableReadError, RaftError};
+use openraft::raft::SnapshotResponse;
+use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::{ChangeMembers, Config, ReadPolicy, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use novacron_types::{ApiError, NodeId};
 
-use crate::command::{Command, CommandResponse, CommandV1, Touched};
+use crate::command::{Command, CommandResponse, CommandV1};
 use crate::machine::ClusterState;
-use crate::network::{ForwardedWrite, ForwardedWriteReply, Network, Transport, TransportError};
+use crate::network::{
+    ForwardedWrite, ForwardedWriteReply, Network, RaftReply, RaftRequest, Transport, TransportError,
+};
 use crate::store::{LogStore, StateMachineStore, open_database};
-
-/// How a member is reached. Stored in Raft membership.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeAddr {
-    /// `http://host:port` of the member's API (host-to-host calls use the same listener).
-    pub api_addr: String,
-}
-
-impl fmt::Display for Command {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Log lines name the command, not its (possibly secret-bearing) payload.
-        match self {
-            Command::V1(c) => {
-                let name = serde_json::to_value(c)
-                    .ok()
-                    .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
-                    .unwrap_or_else(|| "?".into());
-                write!(f, "v1/{name}")
-            }
-        }
-    }
-}
-
-openraft::declare_raft_types!(
-    /// NovaCron's Raft types: commands in, [`CommandResponse`] out, `u64` member IDs.
-    pub TypeConfig:
-        D = Command,
-        R = CommandResponse,
-        NodeId = u64,
-        Node = NodeAddr,
-);
+pub use crate::types::{NodeAddr, StateEvent, TypeConfig};
 
 pub type Raft = openraft::Raft<TypeConfig, StateMachineStore>;
-
-/// Published after every applied batch; the server's event bus starts here.
-#[derive(Clone, Debug)]
-pub enum StateEvent {
-    Applied {
-        index: u64,
-        touched: Arc<Vec<Touched>>,
-    },
-    SnapshotInstalled {
-        index: u64,
-    },
-}
 
 /// Raft tuning. Defaults suit a LAN; tests shrink the snapshot interval.
 #[derive(Clone, Debug)]
@@ -844,5 +805,49 @@ impl Retry {
                 "the Raft leader is unreachable from this host; the change was not made",
             ),
         }
+    }
+}
+
+/// Server side: what a host does with a message that arrived for its Raft node.
+impl StateHandle {
+    pub async fn handle_raft(&self, req: RaftRequest) -> RaftReply {
+        let raft = self.raft();
+        let refused = |e: String| RaftReply::Refused { reason: e };
+        match req {
+            RaftRequest::Append(r) => match raft.append_entries(r).await {
+                Ok(r) => RaftReply::Append(r),
+                Err(e) => refused(e.to_string()),
+            },
+            RaftRequest::Vote(r) => match raft.vote(r).await {
+                Ok(r) => RaftReply::Vote(r),
+                Err(e) => refused(e.to_string()),
+            },
+            RaftRequest::PreVote(r) => match raft.pre_vote(r).await {
+                Ok(r) => RaftReply::PreVote(r),
+                Err(e) => refused(e.to_string()),
+            },
+            RaftRequest::TransferLeader(r) => match raft.handle_transfer_leader(r).await {
+                Ok(r) => RaftReply::TransferLeader(r),
+                Err(e) => refused(e.to_string()),
+            },
+        }
+    }
+
+    pub async fn handle_snapshot(
+        &self,
+        vote: VoteOf<TypeConfig>,
+        meta: SnapshotMetaOf<TypeConfig>,
+        data: Vec<u8>,
+    ) -> Result<SnapshotResponse<TypeConfig>, String> {
+        self.raft()
+            .install_full_snapshot(
+                vote,
+                SnapshotOf::<TypeConfig, Vec<u8>> {
+                    meta,
+                    snapshot: data,
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())
     }
 }

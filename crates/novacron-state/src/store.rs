@@ -44,7 +44,7 @@ use tokio::sync::broadcast;
 
 use crate::command::{CommandResponse, Touched};
 use crate::machine::ClusterState;
-use crate::raft::{StateEvent, TypeConfig};
+use crate::types::{StateEvent, TypeConfig};
 use crate::wal::Wal;
 
 type C = TypeConfig;

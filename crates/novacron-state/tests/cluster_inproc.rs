@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use novacron_state::network::InProcess;
+use novacron_state::inprocess::InProcess;
 use novacron_state::raft::{NodeAddr, StartMode};
 use novacron_state::{CommandV1, RaftSettings, StateHandle};
 mod common;

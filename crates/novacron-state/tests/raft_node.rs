@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use novacron_state::network::InProcess;
+use novacron_state::inprocess::InProcess;
 use novacron_state::raft::StartMode;
 use novacron_state::{CommandV1, RaftSettings, StateHandle};
 mod common;
