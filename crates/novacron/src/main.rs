@@ -1,12 +1,10 @@
 //! `novacron`: `serve` runs a node; every other subcommand talks to a node's REST API.
 
 mod cli;
-mod cluster_cli;
 mod config;
 mod dev_cluster;
 mod output;
 mod serve;
-mod volume_cli;
 
 use std::process::ExitCode;
 

@@ -1,5 +1,4 @@
-//! `novacron volume ...` and `novacron tiering policy ...`: volumes and how they move between
-//! tiers.
+//! `novacron volume ...`: volumes, their snapshots and moves between tiers.
 
 use std::time::Duration;
 
@@ -7,11 +6,11 @@ use anyhow::bail;
 use clap::Subcommand;
 
 use novacron_types::{
-    AttachVolumeRequest, CreateVolumeRequest, MoveVolumeRequest, ResizeVolumeRequest,
-    TieringPolicy, Volume, VolumeFormat,
+    AttachVolumeRequest, CreateVolumeRequest, MoveVolumeRequest, ResizeVolumeRequest, Volume,
+    VolumeFormat,
 };
 
-use crate::cli::{Global, client, follow};
+use super::common::{Global, client, follow};
 use crate::output::{self, Format};
 
 #[derive(Subcommand, Debug)]
@@ -103,17 +102,6 @@ pub enum VolumeCommand {
     },
     Delete {
         volume: String,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-pub enum PolicyCommand {
-    /// The tiering policy in force.
-    Show,
-    /// Replace the tiering policy with a JSON file's (every field; see `policy show -o json`).
-    Set {
-        #[arg(long)]
-        file: std::path::PathBuf,
     },
 }
 
@@ -288,23 +276,4 @@ pub async fn run(g: &Global, cmd: VolumeCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-pub async fn policy(g: &Global, cmd: PolicyCommand) -> anyhow::Result<()> {
-    let c = client(g)?;
-    let p = match cmd {
-        PolicyCommand::Show => c.tiering_policy().await?,
-        PolicyCommand::Set { file } => {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-            let p: TieringPolicy = serde_json::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: not a tiering policy: {e}", file.display()))?;
-            c.set_tiering_policy(&p).await?
-        }
-    };
-    if g.output == Format::Json {
-        return output::json(&p);
-    }
-    println!("{}", serde_json::to_string_pretty(&p)?);
-    Ok(())
 }

@@ -6,7 +6,7 @@ use novacron_server::cluster::status::{ClusterStatus, LeaderRef};
 use novacron_server::service::{JoinTokenCreated, JoinTokenRequest};
 use novacron_types::HostRole;
 
-use crate::cli::{Global, client};
+use super::common::{Global, client};
 use crate::output::{self, Format};
 
 #[derive(Subcommand, Debug)]
