@@ -327,7 +327,12 @@ pub async fn run(
             .clone()
             .filter(|_| identity.role == HostRole::Full),
     );
-    tokio::spawn(lease::run(service.clone(), watchdog.clone()));
+    tokio::spawn(lease::run(
+        service.cluster().clone(),
+        service.hypervisor().clone(),
+        Arc::new(service.clone()),
+        watchdog.clone(),
+    ));
     tokio::spawn(crate::service::ha::run(service.clone()));
     if identity.role == HostRole::Full {
         tokio::spawn(crate::service::stats::run(service.clone()));

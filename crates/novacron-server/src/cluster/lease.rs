@@ -7,12 +7,28 @@
 //! fencing", for why this means no other host can take over a VM before its old host has
 //! fenced it.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use novacron_hypervisor::Hypervisor;
 use novacron_types::{ApiError, ErrorCode, VmState, now_millis};
 
 use super::{Cluster, FenceAction, FenceRecord, Heartbeat, Inventory, LeaseGrant, PeerReach, host};
-use crate::service::Service;
+
+/// What the lease keeper needs of this host beyond the cluster layer and the hypervisor: the
+/// service layer implements it, so the cluster layer never names the layer built on it.
+#[async_trait::async_trait]
+pub trait LocalHost: Send + Sync + 'static {
+    /// Free bytes of every storage pool this host sees (sent with each heartbeat). Must not
+    /// block: the lease keeper calls it every heartbeat.
+    fn visible_pools(&self) -> BTreeMap<String, u64>;
+
+    /// This host is back in the cluster after it was isolated: take stock of its VMs again
+    /// and resume what fencing paused (see [`Cluster::take_paused_by_fence`]). Runs in its own
+    /// task; the lease keeper goes on renewing meanwhile.
+    async fn rejoined(&self);
+}
 
 impl Cluster {
     /// Leader side of a heartbeat: confirm leadership with a quorum, then grant.
@@ -109,18 +125,17 @@ impl Cluster {
 }
 
 /// This host's heartbeat: inventory and what it can reach.
-fn heartbeat(svc: &Service) -> Heartbeat {
-    let c = svc.cluster();
+fn heartbeat(c: &Cluster, hv: &dyn Hypervisor, local: &dyn LocalHost) -> Heartbeat {
     let me = c.node;
-    let info = svc.hypervisor().info();
+    let info = hv.info();
     let (mem_total, mem_avail) = host::meminfo();
-    let vms_running = svc.state().read(|s| {
+    let vms_running = c.state.read(|s| {
         s.vms
             .values()
             .filter(|v| v.node == me && v.state == VmState::Running)
             .count() as u32
     });
-    let disk = svc.visible_pools();
+    let disk = local.visible_pools();
     Heartbeat {
         node: me,
         inventory: Inventory {
@@ -139,7 +154,7 @@ fn heartbeat(svc: &Service) -> Heartbeat {
             .into_iter()
             .map(|(id, r)| (id, r.reachable))
             .collect(),
-        applied_index: svc.state().metrics().applied_index,
+        applied_index: c.state.metrics().applied_index,
         isolated: c.is_isolated(),
         lease_ms: c.settings.lease.as_millis() as u64,
     }
@@ -147,14 +162,18 @@ fn heartbeat(svc: &Service) -> Heartbeat {
 
 /// Runs for the life of the host: renew the lease every heartbeat, ping peers, and fence when
 /// the lease is about to run out. After each renewal the watchdog learns the new deadline.
-pub async fn run(svc: Service, watchdog: std::sync::Arc<crate::watchdog::Watchdog>) {
-    let c = svc.cluster().clone();
+pub async fn run(
+    c: Arc<Cluster>,
+    hv: Arc<dyn Hypervisor>,
+    local: Arc<dyn LocalHost>,
+    watchdog: Arc<crate::watchdog::Watchdog>,
+) {
     let mut tick = tokio::time::interval(c.settings.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let sent = Instant::now();
-        let beat = heartbeat(&svc);
+        let beat = heartbeat(&c, hv.as_ref(), local.as_ref());
         let (renewed, ()) = tokio::join!(
             tokio::time::timeout(c.settings.heartbeat, c.renew(beat)),
             c.ping_peers(),
@@ -167,59 +186,22 @@ pub async fn run(svc: Service, watchdog: std::sync::Arc<crate::watchdog::Watchdo
                 watchdog.feed(fence_at.saturating_duration_since(Instant::now()));
                 if c.on_renewed(sent) {
                     tracing::warn!("lease renewed: this host is back in the cluster");
-                    svc.state().refuse_writes(None);
-                    // Record what the VMs really are now (fenced ones stay paused or stopped
-                    // until someone acts on them).
+                    c.state.refuse_writes(None);
                     // In its own task: the lease keeper must go on renewing meanwhile.
-                    let heal = svc.clone();
-                    tokio::spawn(async move {
-                        heal.readopt_vms().await;
-                        // VMs HA restarted elsewhere meanwhile: this host's copies go.
-                        heal.remove_stray_copies().await;
-                        resume_fenced(&heal).await;
-                    });
+                    let local = local.clone();
+                    tokio::spawn(async move { local.rejoined().await });
                 }
             }
             Ok(Err(e)) => tracing::debug!("lease renewal failed: {}", e.message),
             Err(_) => tracing::debug!("lease renewal timed out"),
         }
         if let Some(expiry) = c.should_isolate() {
-            isolate_and_fence(&svc, expiry).await;
+            isolate_and_fence(&c, hv.as_ref(), expiry).await;
         }
     }
 }
 
-/// Back in the cluster: the VMs fencing paused run again if they are still this host's and
-/// still meant to run (nobody can have started them elsewhere: only HA VMs move on host loss,
-/// and those were stopped, not paused).
-async fn resume_fenced(svc: &Service) {
-    let me = svc.node_id();
-    for id in svc.cluster().take_paused_by_fence() {
-        let still_ours = svc
-            .state()
-            .read_linearizable(|s| {
-                s.vms.get(&id).is_some_and(|v| {
-                    v.node == me
-                        && !v.spec.ha
-                        && v.desired == novacron_types::PowerState::Running
-                        && v.migrating_to.is_none()
-                })
-            })
-            .await;
-        if !matches!(still_ours, Ok(true)) || svc.hypervisor().observe(id).await != VmState::Paused
-        {
-            continue;
-        }
-        match svc.hypervisor().resume(id).await {
-            Ok(()) => tracing::warn!(vm = %id, "resumed a VM paused by fencing"),
-            Err(e) => tracing::error!(vm = %id, "resuming a VM paused by fencing: {e}"),
-        }
-        svc.sync_vm_observed(id).await;
-    }
-}
-
-async fn isolate_and_fence(svc: &Service, lease_expiry: Instant) {
-    let c = svc.cluster();
+async fn isolate_and_fence(c: &Cluster, hv: &dyn Hypervisor, lease_expiry: Instant) {
     let expiry_wall = Cluster::wall_in(lease_expiry.saturating_duration_since(Instant::now()));
     c.local().isolated_since = Some(Instant::now());
     let why = format!(
@@ -232,20 +214,19 @@ async fn isolate_and_fence(svc: &Service, lease_expiry: Instant) {
             FenceAction::None => "",
         }
     );
-    svc.state()
+    c.state
         .refuse_writes(Some(ApiError::new(ErrorCode::Isolated, why.clone())));
     tracing::error!("{why}");
     let me = c.node;
     // A VM on a shared pool could be started elsewhere (HA, or HA turned on while this host
     // is away): stopped, never paused.
-    let vms: Vec<(novacron_types::VmId, String, bool)> = svc.state().read(|s| {
+    let vms: Vec<(novacron_types::VmId, String, bool)> = c.state.read(|s| {
         s.vms
             .values()
             .filter(|v| v.node == me)
             .map(|v| (v.id, v.name.clone(), v.spec.ha || s.on_shared_pool(v)))
             .collect()
     });
-    let hv = svc.hypervisor();
     let mut fenced = Vec::new();
     for (id, name, ha) in vms {
         let observed = hv.observe(id).await;

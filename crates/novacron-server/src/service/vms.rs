@@ -949,3 +949,52 @@ pub async fn read_console(
         next_offset,
     })
 }
+
+/// The lease keeper's view of this host (see [`crate::cluster::lease`]).
+#[async_trait::async_trait]
+impl crate::cluster::lease::LocalHost for Service {
+    fn visible_pools(&self) -> BTreeMap<String, u64> {
+        Service::visible_pools(self)
+    }
+
+    async fn rejoined(&self) {
+        // Record what the VMs really are now (fenced ones stay paused or stopped until
+        // someone acts on them).
+        self.readopt_vms().await;
+        // VMs HA restarted elsewhere meanwhile: this host's copies go.
+        self.remove_stray_copies().await;
+        self.resume_fenced().await;
+    }
+}
+
+impl Service {
+    /// Back in the cluster: the VMs fencing paused run again if they are still this host's and
+    /// still meant to run (nobody can have started them elsewhere: only HA VMs move on host loss,
+    /// and those were stopped, not paused).
+    async fn resume_fenced(&self) {
+        let me = self.node_id();
+        for id in self.cluster().take_paused_by_fence() {
+            let still_ours = self
+                .state()
+                .read_linearizable(|s| {
+                    s.vms.get(&id).is_some_and(|v| {
+                        v.node == me
+                            && !v.spec.ha
+                            && v.desired == novacron_types::PowerState::Running
+                            && v.migrating_to.is_none()
+                    })
+                })
+                .await;
+            if !matches!(still_ours, Ok(true))
+                || self.hypervisor().observe(id).await != VmState::Paused
+            {
+                continue;
+            }
+            match self.hypervisor().resume(id).await {
+                Ok(()) => tracing::warn!(vm = %id, "resumed a VM paused by fencing"),
+                Err(e) => tracing::error!(vm = %id, "resuming a VM paused by fencing: {e}"),
+            }
+            self.sync_vm_observed(id).await;
+        }
+    }
+}
