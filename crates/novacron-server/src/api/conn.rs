@@ -399,8 +399,13 @@ pub async fn serve(
         let for_requests = permit.clone();
         let metrics = metrics.clone();
         let counted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let http2 = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let is_http2 = http2.clone();
         let service =
             hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                if req.version() == hyper::Version::HTTP_2 {
+                    http2.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 if !counted.swap(true, std::sync::atomic::Ordering::Relaxed) {
                     // Counted by its first request: host-to-host traffic is `/internal/v1`.
                     let api = if req.uri().path().starts_with("/internal/") {
@@ -449,8 +454,11 @@ pub async fn serve(
                         // joined), or a host removed since: close (requests in flight finish)
                         // so that it reconnects under the right rules. A host's HTTP/2
                         // connection lives as long as the host, so it would never be
-                        // admitted again otherwise.
-                        if hosts.contains(&ip) != host {
+                        // admitted again otherwise. Only HTTP/2 (what hosts speak): an
+                        // HTTP/1 client has no way to learn of the close before it sends its
+                        // next request on the connection, and fails.
+                        let h2 = is_http2.load(std::sync::atomic::Ordering::Relaxed);
+                        if h2 && hosts.contains(&ip) != host {
                             stopping = true;
                             conn.as_mut().graceful_shutdown();
                         }
@@ -743,8 +751,15 @@ mod tests {
             Some(public_port),
             "a connection under the right rules stays"
         );
+        // An HTTP/1 client is never closed under it (it could not tell before its next
+        // request), even from an address that has become a host's.
+        let local = client_from(43, false);
+        let local_port = port_of(&local, &url).await.expect("HTTP/1 request");
+        hosts.set([ip(41), ip(43)].into());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(port_of(&local, &url).await, Some(local_port));
         // Setting the same set again closes nothing.
-        hosts.set([ip(41)].into());
+        hosts.set([ip(41), ip(43)].into());
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(port_of(&joining, &url).await, Some(renewed));
         let _ = stop.send(());
