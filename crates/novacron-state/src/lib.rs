@@ -1,7 +1,7 @@
 //! The replicated state of a NovaCron cluster.
 //!
 //! - [`command`]: the versioned Raft commands, the only way desired state changes.
-//! - [`machine`]: [`ClusterState`] and its pure `apply` (no I/O, no clock).
+//! - [`machine`]: [`ClusterState`] and its pure `apply` (no I/O, no clock), one file per entity.
 //! - `volumes`: the rules `apply` keeps for volumes (attach, detach, move, delete).
 //! - [`placement`]: which hosts a VM may go to and which is best (pure).
 //! - [`store`]: openraft's log store (the log in [`wal`] segment files, the vote in redb) and
